@@ -1,0 +1,909 @@
+/* segvec.c -- the segment core.  The design and every function's contract are in segvec.h. */
+#define _GNU_SOURCE
+#include "segvec.h"
+
+#include <errno.h>
+#include <math.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#if defined(__linux__)
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+#ifdef SEGVEC_DEBUG
+#include <assert.h>
+#define SEGVEC_ASSERT(cond) assert(cond)
+#else
+#define SEGVEC_ASSERT(cond) ((void)0)
+#endif
+
+#define SEGVEC_MAGIC 0x5345475645433031ull /* "SEGVEC01" */
+#define CACHE_LINE 64
+#define WAIT_SLICE_MS 100
+#define SPIN_CHECKS 64
+
+/* ---- the shared block ------------------------------------------------------------------------- */
+
+/* Offsets of the arrays only C touches. */
+typedef struct {
+    int64_t free_ring;        /* int32 [S]  free FIFO, indexed by counter % S (pool lock) */
+    int64_t complete_ring;    /* int32 [S]  completed FIFO (pool lock) */
+    int64_t ready_ring;       /* atomic int32 [E]  env_id + 1 once published, 0 when empty */
+    int64_t workers;          /* worker_slot_t [W] */
+    int64_t action_rings;     /* int32 [W, E / W]  per-worker action queue */
+    int64_t awaiting_row;     /* int32 [E]  row waiting for its tail bootstrap, -1 if none */
+    int64_t env_steps_done;   /* int64 [E]  slots filled by the env so far */
+    int64_t env_return;       /* float64 [E] running episode return */
+    int64_t env_length;       /* int64 [E]  running episode length */
+    int64_t episode_seq;      /* atomic uint64 [K] ticket + 1 once the entry is written */
+} internal_offsets_t;
+
+typedef struct {
+    _Alignas(CACHE_LINE) atomic_uint seq;   /* futex word: bumped on every push, kick and shutdown */
+    atomic_uint waiting;                    /* 1 while the worker sleeps on `seq` */
+    atomic_uint_fast64_t queue_tail;        /* written by the learner */
+    _Alignas(CACHE_LINE) atomic_uint_fast64_t queue_head; /* written by worker w */
+} worker_slot_t;
+
+typedef struct {
+    uint64_t magic;
+    int32_t version;
+    segvec_config_t config;
+    segvec_layout_t layout;
+    internal_offsets_t internal;
+
+    /* Row pool: free FIFO and completed FIFO, both under `pool_lock`.  Counters grow forever; the ring
+     * index is counter % S.  A FIFO (not a stack) for free rows keeps rows of one round adjacent, so a
+     * synchronous rollout is usually taken as one contiguous slab (zero-copy). */
+    _Alignas(CACHE_LINE) atomic_int pool_lock;
+    int64_t free_head, free_tail;
+    int64_t complete_head, complete_tail;
+
+    /* Ready queue (MPSC): a producer claims ticket = ready_tail++, writes env_id + 1 into
+     * ready_ring[ticket % E]; the learner consumes in ticket order.  Each env is in the queue at most once,
+     * so E slots never overflow. */
+    _Alignas(CACHE_LINE) atomic_uint_fast64_t ready_tail;
+    _Alignas(CACHE_LINE) atomic_uint_fast64_t ready_head;    /* written by the learner only */
+    _Alignas(CACHE_LINE) atomic_uint ready_seq;              /* futex word of the learner */
+    atomic_uint learner_waiting;
+    atomic_int learner_wanted;                               /* wake when this many are ready */
+    atomic_uint alert_seq;                                   /* bumped by segvec_post_alert */
+    atomic_uint shutdown;
+    uint64_t outstanding;                                    /* learner only: dispatched - popped */
+
+    _Alignas(CACHE_LINE) atomic_int_fast64_t steps;
+    atomic_int_fast64_t episodes;
+    atomic_int_fast64_t segments_completed;
+    atomic_int_fast64_t segments_recycled;
+    atomic_int_fast64_t segments_taken;
+    atomic_int_fast64_t nan_rewards;
+    atomic_int_fast64_t complete_rows;
+    atomic_int_fast64_t free_rows;
+    atomic_uint_fast64_t episode_ticket;
+} shared_t;
+
+struct segvec_core {
+    shared_t *shared;
+    char *base;
+    int32_t E, W, S, T, K, envs_per_worker;
+    /* public arrays */
+    float *reward, *value, *logprob, *truncation_value, *tail_value;
+    uint8_t *terminated, *truncated, *mask, *episode_start;
+    int64_t *policy_version;
+    int32_t *row_env_id, *row_length, *row_state;
+    int64_t *row_start_step, *row_episode_id;
+    int32_t *env_row, *env_step, *env_state;
+    uint8_t *env_needs_reset, *env_last_terminated, *env_last_truncated;
+    double *env_last_reward;
+    int64_t *env_episode_id, *env_last_slot;
+    int32_t *episode_env_id;
+    double *episode_return;
+    int64_t *episode_length;
+    /* internal arrays */
+    int32_t *free_ring, *complete_ring, *action_rings, *awaiting_row;
+    atomic_int *ready_ring;
+    worker_slot_t *workers;
+    int64_t *env_steps_done, *env_length;
+    double *env_return;
+    atomic_uint_fast64_t *episode_seq;
+    uint32_t alert_seen;
+};
+
+const char *segvec_strerror(int status) {
+    switch (status) {
+    case SEGVEC_OK: return "ok";
+    case SEGVEC_ERR_INVALID: return "invalid size or argument";
+    case SEGVEC_ERR_LAYOUT: return "memory block is too small or is not a segvec core";
+    case SEGVEC_ERR_NO_FREE_ROW:
+        return "no free segment row: every row is taken and not released (release batches, or raise num_segments)";
+    case SEGVEC_ERR_NOT_HELD: return "env was not received by the learner (or appears twice in one send)";
+    case SEGVEC_ERR_NOT_ENOUGH: return "fewer complete segments than asked for";
+    case SEGVEC_ERR_ROW_STATE: return "row is not taken (released twice?)";
+    case SEGVEC_ERR_TIMEOUT: return "timed out";
+    case SEGVEC_ERR_INTERRUPTED: return "interrupted by a signal";
+    case SEGVEC_ERR_ALERT: return "a worker posted an error";
+    case SEGVEC_ERR_SHUTDOWN: return "shutting down";
+    default: return "unknown segvec status";
+    }
+}
+
+/* ---- layout ----------------------------------------------------------------------------------- */
+
+static int64_t align_up(int64_t x) { return (x + CACHE_LINE - 1) & ~(int64_t)(CACHE_LINE - 1); }
+
+static int config_is_valid(const segvec_config_t *c) {
+    if (c->num_envs < 1 || c->num_workers < 1 || c->num_workers > SEGVEC_MAX_WORKERS) return 0;
+    if (c->num_envs % c->num_workers != 0) return 0;
+    if (c->horizon < 1 || c->episode_capacity < 1) return 0;
+    if ((int64_t)c->num_segments < 2 * (int64_t)c->num_envs) return 0;
+    return 1;
+}
+
+static void compute_offsets(const segvec_config_t *c, segvec_layout_t *L, internal_offsets_t *I) {
+    int64_t S = c->num_segments, T = c->horizon, E = c->num_envs, W = c->num_workers;
+    int64_t K = c->episode_capacity;
+    int64_t at = align_up((int64_t)sizeof(shared_t));
+#define PLACE(field, bytes) do { field = at; at = align_up(at + (int64_t)(bytes)); } while (0)
+    PLACE(L->reward, S * T * 4);
+    PLACE(L->terminated, S * T);
+    PLACE(L->truncated, S * T);
+    PLACE(L->mask, S * T);
+    PLACE(L->episode_start, S * T);
+    PLACE(L->value, S * T * 4);
+    PLACE(L->logprob, S * T * 4);
+    PLACE(L->policy_version, S * T * 8);
+    PLACE(L->truncation_value, S * T * 4);
+    PLACE(L->tail_value, S * 4);
+    PLACE(L->row_env_id, S * 4);
+    PLACE(L->row_length, S * 4);
+    PLACE(L->row_state, S * 4);
+    PLACE(L->row_start_step, S * 8);
+    PLACE(L->row_episode_id, S * 8);
+    PLACE(L->env_row, E * 4);
+    PLACE(L->env_step, E * 4);
+    PLACE(L->env_state, E * 4);
+    PLACE(L->env_needs_reset, E);
+    PLACE(L->env_last_reward, E * 8);
+    PLACE(L->env_last_terminated, E);
+    PLACE(L->env_last_truncated, E);
+    PLACE(L->env_episode_id, E * 8);
+    PLACE(L->env_last_slot, E * 8);
+    PLACE(L->episode_env_id, K * 4);
+    PLACE(L->episode_return, K * 8);
+    PLACE(L->episode_length, K * 8);
+    PLACE(I->free_ring, S * 4);
+    PLACE(I->complete_ring, S * 4);
+    PLACE(I->ready_ring, E * sizeof(atomic_int));
+    PLACE(I->workers, W * sizeof(worker_slot_t));
+    PLACE(I->action_rings, E * 4);
+    PLACE(I->awaiting_row, E * 4);
+    PLACE(I->env_steps_done, E * 8);
+    PLACE(I->env_return, E * 8);
+    PLACE(I->env_length, E * 8);
+    PLACE(I->episode_seq, K * sizeof(atomic_uint_fast64_t));
+#undef PLACE
+    L->total_bytes = at;
+}
+
+int segvec_compute_layout(const segvec_config_t *config, segvec_layout_t *layout_out) {
+    internal_offsets_t internal;
+    if (!config || !layout_out || !config_is_valid(config)) return SEGVEC_ERR_INVALID;
+    compute_offsets(config, layout_out, &internal);
+    return SEGVEC_OK;
+}
+
+static void bind(segvec_core_t *c, shared_t *sh) {
+    const segvec_layout_t *L = &sh->layout;
+    const internal_offsets_t *I = &sh->internal;
+    char *b = (char *)sh;
+    c->shared = sh;
+    c->base = b;
+    c->E = sh->config.num_envs;
+    c->W = sh->config.num_workers;
+    c->S = sh->config.num_segments;
+    c->T = sh->config.horizon;
+    c->K = sh->config.episode_capacity;
+    c->envs_per_worker = c->E / c->W;
+    c->reward = (float *)(b + L->reward);
+    c->terminated = (uint8_t *)(b + L->terminated);
+    c->truncated = (uint8_t *)(b + L->truncated);
+    c->mask = (uint8_t *)(b + L->mask);
+    c->episode_start = (uint8_t *)(b + L->episode_start);
+    c->value = (float *)(b + L->value);
+    c->logprob = (float *)(b + L->logprob);
+    c->policy_version = (int64_t *)(b + L->policy_version);
+    c->truncation_value = (float *)(b + L->truncation_value);
+    c->tail_value = (float *)(b + L->tail_value);
+    c->row_env_id = (int32_t *)(b + L->row_env_id);
+    c->row_length = (int32_t *)(b + L->row_length);
+    c->row_state = (int32_t *)(b + L->row_state);
+    c->row_start_step = (int64_t *)(b + L->row_start_step);
+    c->row_episode_id = (int64_t *)(b + L->row_episode_id);
+    c->env_row = (int32_t *)(b + L->env_row);
+    c->env_step = (int32_t *)(b + L->env_step);
+    c->env_state = (int32_t *)(b + L->env_state);
+    c->env_needs_reset = (uint8_t *)(b + L->env_needs_reset);
+    c->env_last_reward = (double *)(b + L->env_last_reward);
+    c->env_last_terminated = (uint8_t *)(b + L->env_last_terminated);
+    c->env_last_truncated = (uint8_t *)(b + L->env_last_truncated);
+    c->env_episode_id = (int64_t *)(b + L->env_episode_id);
+    c->env_last_slot = (int64_t *)(b + L->env_last_slot);
+    c->episode_env_id = (int32_t *)(b + L->episode_env_id);
+    c->episode_return = (double *)(b + L->episode_return);
+    c->episode_length = (int64_t *)(b + L->episode_length);
+    c->free_ring = (int32_t *)(b + I->free_ring);
+    c->complete_ring = (int32_t *)(b + I->complete_ring);
+    c->ready_ring = (atomic_int *)(b + I->ready_ring);
+    c->workers = (worker_slot_t *)(b + I->workers);
+    c->action_rings = (int32_t *)(b + I->action_rings);
+    c->awaiting_row = (int32_t *)(b + I->awaiting_row);
+    c->env_steps_done = (int64_t *)(b + I->env_steps_done);
+    c->env_return = (double *)(b + I->env_return);
+    c->env_length = (int64_t *)(b + I->env_length);
+    c->episode_seq = (atomic_uint_fast64_t *)(b + I->episode_seq);
+    c->alert_seen = atomic_load(&sh->alert_seq);
+}
+
+/* ---- pool lock: a test-and-set spinlock held for a handful of instructions ---------------------- */
+
+static void pool_lock(shared_t *sh) {
+    int spins = 0;
+    while (atomic_exchange_explicit(&sh->pool_lock, 1, memory_order_acquire)) {
+        if (++spins > 100) { sched_yield(); spins = 0; }
+    }
+}
+
+static void pool_unlock(shared_t *sh) { atomic_store_explicit(&sh->pool_lock, 0, memory_order_release); }
+
+/* ---- rows (callers hold the pool lock) -------------------------------------------------------- */
+
+static void reset_row_data(segvec_core_t *c, int32_t row) {
+    int64_t base = (int64_t)row * c->T;
+    float fresh_reward = c->shared->config.poison ? (float)SEGVEC_POISON_REWARD_MILLI / 1000.0f : 0.0f;
+    for (int32_t t = 0; t < c->T; ++t) {
+        c->reward[base + t] = fresh_reward;
+        c->value[base + t] = NAN;
+        c->logprob[base + t] = NAN;
+        c->truncation_value[base + t] = NAN;
+        c->policy_version[base + t] = 0;
+    }
+    memset(c->terminated + base, 0, (size_t)c->T);
+    memset(c->truncated + base, 0, (size_t)c->T);
+    memset(c->mask + base, 0, (size_t)c->T);
+    memset(c->episode_start + base, 0, (size_t)c->T);
+    c->tail_value[row] = NAN;
+    c->row_length[row] = 0;
+}
+
+/* Next row for env `env`: the oldest free row, else the oldest complete row nobody took. */
+static int allocate_row_locked(segvec_core_t *c, int32_t env, int32_t *row_out) {
+    shared_t *sh = c->shared;
+    int32_t row;
+    if (sh->free_head < sh->free_tail) {
+        row = c->free_ring[sh->free_head % c->S];
+        sh->free_head++;
+        atomic_fetch_sub(&sh->free_rows, 1);
+    } else if (sh->complete_head < sh->complete_tail) {
+        row = c->complete_ring[sh->complete_head % c->S];
+        sh->complete_head++;
+        atomic_fetch_sub(&sh->complete_rows, 1);
+        atomic_fetch_add(&sh->segments_recycled, 1);
+    } else {
+        return SEGVEC_ERR_NO_FREE_ROW;
+    }
+    SEGVEC_ASSERT(c->row_state[row] == SEGVEC_ROW_FREE || c->row_state[row] == SEGVEC_ROW_COMPLETE);
+    reset_row_data(c, row);
+    c->row_state[row] = SEGVEC_ROW_FILLING;
+    c->row_env_id[row] = env;
+    c->row_start_step[row] = c->env_steps_done[env];
+    c->row_episode_id[row] = c->env_episode_id[env];
+    *row_out = row;
+    return SEGVEC_OK;
+}
+
+static void complete_row_locked(segvec_core_t *c, int32_t row) {
+    shared_t *sh = c->shared;
+    SEGVEC_ASSERT(c->row_state[row] == SEGVEC_ROW_FILLING || c->row_state[row] == SEGVEC_ROW_AWAITING_BOOTSTRAP);
+    c->row_state[row] = SEGVEC_ROW_COMPLETE;
+    c->complete_ring[sh->complete_tail % c->S] = row;
+    sh->complete_tail++;
+    atomic_fetch_add(&sh->complete_rows, 1);
+    atomic_fetch_add(&sh->segments_completed, 1);
+}
+
+static void free_row_locked(segvec_core_t *c, int32_t row) {
+    shared_t *sh = c->shared;
+    c->row_state[row] = SEGVEC_ROW_FREE;
+    c->free_ring[sh->free_tail % c->S] = row;
+    sh->free_tail++;
+    atomic_fetch_add(&sh->free_rows, 1);
+}
+
+/* ---- set-up ----------------------------------------------------------------------------------- */
+
+int segvec_format(void *block, int64_t block_bytes, const segvec_config_t *config) {
+    segvec_layout_t layout;
+    internal_offsets_t internal;
+    if (!block || !config || !config_is_valid(config)) return SEGVEC_ERR_INVALID;
+    compute_offsets(config, &layout, &internal);
+    if (block_bytes < layout.total_bytes) return SEGVEC_ERR_LAYOUT;
+    memset(block, 0, (size_t)layout.total_bytes);
+    shared_t *sh = (shared_t *)block;
+    sh->version = SEGVEC_VERSION;
+    sh->config = *config;
+    sh->layout = layout;
+    sh->internal = internal;
+
+    segvec_core_t core;
+    bind(&core, sh);
+    for (int32_t r = 0; r < core.S; ++r) {
+        core.row_state[r] = SEGVEC_ROW_FREE;
+        core.row_env_id[r] = -1;
+        core.free_ring[r] = r;
+    }
+    sh->free_head = 0;
+    sh->free_tail = core.S;
+    atomic_store(&sh->free_rows, core.S);
+    /* Env e starts in row e: the first round of a synchronous rollout is rows [0, E). */
+    for (int32_t e = 0; e < core.E; ++e) {
+        int32_t row;
+        allocate_row_locked(&core, e, &row);
+        core.env_row[e] = row;
+        core.env_step[e] = 0;
+        core.env_state[e] = SEGVEC_ENV_NEW;
+        core.awaiting_row[e] = -1;
+        core.env_last_slot[e] = -1;
+    }
+    atomic_thread_fence(memory_order_release);
+    sh->magic = SEGVEC_MAGIC;
+    return SEGVEC_OK;
+}
+
+int segvec_attach(void *block, int64_t block_bytes, segvec_core_t **core_out) {
+    if (!block || !core_out) return SEGVEC_ERR_INVALID;
+    shared_t *sh = (shared_t *)block;
+    if (block_bytes < (int64_t)sizeof(shared_t) || sh->magic != SEGVEC_MAGIC || sh->version != SEGVEC_VERSION)
+        return SEGVEC_ERR_LAYOUT;
+    if (block_bytes < sh->layout.total_bytes) return SEGVEC_ERR_LAYOUT;
+    segvec_core_t *core = (segvec_core_t *)calloc(1, sizeof(segvec_core_t));
+    if (!core) return SEGVEC_ERR_INVALID;
+    bind(core, sh);
+    *core_out = core;
+    return SEGVEC_OK;
+}
+
+int segvec_detach(segvec_core_t *core) {
+    free(core);
+    return SEGVEC_OK;
+}
+
+int segvec_read_stats(segvec_core_t *core, segvec_stats_t *out) {
+    shared_t *sh = core->shared;
+    out->steps = atomic_load(&sh->steps);
+    out->episodes = atomic_load(&sh->episodes);
+    out->segments_completed = atomic_load(&sh->segments_completed);
+    out->segments_recycled = atomic_load(&sh->segments_recycled);
+    out->segments_taken = atomic_load(&sh->segments_taken);
+    out->nan_rewards = atomic_load(&sh->nan_rewards);
+    out->episodes_written = (int64_t)atomic_load(&sh->episode_ticket);
+    out->complete_rows = atomic_load(&sh->complete_rows);
+    out->free_rows = atomic_load(&sh->free_rows);
+    return SEGVEC_OK;
+}
+
+/* ---- waiting ---------------------------------------------------------------------------------- */
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* Sleep while *word == expected, at most timeout_ms.  Returns 0 (woken or value changed), ETIMEDOUT or EINTR. */
+static int futex_wait(atomic_uint *word, unsigned expected, int timeout_ms) {
+#if defined(__linux__)
+    struct timespec ts = {timeout_ms / 1000, (long)(timeout_ms % 1000) * 1000000L};
+    long rc = syscall(SYS_futex, (unsigned *)word, FUTEX_WAIT, expected, &ts, NULL, 0);
+    if (rc == 0) return 0;
+    if (errno == ETIMEDOUT) return ETIMEDOUT;
+    if (errno == EINTR) return EINTR;
+    return 0; /* EAGAIN: the word changed before we slept */
+#else
+    if (atomic_load(word) != expected) return 0;
+    struct timespec ts = {0, 200000L};
+    nanosleep(&ts, NULL);
+    (void)timeout_ms;
+    return atomic_load(word) != expected ? 0 : ETIMEDOUT;
+#endif
+}
+
+static void futex_wake_all(atomic_uint *word) {
+#if defined(__linux__)
+    syscall(SYS_futex, (unsigned *)word, FUTEX_WAKE, 0x7fffffff, NULL, NULL, 0);
+#else
+    (void)word;
+#endif
+}
+
+static int64_t now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* ---- ready queue (MPSC) ----------------------------------------------------------------------- */
+
+/* Envs published and not yet popped, counting only those whose slot is written. */
+static int32_t ready_available(segvec_core_t *c, int32_t limit) {
+    shared_t *sh = c->shared;
+    uint64_t head = atomic_load_explicit(&sh->ready_head, memory_order_relaxed);
+    int32_t n = 0;
+    while (n < limit && atomic_load_explicit(&c->ready_ring[(head + n) % c->E], memory_order_acquire) != 0) ++n;
+    return n;
+}
+
+int segvec_publish(segvec_core_t *c, int32_t n, const int32_t *env_ids) {
+    shared_t *sh = c->shared;
+    for (int32_t i = 0; i < n; ++i) {
+        int32_t e = env_ids[i];
+        if (e < 0 || e >= c->E) return SEGVEC_ERR_INVALID;
+        c->env_state[e] = SEGVEC_ENV_READY;
+        uint64_t ticket = atomic_fetch_add_explicit(&sh->ready_tail, 1, memory_order_relaxed);
+        atomic_store_explicit(&c->ready_ring[ticket % c->E], e + 1, memory_order_release);
+    }
+    atomic_fetch_add_explicit(&sh->ready_seq, 1, memory_order_seq_cst);
+    if (atomic_load_explicit(&sh->learner_waiting, memory_order_seq_cst)) {
+        uint64_t head = atomic_load(&sh->ready_head);
+        uint64_t tail = atomic_load(&sh->ready_tail);
+        if ((int64_t)(tail - head) >= atomic_load(&sh->learner_wanted)) futex_wake_all(&sh->ready_seq);
+    }
+    return SEGVEC_OK;
+}
+
+int segvec_wait_ready(segvec_core_t *c, int32_t min_count, int32_t timeout_ms, int32_t *ready_out) {
+    shared_t *sh = c->shared;
+    int64_t deadline = now_ms() + (timeout_ms < 0 ? WAIT_SLICE_MS : timeout_ms);
+    if (min_count > c->E) min_count = c->E;
+    for (;;) {
+        for (int spin = 0; spin < SPIN_CHECKS; ++spin) {
+            int32_t ready = ready_available(c, c->E);
+            if (ready >= min_count) { *ready_out = ready; return SEGVEC_OK; }
+            if (atomic_load_explicit(&sh->alert_seq, memory_order_acquire) != c->alert_seen) {
+                c->alert_seen = atomic_load(&sh->alert_seq);
+                *ready_out = ready;
+                return SEGVEC_ERR_ALERT;
+            }
+            cpu_relax();
+        }
+        int64_t left = deadline - now_ms();
+        if (left <= 0) { *ready_out = ready_available(c, c->E); return SEGVEC_ERR_TIMEOUT; }
+        atomic_store(&sh->learner_wanted, min_count);
+        atomic_store_explicit(&sh->learner_waiting, 1, memory_order_seq_cst);
+        unsigned seq = atomic_load_explicit(&sh->ready_seq, memory_order_seq_cst);
+        int32_t ready = ready_available(c, c->E);
+        int rc = 0;
+        if (ready < min_count && atomic_load(&sh->alert_seq) == c->alert_seen)
+            rc = futex_wait(&sh->ready_seq, seq, (int)(left < WAIT_SLICE_MS ? left : WAIT_SLICE_MS));
+        atomic_store_explicit(&sh->learner_waiting, 0, memory_order_relaxed);
+        if (rc == EINTR) { *ready_out = ready_available(c, c->E); return SEGVEC_ERR_INTERRUPTED; }
+    }
+}
+
+int segvec_pop_ready(segvec_core_t *c, int32_t max_n, int32_t *env_ids_out, int32_t *n_out) {
+    shared_t *sh = c->shared;
+    uint64_t head = atomic_load_explicit(&sh->ready_head, memory_order_relaxed);
+    int32_t n = 0;
+    while (n < max_n) {
+        atomic_int *slot = &c->ready_ring[head % c->E];
+        int32_t v = atomic_load_explicit(slot, memory_order_acquire);
+        if (v == 0) break;
+        atomic_store_explicit(slot, 0, memory_order_relaxed);
+        int32_t e = v - 1;
+        SEGVEC_ASSERT(c->env_state[e] == SEGVEC_ENV_READY);
+        c->env_state[e] = SEGVEC_ENV_HELD;
+        env_ids_out[n++] = e;
+        ++head;
+    }
+    atomic_store_explicit(&sh->ready_head, head, memory_order_release);
+    *n_out = n;
+    return SEGVEC_OK;
+}
+
+int segvec_post_alert(segvec_core_t *c) {
+    shared_t *sh = c->shared;
+    atomic_fetch_add_explicit(&sh->alert_seq, 1, memory_order_release);
+    atomic_fetch_add_explicit(&sh->ready_seq, 1, memory_order_seq_cst);
+    futex_wake_all(&sh->ready_seq);
+    return SEGVEC_OK;
+}
+
+/* ---- learner: send ---------------------------------------------------------------------------- */
+
+int segvec_prepare_send(segvec_core_t *c, int32_t n, const int32_t *env_ids, const float *values,
+                        const float *logprobs, int64_t policy_version, int64_t *slot_out,
+                        uint8_t *row_start_out) {
+    for (int32_t i = 0; i < n; ++i) {
+        int32_t e = env_ids[i];
+        if (e < 0 || e >= c->E || c->env_state[e] != SEGVEC_ENV_HELD) {
+            for (int32_t j = 0; j < i; ++j) c->env_state[env_ids[j]] = SEGVEC_ENV_HELD; /* undo */
+            return SEGVEC_ERR_NOT_HELD;
+        }
+        c->env_state[e] = SEGVEC_ENV_SENDING;
+    }
+    int any_awaiting = 0;
+    for (int32_t i = 0; i < n; ++i) {
+        int32_t e = env_ids[i];
+        int64_t slot = (int64_t)c->env_row[e] * c->T + c->env_step[e];
+        float v = values ? values[i] : NAN;
+        c->value[slot] = v;
+        c->logprob[slot] = logprobs ? logprobs[i] : NAN;
+        c->policy_version[slot] = policy_version;
+        slot_out[i] = slot;
+        row_start_out[i] = c->env_step[e] == 0;
+        if (c->awaiting_row[e] >= 0) {
+            c->tail_value[c->awaiting_row[e]] = v;
+            any_awaiting = 1;
+        }
+    }
+    if (any_awaiting) {
+        pool_lock(c->shared);
+        for (int32_t i = 0; i < n; ++i) {
+            int32_t e = env_ids[i];
+            if (c->awaiting_row[e] >= 0) {
+                complete_row_locked(c, c->awaiting_row[e]);
+                c->awaiting_row[e] = -1;
+            }
+        }
+        pool_unlock(c->shared);
+    }
+    return SEGVEC_OK;
+}
+
+int segvec_dispatch(segvec_core_t *c, int32_t n, const int32_t *env_ids) {
+    shared_t *sh = c->shared;
+    uint64_t touched[(SEGVEC_MAX_WORKERS + 63) / 64];
+    memset(touched, 0, sizeof(touched));
+    for (int32_t i = 0; i < n; ++i) {
+        int32_t e = env_ids[i];
+        if (e < 0 || e >= c->E || c->env_state[e] != SEGVEC_ENV_SENDING) return SEGVEC_ERR_NOT_HELD;
+        int32_t w = e / c->envs_per_worker;
+        worker_slot_t *ws = &c->workers[w];
+        c->env_state[e] = SEGVEC_ENV_IN_FLIGHT;
+        uint64_t tail = atomic_load_explicit(&ws->queue_tail, memory_order_relaxed);
+        c->action_rings[(int64_t)w * c->envs_per_worker + (int64_t)(tail % c->envs_per_worker)] = e;
+        atomic_store_explicit(&ws->queue_tail, tail + 1, memory_order_release);
+        touched[w / 64] |= 1ull << (w % 64);
+    }
+    for (int32_t w = 0; w < c->W; ++w) {
+        if (!(touched[w / 64] & (1ull << (w % 64)))) continue;
+        worker_slot_t *ws = &c->workers[w];
+        atomic_fetch_add_explicit(&ws->seq, 1, memory_order_seq_cst);
+        if (atomic_load_explicit(&ws->waiting, memory_order_seq_cst)) futex_wake_all(&ws->seq);
+    }
+    (void)sh;
+    return SEGVEC_OK;
+}
+
+int segvec_kick_worker(segvec_core_t *c, int32_t w) {
+    if (w < 0 || w >= c->W) return SEGVEC_ERR_INVALID;
+    atomic_fetch_add_explicit(&c->workers[w].seq, 1, memory_order_seq_cst);
+    futex_wake_all(&c->workers[w].seq);
+    return SEGVEC_OK;
+}
+
+int segvec_shutdown(segvec_core_t *c) {
+    atomic_store(&c->shared->shutdown, 1);
+    for (int32_t w = 0; w < c->W; ++w) segvec_kick_worker(c, w);
+    return SEGVEC_OK;
+}
+
+/* ---- learner: flush, take, release ------------------------------------------------------------ */
+
+int segvec_flush_envs(segvec_core_t *c, int32_t n, const int32_t *env_ids, const float *tail_values,
+                      int64_t *copy_from_out, int64_t *copy_to_out) {
+    for (int32_t i = 0; i < n; ++i) {
+        int32_t e = env_ids[i];
+        if (e < 0 || e >= c->E) return SEGVEC_ERR_INVALID;
+        int32_t state = c->env_state[e];
+        if (state != SEGVEC_ENV_HELD && state != SEGVEC_ENV_NEW && state != SEGVEC_ENV_READY) return SEGVEC_ERR_NOT_HELD;
+    }
+    int status = SEGVEC_OK;
+    pool_lock(c->shared);
+    for (int32_t i = 0; i < n; ++i) {
+        int32_t e = env_ids[i];
+        float tail = tail_values ? tail_values[i] : NAN;
+        copy_from_out[i] = -1;
+        copy_to_out[i] = -1;
+        if (c->awaiting_row[e] >= 0) {
+            c->tail_value[c->awaiting_row[e]] = tail;
+            complete_row_locked(c, c->awaiting_row[e]);
+            c->awaiting_row[e] = -1;
+        }
+        int32_t row = c->env_row[e], t = c->env_step[e];
+        if (t == 0) continue; /* nothing written in this row yet: keep it */
+        c->row_length[row] = t;
+        c->tail_value[row] = tail;
+        complete_row_locked(c, row);
+        int32_t fresh;
+        status = allocate_row_locked(c, e, &fresh);
+        if (status != SEGVEC_OK) {
+            c->env_row[e] = -1;
+            break;
+        }
+        /* the current observation moves to slot 0 of the fresh row, its episode_start flag with it */
+        c->episode_start[(int64_t)fresh * c->T] = c->episode_start[(int64_t)row * c->T + t];
+        c->env_row[e] = fresh;
+        c->env_step[e] = 0;
+        copy_from_out[i] = (int64_t)row * (c->T + 1) + t;
+        copy_to_out[i] = (int64_t)fresh * (c->T + 1);
+    }
+    pool_unlock(c->shared);
+    return status;
+}
+
+int segvec_take(segvec_core_t *c, int32_t n, int32_t *rows_out) {
+    shared_t *sh = c->shared;
+    if (n < 0) return SEGVEC_ERR_INVALID;
+    pool_lock(sh);
+    if (sh->complete_tail - sh->complete_head < n) {
+        pool_unlock(sh);
+        return SEGVEC_ERR_NOT_ENOUGH;
+    }
+    for (int32_t i = 0; i < n; ++i) {
+        int32_t row = c->complete_ring[sh->complete_head % c->S];
+        sh->complete_head++;
+        SEGVEC_ASSERT(c->row_state[row] == SEGVEC_ROW_COMPLETE);
+        c->row_state[row] = SEGVEC_ROW_TAKEN;
+        rows_out[i] = row;
+    }
+    atomic_fetch_sub(&sh->complete_rows, n);
+    atomic_fetch_add(&sh->segments_taken, n);
+    pool_unlock(sh);
+    return SEGVEC_OK;
+}
+
+int segvec_release(segvec_core_t *c, int32_t n, const int32_t *rows) {
+    shared_t *sh = c->shared;
+    pool_lock(sh);
+    for (int32_t i = 0; i < n; ++i) {
+        if (rows[i] < 0 || rows[i] >= c->S || c->row_state[rows[i]] != SEGVEC_ROW_TAKEN) {
+            pool_unlock(sh);
+            return SEGVEC_ERR_ROW_STATE;
+        }
+    }
+    for (int32_t i = 0; i < n; ++i) free_row_locked(c, rows[i]);
+    pool_unlock(sh);
+    return SEGVEC_OK;
+}
+
+int segvec_read_episodes(segvec_core_t *c, int64_t *cursor, int32_t max_n, int32_t *env_ids_out,
+                         double *returns_out, int64_t *lengths_out, int32_t *n_out, int64_t *lost_out) {
+    shared_t *sh = c->shared;
+    uint64_t end = atomic_load_explicit(&sh->episode_ticket, memory_order_acquire);
+    uint64_t at = (uint64_t)*cursor;
+    int64_t lost = 0;
+    int32_t n = 0;
+    if (end > at + (uint64_t)c->K) { lost += (int64_t)(end - (uint64_t)c->K - at); at = end - (uint64_t)c->K; }
+    while (at < end && n < max_n) {
+        uint64_t k = at % (uint64_t)c->K;
+        if (atomic_load_explicit(&c->episode_seq[k], memory_order_acquire) != at + 1) {
+            /* not written yet (still being written): stop here, read it next time */
+            if (atomic_load_explicit(&c->episode_seq[k], memory_order_acquire) > at + 1) { ++lost; ++at; continue; }
+            break;
+        }
+        env_ids_out[n] = c->episode_env_id[k];
+        returns_out[n] = c->episode_return[k];
+        lengths_out[n] = c->episode_length[k];
+        if (atomic_load_explicit(&c->episode_seq[k], memory_order_acquire) != at + 1) { ++lost; ++at; continue; }
+        ++n;
+        ++at;
+    }
+    *cursor = (int64_t)at;
+    *n_out = n;
+    *lost_out = lost;
+    return SEGVEC_OK;
+}
+
+/* ---- worker side ------------------------------------------------------------------------------ */
+
+int segvec_worker_wait(segvec_core_t *c, int32_t w, int32_t timeout_ms) {
+    if (w < 0 || w >= c->W) return SEGVEC_ERR_INVALID;
+    worker_slot_t *ws = &c->workers[w];
+    shared_t *sh = c->shared;
+    int64_t deadline = now_ms() + (timeout_ms < 0 ? WAIT_SLICE_MS : timeout_ms);
+    unsigned seen = atomic_load_explicit(&ws->seq, memory_order_acquire);
+    for (;;) {
+        for (int spin = 0; spin < SPIN_CHECKS; ++spin) {
+            if (atomic_load_explicit(&sh->shutdown, memory_order_acquire)) return SEGVEC_ERR_SHUTDOWN;
+            if (atomic_load_explicit(&ws->queue_tail, memory_order_acquire) !=
+                atomic_load_explicit(&ws->queue_head, memory_order_relaxed))
+                return SEGVEC_OK;
+            if (atomic_load_explicit(&ws->seq, memory_order_acquire) != seen) return SEGVEC_OK; /* kicked */
+            cpu_relax();
+        }
+        int64_t left = deadline - now_ms();
+        if (left <= 0) return SEGVEC_ERR_TIMEOUT;
+        atomic_store_explicit(&ws->waiting, 1, memory_order_seq_cst);
+        int rc = 0;
+        if (atomic_load_explicit(&ws->seq, memory_order_seq_cst) == seen &&
+            atomic_load(&ws->queue_tail) == atomic_load(&ws->queue_head) && !atomic_load(&sh->shutdown))
+            rc = futex_wait(&ws->seq, seen, (int)(left < WAIT_SLICE_MS ? left : WAIT_SLICE_MS));
+        atomic_store_explicit(&ws->waiting, 0, memory_order_relaxed);
+        if (rc == EINTR) return SEGVEC_ERR_INTERRUPTED;
+    }
+}
+
+int segvec_worker_pop(segvec_core_t *c, int32_t w, int32_t max_n, int32_t *env_ids_out, int32_t *n_out) {
+    if (w < 0 || w >= c->W) return SEGVEC_ERR_INVALID;
+    worker_slot_t *ws = &c->workers[w];
+    uint64_t head = atomic_load_explicit(&ws->queue_head, memory_order_relaxed);
+    uint64_t tail = atomic_load_explicit(&ws->queue_tail, memory_order_acquire);
+    int32_t n = 0;
+    while (head < tail && n < max_n) {
+        env_ids_out[n++] = c->action_rings[(int64_t)w * c->envs_per_worker + (int64_t)(head % c->envs_per_worker)];
+        ++head;
+    }
+    atomic_store_explicit(&ws->queue_head, head, memory_order_release);
+    *n_out = n;
+    return SEGVEC_OK;
+}
+
+static void record_episode(segvec_core_t *c, int32_t e) {
+    shared_t *sh = c->shared;
+    uint64_t ticket = atomic_fetch_add_explicit(&sh->episode_ticket, 1, memory_order_relaxed);
+    uint64_t k = ticket % (uint64_t)c->K;
+    atomic_store_explicit(&c->episode_seq[k], 0, memory_order_relaxed);
+    atomic_thread_fence(memory_order_release);
+    c->episode_env_id[k] = e;
+    c->episode_return[k] = c->env_return[e];
+    c->episode_length[k] = c->env_length[e];
+    atomic_store_explicit(&c->episode_seq[k], ticket + 1, memory_order_release);
+    atomic_fetch_add_explicit(&sh->episodes, 1, memory_order_relaxed);
+}
+
+int segvec_commit_steps(segvec_core_t *c, int32_t n, const int32_t *env_ids, const double *rewards,
+                        const uint8_t *terminated, const uint8_t *truncated, const uint8_t *valid,
+                        const uint8_t *episode_started, const uint8_t *needs_reset,
+                        int64_t *obs_slot_out, int64_t *chain_slot_out) {
+    shared_t *sh = c->shared;
+    int64_t real_steps = 0, nan_rewards = 0;
+    for (int32_t i = 0; i < n; ++i) {
+        int32_t e = env_ids[i];
+        if (e < 0 || e >= c->E) return SEGVEC_ERR_INVALID;
+        int32_t row = c->env_row[e], t = c->env_step[e];
+        SEGVEC_ASSERT(row >= 0 && t < c->T && c->row_env_id[row] == e);
+        int64_t slot = (int64_t)row * c->T + t;
+        double r = rewards[i];
+        uint8_t term = terminated[i] != 0, trunc = truncated[i] != 0, real = valid[i] != 0;
+        c->reward[slot] = (float)r;
+        c->env_last_slot[e] = slot;
+        c->terminated[slot] = term;
+        c->truncated[slot] = trunc;
+        c->mask[slot] = real;
+        c->env_last_reward[e] = r;
+        c->env_last_terminated[e] = term;
+        c->env_last_truncated[e] = trunc;
+        c->env_needs_reset[e] = needs_reset[i] != 0;
+        if (real) {
+            ++real_steps;
+            if (isnan(r)) ++nan_rewards;
+            c->env_return[e] += r;
+            c->env_length[e] += 1;
+            if (term || trunc) {
+                record_episode(c, e);
+                c->env_return[e] = 0.0;
+                c->env_length[e] = 0;
+            }
+        }
+        if (episode_started[i]) {
+            c->env_episode_id[e] += 1;
+            c->env_return[e] = 0.0;
+            c->env_length[e] = 0;
+        }
+        c->env_steps_done[e] += 1;
+        ++t;
+        chain_slot_out[i] = -1;
+        if (t == c->T) {
+            int32_t fresh;
+            pool_lock(sh);
+            c->row_length[row] = c->T;
+            c->row_state[row] = SEGVEC_ROW_AWAITING_BOOTSTRAP;
+            SEGVEC_ASSERT(c->awaiting_row[e] < 0);
+            c->awaiting_row[e] = row;
+            int status = allocate_row_locked(c, e, &fresh);
+            pool_unlock(sh);
+            if (status != SEGVEC_OK) return status;
+            chain_slot_out[i] = (int64_t)row * (c->T + 1) + c->T;
+            c->env_row[e] = fresh;
+            c->env_step[e] = 0;
+            row = fresh;
+            t = 0;
+        } else {
+            c->env_step[e] = t;
+        }
+        obs_slot_out[i] = (int64_t)row * (c->T + 1) + t;
+        c->episode_start[(int64_t)row * c->T + t] = episode_started[i] != 0;
+    }
+    atomic_fetch_add_explicit(&sh->steps, real_steps, memory_order_relaxed);
+    if (nan_rewards) atomic_fetch_add_explicit(&sh->nan_rewards, nan_rewards, memory_order_relaxed);
+    return SEGVEC_OK;
+}
+
+int segvec_commit_resets(segvec_core_t *c, int32_t n, const int32_t *env_ids, int64_t *obs_slot_out) {
+    for (int32_t i = 0; i < n; ++i) {
+        int32_t e = env_ids[i];
+        if (e < 0 || e >= c->E) return SEGVEC_ERR_INVALID;
+        int32_t row = c->env_row[e];
+        if (row < 0 || c->env_step[e] != 0) return SEGVEC_ERR_INVALID;
+        c->episode_start[(int64_t)row * c->T] = 1;
+        c->env_last_reward[e] = 0.0;
+        c->env_last_slot[e] = -1;
+        c->env_last_terminated[e] = 0;
+        c->env_last_truncated[e] = 0;
+        c->env_needs_reset[e] = 0;
+        c->env_episode_id[e] += 1;
+        c->row_episode_id[row] = c->env_episode_id[e];
+        c->env_return[e] = 0.0;
+        c->env_length[e] = 0;
+        obs_slot_out[i] = (int64_t)row * (c->T + 1);
+    }
+    return SEGVEC_OK;
+}
+
+/* ---- kernels ---------------------------------------------------------------------------------- */
+
+int segvec_gather(const void *src, int64_t item_bytes, const int64_t *indices, int64_t n, void *dst) {
+    const char *s = (const char *)src;
+    char *d = (char *)dst;
+    if (item_bytes < 0 || n < 0) return SEGVEC_ERR_INVALID;
+    switch (item_bytes) { /* small fixed sizes: let the compiler emit plain moves */
+    case 4:
+        for (int64_t i = 0; i < n; ++i) memcpy(d + i * 4, s + indices[i] * 4, 4);
+        break;
+    case 8:
+        for (int64_t i = 0; i < n; ++i) memcpy(d + i * 8, s + indices[i] * 8, 8);
+        break;
+    case 16:
+        for (int64_t i = 0; i < n; ++i) memcpy(d + i * 16, s + indices[i] * 16, 16);
+        break;
+    default:
+        for (int64_t i = 0; i < n; ++i) memcpy(d + i * item_bytes, s + indices[i] * item_bytes, (size_t)item_bytes);
+    }
+    return SEGVEC_OK;
+}
+
+int segvec_gae(int32_t n, int32_t T, const float *reward, const float *value, const float *next_value,
+               const uint8_t *terminated, const uint8_t *truncated, const uint8_t *mask,
+               const int32_t *length, float gamma, float lam, float *adv, float *ret) {
+    if (n < 0 || T < 1) return SEGVEC_ERR_INVALID;
+    for (int32_t i = 0; i < n; ++i) {
+        int64_t base = (int64_t)i * T;
+        int32_t len = length[i];
+        float running = 0.0f; /* advantage of the step after t, 0 when the recursion stops */
+        for (int32_t t = T - 1; t >= 0; --t) {
+            int64_t k = base + t;
+            if (t >= len || !mask[k]) {
+                adv[k] = 0.0f;
+                ret[k] = 0.0f;
+                running = 0.0f;
+                continue;
+            }
+            float nv = terminated[k] ? 0.0f : next_value[k];
+            float delta = reward[k] + gamma * nv - value[k];
+            int stop = terminated[k] || truncated[k] || t == len - 1;
+            running = delta + (stop ? 0.0f : gamma * lam * running);
+            adv[k] = running;
+            ret[k] = running + value[k];
+        }
+    }
+    return SEGVEC_OK;
+}

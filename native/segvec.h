@@ -1,0 +1,226 @@
+/* segvec.h -- the segment core of segvec: the design, in one header.
+ *
+ * Data flow of one step:
+ *
+ *   learner send -> env cursor -> worker step -> segment row -> completed queue -> learner take
+ *
+ * The core lives in ONE block of memory (shared memory for the multiprocessing backend, plain memory for
+ * the serial one) that every process maps.  The block holds the bookkeeping below and the fixed-dtype
+ * per-step arrays; observations, actions and user fields (whose dtypes depend on the spaces) are laid out
+ * by Python right after it.  Every array is segment-major:
+ *
+ *   row r of the buffer = `horizon` consecutive steps of ONE env;  slot (r, t) = step t of row r.
+ *
+ *   reward, terminated, truncated, mask, episode_start,
+ *   value, logprob, policy_version, truncation_value    [num_segments, horizon]
+ *   tail_value, row_env_id, row_length, row_start_step  [num_segments]
+ *   observations (Python)                                [num_segments, horizon + 1, *obs_shape]
+ *
+ * Ownership is handed over, never shared: an env is either HELD by the learner (it may read and write that
+ * env's cursor and current slot) or IN_FLIGHT at its worker (only that worker may).  The hand-over goes
+ * through two queues with release/acquire ordering, so the cursor itself needs no atomics:
+ *   - the action queue of worker w (single producer: learner, single consumer: worker w),
+ *   - the ready queue (producers: all workers, single consumer: learner).
+ * Rows move between the free FIFO, the env that fills them, and the completed FIFO under one small
+ * spinlock (`pool lock`), taken once per `horizon` steps of an env, never per step.
+ *
+ * A row's life:  FREE -> FILLING -> (AWAITING_BOOTSTRAP) -> COMPLETE -> TAKEN -> FREE
+ *   - FILLING: an env writes step after step into it.
+ *   - AWAITING_BOOTSTRAP: all `horizon` steps are written; the tail bootstrap (the value the learner sends
+ *     for the env's next observation) is not known yet.  The learner's next send for that env completes it.
+ *   - COMPLETE: in the completed FIFO; `take` hands it out, or a worker that finds no free row recycles the
+ *     oldest one (counted in `segments_recycled`), so a learner that never takes never blocks the envs.
+ *   - TAKEN: the learner holds it until `release`.
+ *
+ * Waiting: a short spin, then a futex on a 32-bit sequence word (Linux; elsewhere a short sleep), always
+ * with a timeout so the caller can look after dead processes and Ctrl-C.  Nobody burns a core while idle.
+ *
+ * Every function returns an int status (SEGVEC_OK or a negative code, see segvec_strerror); out
+ * parameters come last.  "learner only" / "worker w only" / "any process" say who may call a function.
+ */
+#ifndef SEGVEC_H
+#define SEGVEC_H
+
+#include <stdint.h>
+
+/* SEGVEC_CDEF_BEGIN */
+
+enum {
+    SEGVEC_VERSION = 1,
+    SEGVEC_MAX_WORKERS = 1024,
+    SEGVEC_POISON_REWARD_MILLI = -42420   /* debug builds fill fresh rewards with -42.42 */
+};
+
+enum segvec_status {
+    SEGVEC_OK = 0,
+    SEGVEC_ERR_INVALID = -1,         /* a size or argument out of range */
+    SEGVEC_ERR_LAYOUT = -2,          /* the memory block is too small or not a segvec block */
+    SEGVEC_ERR_NO_FREE_ROW = -3,     /* every row is taken by the learner and not released */
+    SEGVEC_ERR_NOT_HELD = -4,        /* send for an env the learner did not receive (or twice) */
+    SEGVEC_ERR_NOT_ENOUGH = -5,      /* take asked for more complete rows than there are */
+    SEGVEC_ERR_ROW_STATE = -6,       /* release of a row that is not taken */
+    SEGVEC_ERR_TIMEOUT = -7,         /* a wait ran out of time */
+    SEGVEC_ERR_INTERRUPTED = -8,     /* a wait was interrupted by a signal (Ctrl-C) */
+    SEGVEC_ERR_ALERT = -9,           /* a wait was cut short: a worker posted an error */
+    SEGVEC_ERR_SHUTDOWN = -10        /* a wait was cut short: the learner is closing the envs */
+};
+
+enum segvec_row_state {
+    SEGVEC_ROW_FREE = 0,
+    SEGVEC_ROW_FILLING = 1,
+    SEGVEC_ROW_AWAITING_BOOTSTRAP = 2,
+    SEGVEC_ROW_COMPLETE = 3,
+    SEGVEC_ROW_TAKEN = 4
+};
+
+enum segvec_env_state {
+    SEGVEC_ENV_NEW = 0,        /* never reset */
+    SEGVEC_ENV_HELD = 1,       /* received by the learner, waiting for its action */
+    SEGVEC_ENV_SENDING = 2,    /* action being written by the learner (between prepare and dispatch) */
+    SEGVEC_ENV_IN_FLIGHT = 3,  /* owned by its worker until published */
+    SEGVEC_ENV_READY = 4       /* published in the ready queue, not yet received */
+};
+
+/* Sizes of one core; fixed for its life. */
+typedef struct segvec_config {
+    int32_t num_envs;
+    int32_t num_workers;        /* num_envs % num_workers == 0; worker w owns envs [w*k, (w+1)*k) */
+    int32_t num_segments;       /* >= 2 * num_envs */
+    int32_t horizon;            /* >= 1 */
+    int32_t episode_capacity;   /* finished-episode ring; >= 1 */
+    int32_t poison;             /* 1: fill fresh rows' rewards with -42.42 (debug) */
+} segvec_config_t;
+
+/* Byte offsets (from the block's start) of the arrays Python views; `total_bytes` is the size of the
+ * core's part, 64-byte aligned.  Shapes: S = num_segments, T = horizon, E = num_envs, K = episode_capacity. */
+typedef struct segvec_layout {
+    int64_t total_bytes;
+    int64_t reward;             /* float32 [S, T] outcome of action[t] */
+    int64_t terminated;         /* uint8   [S, T] */
+    int64_t truncated;          /* uint8   [S, T] */
+    int64_t mask;               /* uint8   [S, T] 1: a real transition */
+    int64_t episode_start;      /* uint8   [S, T] 1: obs[t] is an episode's first observation */
+    int64_t value;              /* float32 [S, T] sent by the learner, NaN until sent */
+    int64_t logprob;            /* float32 [S, T] sent by the learner, NaN until sent */
+    int64_t policy_version;     /* int64   [S, T] stamped at send */
+    int64_t truncation_value;   /* float32 [S, T] value of the final obs at SAME_STEP truncations, NaN */
+    int64_t tail_value;         /* float32 [S]    value of obs[length] (next_value at t = length - 1) */
+    int64_t row_env_id;         /* int32   [S] */
+    int64_t row_length;         /* int32   [S]    steps written */
+    int64_t row_state;          /* int32   [S]    enum segvec_row_state */
+    int64_t row_start_step;     /* int64   [S]    slots this env filled before the row's first one */
+    int64_t row_episode_id;     /* int64   [S]    episode id of the row's first slot */
+    int64_t env_row;            /* int32   [E]    row the env fills now */
+    int64_t env_step;           /* int32   [E]    its current slot: obs[env_row, env_step] is the env's obs */
+    int64_t env_state;          /* int32   [E]    enum segvec_env_state */
+    int64_t env_needs_reset;    /* uint8   [E]    NEXT_STEP: the last step ended an episode */
+    int64_t env_last_reward;    /* float64 [E]    outcome of the env's previous action (what recv returns) */
+    int64_t env_last_terminated;/* uint8   [E] */
+    int64_t env_last_truncated; /* uint8   [E] */
+    int64_t env_episode_id;     /* int64   [E]    episodes started by this env */
+    int64_t env_last_slot;      /* int64   [E]    step slot (r * T + t) of the env's last committed step, -1 */
+    int64_t episode_env_id;     /* int32   [K]    finished-episode ring */
+    int64_t episode_return;     /* float64 [K] */
+    int64_t episode_length;     /* int64   [K] */
+} segvec_layout_t;
+
+/* Counters of a core, read with segvec_read_stats (any process). */
+typedef struct segvec_stats {
+    int64_t steps;                /* real transitions committed */
+    int64_t episodes;             /* episodes finished (terminated or truncated) */
+    int64_t segments_completed;   /* rows that became COMPLETE */
+    int64_t segments_recycled;    /* complete rows reused because nobody took them */
+    int64_t segments_taken;
+    int64_t nan_rewards;          /* transitions whose reward was NaN (passed through) */
+    int64_t episodes_written;     /* tickets handed out in the finished-episode ring */
+    int64_t complete_rows;        /* rows COMPLETE now (segments_ready) */
+    int64_t free_rows;            /* rows FREE now */
+} segvec_stats_t;
+
+/* A process-local handle: pointers into one mapped block.  Owned by the process that opened it. */
+typedef struct segvec_core segvec_core_t;
+
+/* ---- set-up (any process) ---------------------------------------------------------------------- */
+const char *segvec_strerror(int status);
+int segvec_compute_layout(const segvec_config_t *config, segvec_layout_t *layout_out);
+/* learner only, once: writes a fresh core into `block` (which must be zeroed or fresh). */
+int segvec_format(void *block, int64_t block_bytes, const segvec_config_t *config);
+/* any process: a handle on a formatted block; free it with segvec_detach (the block stays). */
+int segvec_attach(void *block, int64_t block_bytes, segvec_core_t **core_out);
+int segvec_detach(segvec_core_t *core);
+int segvec_read_stats(segvec_core_t *core, segvec_stats_t *stats_out);
+
+/* ---- learner side (learner only) -------------------------------------------------------------- */
+/* Close each env's filling row at its cursor (rows of length 0 are kept, not closed), complete its row
+ * that awaits a bootstrap, with `tail_values[i]` (NULL: NaN) as the value of the env's current
+ * observation, and start a new row.  The env must not be at its worker (HELD, NEW or READY).  For each env, `copy_from_out[i]` and
+ * `copy_to_out[i]` are observation slots (r * (T + 1) + t): copy the current observation from one to the
+ * other (-1 when there is nothing to copy).  Used by flush() and before every reset. */
+int segvec_flush_envs(segvec_core_t *core, int32_t n, const int32_t *env_ids, const float *tail_values,
+                      int64_t *copy_from_out, int64_t *copy_to_out);
+/* Record a reset of each env at its cursor (which must be a row's slot 0, i.e. after segvec_flush_envs):
+ * episode_start = 1, previous-action outcome = 0, episode id + 1.  `obs_slot_out[i]` is where the reset
+ * observation goes.  Called by whoever runs the env, before publishing it. */
+int segvec_commit_resets(segvec_core_t *core, int32_t n, const int32_t *env_ids, int64_t *obs_slot_out);
+/* Wait until at least `min_count` envs are published in the ready queue (or fewer if fewer are still
+ * outstanding), at most `timeout_ms` (< 0: up to a slice of ~100 ms, then SEGVEC_ERR_TIMEOUT so the caller
+ * can check its workers and signals).  Returns SEGVEC_ERR_ALERT when a worker posted an error. */
+int segvec_wait_ready(segvec_core_t *core, int32_t min_count, int32_t timeout_ms, int32_t *ready_out);
+/* Pop up to `max_n` published envs (state READY -> HELD) in publication order. */
+int segvec_pop_ready(segvec_core_t *core, int32_t max_n, int32_t *env_ids_out, int32_t *n_out);
+/* Validate and stamp a send: each env must be HELD (not twice in one call).  Writes value, logprob
+ * (NULL: NaN) and policy_version into the env's current slot and completes its row awaiting a bootstrap
+ * with that value.  `slot_out[i]` = r * T + t, the step slot where the caller writes the action and step
+ * fields; `row_start_out[i]` = 1 when t == 0 (the caller writes segment fields).  State HELD -> SENDING. */
+int segvec_prepare_send(segvec_core_t *core, int32_t n, const int32_t *env_ids, const float *values,
+                        const float *logprobs, int64_t policy_version, int64_t *slot_out,
+                        uint8_t *row_start_out);
+/* Hand the envs to their workers (SENDING -> IN_FLIGHT) and wake the workers that got work. */
+int segvec_dispatch(segvec_core_t *core, int32_t n, const int32_t *env_ids);
+/* Take `n` rows from the completed FIFO, oldest first (COMPLETE -> TAKEN). */
+int segvec_take(segvec_core_t *core, int32_t n, int32_t *rows_out);
+/* Give taken rows back (TAKEN -> FREE). */
+int segvec_release(segvec_core_t *core, int32_t n, const int32_t *rows);
+/* Ask every worker to stop, and wake them all. */
+int segvec_shutdown(segvec_core_t *core);
+/* Wake worker w so that it looks at its command pipe. */
+int segvec_kick_worker(segvec_core_t *core, int32_t worker);
+/* Wake the learner from another process or thread: it returns SEGVEC_ERR_ALERT from its wait. */
+int segvec_post_alert(segvec_core_t *core);
+/* Copy finished episodes with tickets >= *cursor (at most max_n) and advance the cursor; entries that
+ * were overwritten before being read are skipped and counted in `lost_out`. */
+int segvec_read_episodes(segvec_core_t *core, int64_t *cursor, int32_t max_n, int32_t *env_ids_out,
+                         double *returns_out, int64_t *lengths_out, int32_t *n_out, int64_t *lost_out);
+
+/* ---- worker side (worker w only, for its own envs; the serial backend calls them in-process) ------ */
+/* Wait until worker w has actions, a kick, or shutdown (SEGVEC_ERR_SHUTDOWN).  Timeout as above. */
+int segvec_worker_wait(segvec_core_t *core, int32_t worker, int32_t timeout_ms);
+/* Pop up to `max_n` envs whose actions are in, in dispatch order. */
+int segvec_worker_pop(segvec_core_t *core, int32_t worker, int32_t max_n, int32_t *env_ids_out,
+                      int32_t *n_out);
+/* Record the outcome of each env's action at its cursor slot (r, t): reward, terminated, truncated,
+ * mask = `valid` (0 for the NEXT_STEP reset step whose action was ignored), episode statistics; advance
+ * the cursor, moving to a new row when this one is full.  `episode_started[i]` marks the new observation
+ * as an episode's first (autoreset).  `needs_reset[i]` is remembered for the learner (NEXT_STEP).
+ * `obs_slot_out[i]` is the slot of the new observation; `chain_slot_out[i]` is the finished row's
+ * obs[horizon] slot that must hold the same observation, else -1. */
+int segvec_commit_steps(segvec_core_t *core, int32_t n, const int32_t *env_ids, const double *rewards,
+                        const uint8_t *terminated, const uint8_t *truncated, const uint8_t *valid,
+                        const uint8_t *episode_started, const uint8_t *needs_reset,
+                        int64_t *obs_slot_out, int64_t *chain_slot_out);
+/* Publish envs to the learner (-> READY) after their observations are written; wakes it if it waits. */
+int segvec_publish(segvec_core_t *core, int32_t n, const int32_t *env_ids);
+
+/* ---- kernels (any process, no core needed) ------------------------------------------------------ */
+/* dst[i] = src[indices[i]] for items of `item_bytes` bytes. */
+int segvec_gather(const void *src, int64_t item_bytes, const int64_t *indices, int64_t n, void *dst);
+/* GAE over rows of length T (contiguous [n, T] arrays).  delta = r + gamma * next_value * (1 - term) - v;
+ * the recursion stops at terminated or truncated steps, at t = length - 1, and skips masked-out steps
+ * (advantage 0).  returns = advantages + value. */
+int segvec_gae(int32_t n, int32_t horizon, const float *reward, const float *value, const float *next_value,
+               const uint8_t *terminated, const uint8_t *truncated, const uint8_t *mask,
+               const int32_t *length, float gamma, float lam, float *advantages_out, float *returns_out);
+
+/* SEGVEC_CDEF_END */
+
+#endif /* SEGVEC_H */

@@ -1,0 +1,501 @@
+"""Where envs run: in the learner's process (serial) or in worker processes (multiprocessing).
+
+Both backends drive the same `EnvRunner` over the same segment block; they differ only in who calls it
+and how the learner waits.  The learner-side contract (used by `SegmentVecEnv`):
+
+    start(geometry_for)   build envs (in workers), check their spaces, build the block
+    after_dispatch()      actions were dispatched through the C core (serial: step them now)
+    reset(ids, seeds, options)
+    wait(min_count, deadline)   until min_count envs are published; raises EnvError / WorkerDied / TimeoutError
+    infos_for(ids)        (infos, final_infos) of envs whose env_has_info flag is set
+    call(name, args, kwargs) / set_attr(name, values)
+    close(terminate)
+"""
+from __future__ import annotations
+
+import enum
+import multiprocessing
+import multiprocessing.connection
+import os
+import pickle
+import signal
+import sys
+import time
+import traceback
+from typing import Any, Callable
+
+import cloudpickle
+import numpy as np
+
+from segvec._core import Geometry, MemoryBlock, Storage, check, ffi, lib
+from segvec.errors import SegvecError, WorkerDied, make_env_error
+from segvec.runner import EnvFailure, EnvRunner
+
+WAIT_SLICE_MS = 100
+
+
+class Command(enum.IntEnum):
+    """Messages on a worker's pipe (learner -> worker); actions never travel here."""
+
+    ATTACH = 1
+    RESET = 2
+    CALL = 3
+    SET_ATTR = 4
+    CLOSE = 5
+
+
+class Reply(enum.IntEnum):
+    """Messages on a worker's pipe (worker -> learner)."""
+
+    SPACES = 1
+    ATTACHED = 2
+    INFOS = 3
+    RESULT = 4
+    ERROR = 5
+
+
+def env_error_from(payload: tuple) -> BaseException:
+    """Rebuilds the learner-side error from a worker's ERROR payload."""
+    env_index, action, type_bytes, detail, worker_traceback = payload
+    try:
+        original_type = pickle.loads(type_bytes) if type_bytes else Exception
+    except Exception:  # noqa: BLE001 - an exception type we cannot import here
+        original_type = Exception
+    if env_index < 0:
+        return SegvecError(f"a worker failed in {action}: {detail}\n\nTraceback in the worker:\n{worker_traceback}")
+    return make_env_error(original_type, env_index, action, worker_traceback, detail)
+
+
+def _error_payload(env_index: int, action: str, error: BaseException, worker_traceback: str | None = None):
+    try:
+        type_bytes = pickle.dumps(type(error))
+    except Exception:  # noqa: BLE001
+        type_bytes = b""
+    if worker_traceback is None:
+        worker_traceback = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    return (env_index, action, type_bytes, f"{type(error).__name__}: {error}", worker_traceback)
+
+
+def _call_env(env, name: str, args, kwargs):
+    attribute = getattr(env, name)
+    return attribute(*args, **kwargs) if callable(attribute) else attribute
+
+
+# ---------------------------------------------------------------------------------------------------
+class SerialBackend:
+    """Runs every env in the learner's process, stepping at dispatch time."""
+
+    def __init__(self, env_fns: list[Callable], autoreset_mode):
+        self.env_fns = env_fns
+        self.autoreset_mode = autoreset_mode
+        self.envs: list = []
+        self.num_workers = 1
+        self._infos: dict[int, dict] = {}
+        self._final_infos: dict[int, dict] = {}
+
+    def create_envs(self) -> list[tuple]:
+        for index, fn in enumerate(self.env_fns):
+            try:
+                self.envs.append(fn())
+            except Exception as error:
+                self.close()
+                raise make_env_error(error, index, "__init__", traceback.format_exc()) from error
+        return [(env.observation_space, env.action_space) for env in self.envs]
+
+    def attach(self, geometry: Geometry) -> Storage:
+        self.storage = Storage(geometry, shared=False)
+        self.runner = EnvRunner(self.envs, 0, self.storage, self.autoreset_mode)
+        self._ids = np.zeros(geometry.num_envs, np.int32)
+        return self.storage
+
+    def _raise(self, failure: EnvFailure):
+        raise make_env_error(failure.error, failure.env_index, failure.action, failure.worker_traceback) \
+            from failure.error
+
+    def after_dispatch(self) -> None:
+        count = ffi.new("int32_t *")
+        check(lib.segvec_worker_pop(self.storage.core, 0, len(self._ids), ffi.from_buffer("int32_t[]", self._ids),
+                                    count))
+        ids = self._ids[:count[0]].copy()
+        try:
+            infos, final_infos = self.runner.step(ids)
+        except EnvFailure as failure:
+            self.runner.publish(ids[:failure.committed])
+            self._raise(failure)
+        self._infos.update(infos)
+        self._final_infos.update(final_infos)
+        self.runner.publish(ids)
+
+    def reset(self, env_ids: np.ndarray, seeds: list, options) -> None:
+        try:
+            infos = self.runner.reset(env_ids, seeds, options)
+        except EnvFailure as failure:
+            self._raise(failure)
+        self._infos.update(infos)
+        self.runner.publish(env_ids)
+
+    def wait(self, min_count: int, deadline: float | None) -> None:
+        ready = ffi.new("int32_t *")
+        status = lib.segvec_wait_ready(self.storage.core, min_count, 0, ready)
+        if status != lib.SEGVEC_OK:  # every dispatched env was stepped at dispatch: nothing to wait for
+            raise SegvecError(f"only {ready[0]} of {min_count} envs are ready in the serial backend")
+
+    def infos_for(self, env_ids: np.ndarray) -> tuple[dict, dict]:
+        wanted = [int(e) for e in env_ids[self.storage.env_has_info[env_ids] != 0]]
+        return ({e: self._infos.pop(e) for e in wanted if e in self._infos},
+                {e: self._final_infos.pop(e) for e in wanted if e in self._final_infos})
+
+    def call(self, name: str, args, kwargs) -> list:
+        results = []
+        for index, env in enumerate(self.envs):
+            try:
+                results.append(_call_env(env, name, args, kwargs))
+            except Exception as error:
+                raise make_env_error(error, index, f"call({name!r})", traceback.format_exc()) from error
+        return results
+
+    def set_attr(self, name: str, values: list) -> None:
+        for index, (env, value) in enumerate(zip(self.envs, values)):
+            try:
+                setattr(env, name, value)
+            except Exception as error:
+                raise make_env_error(error, index, f"set_attr({name!r})", traceback.format_exc()) from error
+
+    def close(self, terminate: bool = False) -> None:
+        for env in self.envs:
+            try:
+                env.close()
+            except Exception:  # noqa: BLE001 - close every env whatever one of them does
+                pass
+        self.envs = []
+
+
+# ---------------------------------------------------------------------------------------------------
+def _worker_main(worker_index: int, first_env: int, payload: bytes, conn, parent_pid: int, autoreset_mode):
+    """Entry point of a worker process: build envs, attach to the block, serve until shutdown."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the learner's to handle; it closes us
+    envs = []
+    runner = None
+    try:
+        env_fns = cloudpickle.loads(payload)
+        for offset, fn in enumerate(env_fns):
+            try:
+                envs.append(fn())
+            except Exception as error:  # noqa: BLE001
+                conn.send((Reply.ERROR, _error_payload(first_env + offset, "__init__", error)))
+                return
+        conn.send((Reply.SPACES, [(env.observation_space, env.action_space) for env in envs]))
+        command, geometry, name, nbytes = conn.recv()
+        if command != Command.ATTACH:
+            return
+        storage = Storage(geometry, block=MemoryBlock(nbytes, shared=True, name=name), format_block=False)
+        runner = EnvRunner(envs, first_env, storage, autoreset_mode)
+        conn.send((Reply.ATTACHED, None))
+        _serve(worker_index, runner, storage, conn, parent_pid)
+    except (EOFError, BrokenPipeError, KeyboardInterrupt):
+        pass
+    except Exception as error:  # noqa: BLE001 - anything else goes to the learner with its traceback
+        try:
+            conn.send((Reply.ERROR, _error_payload(-1, f"worker {worker_index}", error)))
+            if runner is not None:
+                lib.segvec_post_alert(runner.storage.core)
+        except Exception:  # noqa: BLE001
+            pass
+    finally:
+        for env in envs:
+            try:
+                env.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+
+def _serve(worker_index: int, runner: EnvRunner, storage: Storage, conn, parent_pid: int) -> None:
+    core = storage.core
+    ids = np.zeros(len(runner.envs), np.int32)
+    ids_ptr = ffi.from_buffer("int32_t[]", ids)
+    count = ffi.new("int32_t *")
+    while True:
+        status = lib.segvec_worker_wait(core, worker_index, 1000)
+        if status == lib.SEGVEC_ERR_SHUTDOWN:
+            return
+        if status == lib.SEGVEC_ERR_TIMEOUT and os.getppid() != parent_pid:
+            return  # the learner is gone
+        while conn.poll():
+            message = conn.recv()
+            command = message[0]
+            if command == Command.CLOSE:
+                return
+            if command == Command.RESET:
+                _, env_ids, seeds, options = message
+                try:
+                    infos = runner.reset(env_ids, seeds, options)
+                except EnvFailure as failure:
+                    conn.send((Reply.ERROR, _error_payload(failure.env_index, "reset", failure.error,
+                                                           failure.worker_traceback)))
+                    lib.segvec_post_alert(core)
+                    continue
+                if infos:
+                    conn.send((Reply.INFOS, (infos, {})))
+                runner.publish(env_ids)
+            elif command == Command.CALL:
+                _, name, args, kwargs = message
+                results = []
+                try:
+                    for offset, env in enumerate(runner.envs):
+                        results.append(_call_env(env, name, args, kwargs))
+                    conn.send((Reply.RESULT, results))
+                except Exception as error:  # noqa: BLE001
+                    conn.send((Reply.ERROR, _error_payload(runner.first_env + offset, f"call({name!r})", error)))
+                    lib.segvec_post_alert(core)
+            elif command == Command.SET_ATTR:
+                _, name, values = message
+                try:
+                    for offset, (env, value) in enumerate(zip(runner.envs, values)):
+                        setattr(env, name, value)
+                    conn.send((Reply.RESULT, None))
+                except Exception as error:  # noqa: BLE001
+                    conn.send((Reply.ERROR, _error_payload(runner.first_env + offset, f"set_attr({name!r})", error)))
+                    lib.segvec_post_alert(core)
+        check(lib.segvec_worker_pop(core, worker_index, len(ids), ids_ptr, count))
+        n = count[0]
+        if not n:
+            continue
+        batch = ids[:n]
+        try:
+            infos, final_infos = runner.step(batch)
+        except EnvFailure as failure:
+            runner.publish(batch[:failure.committed])
+            conn.send((Reply.ERROR, _error_payload(failure.env_index, "step", failure.error,
+                                                   failure.worker_traceback)))
+            lib.segvec_post_alert(core)
+            continue
+        if infos or final_infos:
+            conn.send((Reply.INFOS, (infos, final_infos)))
+        runner.publish(batch)
+
+
+class MultiprocessingBackend:
+    """Runs envs in `num_workers` processes; worker w owns envs [w * k, (w + 1) * k)."""
+
+    def __init__(self, env_fns: list[Callable], autoreset_mode, num_workers: int, context=None):
+        self.env_fns = env_fns
+        self.autoreset_mode = autoreset_mode
+        self.num_workers = num_workers
+        self.envs_per_worker = len(env_fns) // num_workers
+        if context is None or isinstance(context, str):
+            context = multiprocessing.get_context(context)
+        self.context = context
+        self.processes: list = []
+        self.pipes: list = []
+        self.block: MemoryBlock | None = None
+        self.storage: Storage | None = None
+        self._infos: dict[int, dict] = {}
+        self._final_infos: dict[int, dict] = {}
+        self._closed = False
+
+    # ---- start-up -------------------------------------------------------------------------------
+    def create_envs(self) -> list[tuple]:
+        k = self.envs_per_worker
+        start_method = self.context.get_start_method()
+        try:
+            for w in range(self.num_workers):
+                fns = self.env_fns[w * k:(w + 1) * k]
+                try:
+                    payload = cloudpickle.dumps(fns)
+                except Exception as error:
+                    raise TypeError(
+                        f"the env factories cannot be pickled for the {start_method!r} start method: {error}. "
+                        "Use module-level functions (or functools.partial), or the 'fork' start method."
+                    ) from error
+                parent, child = self.context.Pipe(duplex=True)
+                process = self.context.Process(
+                    target=_worker_main, name=f"segvec-worker-{w}",
+                    args=(w, w * k, payload, child, os.getpid(), self.autoreset_mode), daemon=True)
+                process.start()
+                child.close()
+                self.processes.append(process)
+                self.pipes.append(parent)
+            spaces = []
+            for w in range(self.num_workers):
+                kind, body = self._recv_startup(w)
+                if kind == Reply.ERROR:
+                    raise env_error_from(body)
+                spaces.extend(body)
+            return spaces
+        except BaseException:
+            self.close(terminate=True)
+            raise
+
+    def _recv_startup(self, w: int, timeout: float = 120.0):
+        pipe, process = self.pipes[w], self.processes[w]
+        deadline = time.monotonic() + timeout
+        while not pipe.poll(0.05):
+            if not process.is_alive():
+                raise WorkerDied(f"worker {w} (envs {self._env_range(w)}) died while starting "
+                                 f"(exit code {process.exitcode})", w, self._env_range(w), process.exitcode)
+            if time.monotonic() > deadline:
+                raise multiprocessing.TimeoutError(f"worker {w} did not start within {timeout} s")
+        return pipe.recv()
+
+    def _env_range(self, w: int) -> tuple:
+        return tuple(range(w * self.envs_per_worker, (w + 1) * self.envs_per_worker))
+
+    def attach(self, geometry: Geometry) -> Storage:
+        try:
+            nbytes = Storage.plan(geometry)[2]
+            self.block = MemoryBlock(nbytes, shared=True)
+            self.storage = Storage(geometry, block=self.block)
+            for pipe in self.pipes:
+                pipe.send((Command.ATTACH, geometry, self.block.name, nbytes))
+            for w in range(self.num_workers):
+                kind, body = self._recv_startup(w)
+                if kind == Reply.ERROR:
+                    raise env_error_from(body)
+            self.block.unlink()  # every worker has it mapped: the name is no longer needed
+            return self.storage
+        except BaseException:
+            self.close(terminate=True)
+            raise
+
+    # ---- hot path -------------------------------------------------------------------------------
+    def after_dispatch(self) -> None:
+        pass
+
+    def reset(self, env_ids: np.ndarray, seeds: list, options) -> None:
+        k = self.envs_per_worker
+        workers = env_ids // k
+        for w in np.unique(workers):
+            mine = env_ids[workers == w]
+            self.pipes[w].send((Command.RESET, mine, [seeds[i] for i in np.nonzero(workers == w)[0]], options))
+            lib.segvec_kick_worker(self.storage.core, int(w))
+
+    def wait(self, min_count: int, deadline: float | None) -> None:
+        core = self.storage.core
+        ready = ffi.new("int32_t *")
+        while True:
+            slice_ms = WAIT_SLICE_MS
+            if deadline is not None:
+                slice_ms = max(0, min(slice_ms, int((deadline - time.monotonic()) * 1000)))
+            status = lib.segvec_wait_ready(core, min_count, slice_ms, ready)
+            if status == lib.SEGVEC_OK:
+                return
+            if status == lib.SEGVEC_ERR_ALERT:
+                self._drain()
+                continue
+            self._drain()
+            self._check_alive()
+            if deadline is not None and time.monotonic() >= deadline:
+                raise multiprocessing.TimeoutError(
+                    f"timed out waiting for {min_count} envs ({ready[0]} ready)")
+
+    def _check_alive(self) -> None:
+        for w, process in enumerate(self.processes):
+            if not process.is_alive():
+                self._drain()  # an error it sent before dying explains more than its death
+                raise WorkerDied(
+                    f"worker {w} (pid {process.pid}, envs {list(self._env_range(w))}) died with exit code "
+                    f"{process.exitcode}" + (f" (signal {-process.exitcode})" if (process.exitcode or 0) < 0 else ""),
+                    w, self._env_range(w), process.exitcode)
+
+    def _handle(self, w: int, message) -> Any:
+        kind, body = message
+        if kind == Reply.INFOS:
+            infos, final_infos = body
+            self._infos.update(infos)
+            self._final_infos.update(final_infos)
+            return None
+        if kind == Reply.ERROR:
+            raise env_error_from(body)
+        return message
+
+    def _drain(self) -> None:
+        """Reads every message waiting on any pipe (infos are kept, errors raised)."""
+        for w, pipe in enumerate(self.pipes):
+            try:
+                while pipe.poll():
+                    result = self._handle(w, pipe.recv())
+                    if result is not None:
+                        raise SegvecError(f"unexpected message from worker {w}: {result[0]!r}")
+            except (EOFError, ConnectionResetError, BrokenPipeError):
+                continue
+
+    def infos_for(self, env_ids: np.ndarray) -> tuple[dict, dict]:
+        flags = self.storage.env_has_info
+        wanted = [int(e) for e in env_ids[flags[env_ids] != 0]]
+        for e in wanted:
+            w = e // self.envs_per_worker
+            while e not in self._infos and e not in self._final_infos:
+                result = self._handle(w, self._recv(w))
+                if result is not None:
+                    raise SegvecError(f"unexpected message from worker {w}: {result[0]!r}")
+        return ({e: self._infos.pop(e) for e in wanted if e in self._infos},
+                {e: self._final_infos.pop(e) for e in wanted if e in self._final_infos})
+
+    def _recv(self, w: int, deadline: float | None = None):
+        pipe, process = self.pipes[w], self.processes[w]
+        while not pipe.poll(WAIT_SLICE_MS / 1000):
+            if not process.is_alive() and not pipe.poll():
+                self._check_alive()
+            if deadline is not None and time.monotonic() >= deadline:
+                raise multiprocessing.TimeoutError(f"worker {w} did not answer in time")
+        try:
+            return pipe.recv()
+        except EOFError:
+            self._check_alive()
+            raise
+
+    def _gather_results(self, deadline=None) -> list:
+        out = []
+        for w in range(self.num_workers):
+            while True:
+                result = self._handle(w, self._recv(w, deadline))
+                if result is not None:
+                    out.append(result[1])
+                    break
+        return out
+
+    def call(self, name: str, args, kwargs, timeout: float | None = None) -> list:
+        for w, pipe in enumerate(self.pipes):
+            pipe.send((Command.CALL, name, args, kwargs))
+            lib.segvec_kick_worker(self.storage.core, w)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return [value for chunk in self._gather_results(deadline) for value in chunk]
+
+    def set_attr(self, name: str, values: list) -> None:
+        k = self.envs_per_worker
+        for w, pipe in enumerate(self.pipes):
+            pipe.send((Command.SET_ATTR, name, values[w * k:(w + 1) * k]))
+            lib.segvec_kick_worker(self.storage.core, w)
+        self._gather_results()
+
+    # ---- shutdown -------------------------------------------------------------------------------
+    def close(self, terminate: bool = False) -> None:
+        """Stops every worker (politely, then by force) and removes the shared memory; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.storage is not None:
+            lib.segvec_shutdown(self.storage.core)
+        for pipe in self.pipes:
+            try:
+                pipe.send((Command.CLOSE,))
+            except Exception:  # noqa: BLE001 - a dead worker's pipe
+                pass
+        deadline = time.monotonic() + (0.0 if terminate else 2.0)
+        for process in self.processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+        for process in self.processes:
+            if process.is_alive():
+                process.terminate()
+        for process in self.processes:
+            process.join(1.0)
+            if process.is_alive():
+                process.kill()
+                process.join(1.0)
+        for pipe in self.pipes:
+            try:
+                pipe.close()
+            except Exception:  # noqa: BLE001
+                pass
+        if self.block is not None:
+            self.block.unlink()

@@ -1,0 +1,107 @@
+"""Exceptions of segvec.  Gymnasium's own (AlreadyPendingCallError, NoAsyncCallError,
+ClosedEnvironmentError) and ``multiprocessing.TimeoutError`` are raised where gymnasium raises them."""
+from __future__ import annotations
+
+from gymnasium.error import AlreadyPendingCallError, ClosedEnvironmentError, NoAsyncCallError
+
+__all__ = [
+    "AlreadyPendingCallError",
+    "ClosedEnvironmentError",
+    "EnvError",
+    "NoAsyncCallError",
+    "NotEnoughSegmentsError",
+    "NotReceivedError",
+    "SegmentBufferExhausted",
+    "SegvecError",
+    "SpaceMismatchError",
+    "WorkerDied",
+    "make_env_error",
+]
+
+
+class SegvecError(RuntimeError):
+    """Base class of segvec's own runtime errors."""
+
+
+class EnvError(SegvecError):
+    """An env raised in ``reset``/``step``/``__init__``/a ``call``.
+
+    Raised as a subclass of both ``EnvError`` and the original exception's type where possible, so
+    ``except ValueError`` still catches a ValueError raised by an env.
+
+    Attributes:
+        env_index: index of the env in the vector env.
+        worker_traceback: the traceback formatted in the process that ran the env.
+        original_type: the original exception's type.
+    """
+
+    env_index: int
+    worker_traceback: str
+    original_type: type
+
+    def __init__(self, message: str, env_index: int = -1, worker_traceback: str = "",
+                 original_type: type | None = None):
+        super().__init__(message)
+        self.env_index = env_index
+        self.worker_traceback = worker_traceback
+        self.original_type = original_type or Exception
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if self.worker_traceback:
+            text += "\n\nTraceback in the env's process:\n" + self.worker_traceback.rstrip()
+        return text
+
+
+_ENV_ERROR_TYPES: dict[type, type] = {}
+
+
+def make_env_error(original: BaseException | type, env_index: int, action: str, worker_traceback: str,
+                   detail: str | None = None) -> EnvError:
+    """Builds an EnvError for an exception of `original`'s type raised by env `env_index` in `action`."""
+    original_type = original if isinstance(original, type) else type(original)
+    detail = detail if detail is not None else f"{original_type.__name__}: {original}"
+    message = f"env {env_index} raised in {action}: {detail}"
+    cls = _ENV_ERROR_TYPES.get(original_type)
+    if cls is None:
+        cls = EnvError
+        if issubclass(original_type, Exception) and original_type not in (Exception, EnvError):
+            try:
+                cls = type(f"EnvError[{original_type.__name__}]", (EnvError, original_type), {})
+                cls(message)  # some types take special constructor arguments
+            except TypeError:
+                cls = EnvError
+        _ENV_ERROR_TYPES[original_type] = cls
+    error = cls.__new__(cls)
+    EnvError.__init__(error, message, env_index, worker_traceback, original_type)
+    return error
+
+
+class WorkerDied(SegvecError):
+    """A worker process exited (crash, SIGKILL, OOM kill) while the learner needed it.
+
+    Attributes:
+        worker_index: which worker; env_indices: the envs it ran; exitcode: its exit code (negative: signal).
+    """
+
+    def __init__(self, message: str, worker_index: int = -1, env_indices: tuple = (), exitcode=None):
+        super().__init__(message)
+        self.worker_index = worker_index
+        self.env_indices = tuple(env_indices)
+        self.exitcode = exitcode
+
+
+class SpaceMismatchError(ValueError, RuntimeError):
+    """The envs of one vector env disagree on their observation or action space."""
+
+
+class SegmentBufferExhausted(SegvecError):
+    """Every segment row is taken by the learner and none released: release batches or raise num_segments."""
+
+
+class NotReceivedError(ValueError):
+    """``send`` named an env the learner has not received since its last send (or named one twice)."""
+
+
+class NotEnoughSegmentsError(ValueError):
+    """``take_segments(n)`` asked for more complete segments than ``segments_ready``."""
