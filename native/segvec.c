@@ -770,9 +770,7 @@ static void record_episode(segvec_core_t *c, int32_t e) {
     atomic_fetch_add_explicit(&sh->episodes, 1, memory_order_relaxed);
 }
 
-int segvec_commit_steps(segvec_core_t *c, int32_t n, const int32_t *env_ids, const double *rewards,
-                        const uint8_t *terminated, const uint8_t *truncated, const uint8_t *valid,
-                        const uint8_t *episode_started, const uint8_t *needs_reset,
+int segvec_commit_steps(segvec_core_t *c, int32_t n, const int32_t *env_ids, const segvec_outcome_t *outcomes,
                         int64_t *obs_slot_out, int64_t *chain_slot_out) {
     shared_t *sh = c->shared;
     int64_t real_steps = 0, nan_rewards = 0;
@@ -782,8 +780,10 @@ int segvec_commit_steps(segvec_core_t *c, int32_t n, const int32_t *env_ids, con
         int32_t row = c->env_row[e], t = c->env_step[e];
         SEGVEC_ASSERT(row >= 0 && t < c->T && c->row_env_id[row] == e);
         int64_t slot = (int64_t)row * c->T + t;
-        double r = rewards[i];
-        uint8_t term = terminated[i] != 0, trunc = truncated[i] != 0, real = valid[i] != 0;
+        const segvec_outcome_t *o = &outcomes[i];
+        double r = o->reward;
+        uint8_t term = o->terminated != 0.0, trunc = o->truncated != 0.0, real = o->valid != 0.0;
+        uint8_t started = o->episode_started != 0.0;
         c->reward[slot] = (float)r;
         c->env_last_slot[e] = slot;
         c->terminated[slot] = term;
@@ -792,7 +792,7 @@ int segvec_commit_steps(segvec_core_t *c, int32_t n, const int32_t *env_ids, con
         c->env_last_reward[e] = r;
         c->env_last_terminated[e] = term;
         c->env_last_truncated[e] = trunc;
-        c->env_needs_reset[e] = needs_reset[i] != 0;
+        c->env_needs_reset[e] = o->needs_reset != 0.0;
         if (real) {
             ++real_steps;
             if (isnan(r)) ++nan_rewards;
@@ -804,7 +804,7 @@ int segvec_commit_steps(segvec_core_t *c, int32_t n, const int32_t *env_ids, con
                 c->env_length[e] = 0;
             }
         }
-        if (episode_started[i]) {
+        if (started) {
             c->env_episode_id[e] += 1;
             c->env_return[e] = 0.0;
             c->env_length[e] = 0;
@@ -831,7 +831,7 @@ int segvec_commit_steps(segvec_core_t *c, int32_t n, const int32_t *env_ids, con
             c->env_step[e] = t;
         }
         obs_slot_out[i] = (int64_t)row * (c->T + 1) + t;
-        c->episode_start[(int64_t)row * c->T + t] = episode_started[i] != 0;
+        c->episode_start[(int64_t)row * c->T + t] = started;
     }
     atomic_fetch_add_explicit(&sh->steps, real_steps, memory_order_relaxed);
     if (nan_rewards) atomic_fetch_add_explicit(&sh->nan_rewards, nan_rewards, memory_order_relaxed);
@@ -855,6 +855,31 @@ int segvec_commit_resets(segvec_core_t *c, int32_t n, const int32_t *env_ids, in
         c->env_return[e] = 0.0;
         c->env_length[e] = 0;
         obs_slot_out[i] = (int64_t)row * (c->T + 1);
+    }
+    return SEGVEC_OK;
+}
+
+/* ---- cursors ---------------------------------------------------------------------------------- */
+
+int segvec_cursor_slots(segvec_core_t *c, int32_t n, const int32_t *env_ids, int32_t kind, int64_t *slots_out) {
+    int64_t width = kind == SEGVEC_OBS_SLOT ? c->T + 1 : c->T;
+    for (int32_t i = 0; i < n; ++i) {
+        int32_t e = env_ids[i];
+        if (e < 0 || e >= c->E) return SEGVEC_ERR_INVALID;
+        slots_out[i] = (int64_t)c->env_row[e] * width + c->env_step[e];
+    }
+    return SEGVEC_OK;
+}
+
+int segvec_gather_current(segvec_core_t *c, int32_t n, const int32_t *env_ids, const void *src,
+                          int64_t item_bytes, void *dst) {
+    const char *s = (const char *)src;
+    char *d = (char *)dst;
+    for (int32_t i = 0; i < n; ++i) {
+        int32_t e = env_ids[i];
+        if (e < 0 || e >= c->E) return SEGVEC_ERR_INVALID;
+        int64_t slot = (int64_t)c->env_row[e] * (c->T + 1) + c->env_step[e];
+        memcpy(d + (int64_t)i * item_bytes, s + slot * item_bytes, (size_t)item_bytes);
     }
     return SEGVEC_OK;
 }

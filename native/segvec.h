@@ -198,18 +198,36 @@ int segvec_worker_wait(segvec_core_t *core, int32_t worker, int32_t timeout_ms);
 /* Pop up to `max_n` envs whose actions are in, in dispatch order. */
 int segvec_worker_pop(segvec_core_t *core, int32_t worker, int32_t max_n, int32_t *env_ids_out,
                       int32_t *n_out);
-/* Record the outcome of each env's action at its cursor slot (r, t): reward, terminated, truncated,
- * mask = `valid` (0 for the NEXT_STEP reset step whose action was ignored), episode statistics; advance
- * the cursor, moving to a new row when this one is full.  `episode_started[i]` marks the new observation
- * as an episode's first (autoreset).  `needs_reset[i]` is remembered for the learner (NEXT_STEP).
+/* One env step's outcome as a worker hands it to the core: a row of an [n, 6] float64 array, so a
+ * batch is built from Python with one conversion. */
+typedef struct segvec_outcome {
+    double reward;
+    double terminated;       /* 0 or 1 */
+    double truncated;        /* 0 or 1 */
+    double valid;            /* 1: a real transition; 0: the NEXT_STEP reset step whose action was ignored */
+    double episode_started;  /* 1: the new observation is an episode's first (autoreset) */
+    double needs_reset;      /* 1: NEXT_STEP, the episode ended and the env's next action will be ignored */
+} segvec_outcome_t;
+
+/* Record each env's outcome at its cursor slot (r, t): reward, terminated, truncated, mask = valid,
+ * episode statistics; advance the cursor, moving to a new row when this one is full.
  * `obs_slot_out[i]` is the slot of the new observation; `chain_slot_out[i]` is the finished row's
  * obs[horizon] slot that must hold the same observation, else -1. */
-int segvec_commit_steps(segvec_core_t *core, int32_t n, const int32_t *env_ids, const double *rewards,
-                        const uint8_t *terminated, const uint8_t *truncated, const uint8_t *valid,
-                        const uint8_t *episode_started, const uint8_t *needs_reset,
+int segvec_commit_steps(segvec_core_t *core, int32_t n, const int32_t *env_ids, const segvec_outcome_t *outcomes,
                         int64_t *obs_slot_out, int64_t *chain_slot_out);
 /* Publish envs to the learner (-> READY) after their observations are written; wakes it if it waits. */
 int segvec_publish(segvec_core_t *core, int32_t n, const int32_t *env_ids);
+
+/* ---- cursors (the process that owns the envs: learner for HELD envs, worker w for its IN_FLIGHT ones) -- */
+enum segvec_slot_kind {
+    SEGVEC_STEP_SLOT = 0,   /* r * T + t: index into [S, T] arrays (actions, values, step fields) */
+    SEGVEC_OBS_SLOT = 1     /* r * (T + 1) + t: index into [S, T + 1] observation arrays */
+};
+/* slots_out[i] = the current slot of env_ids[i], of the given kind. */
+int segvec_cursor_slots(segvec_core_t *core, int32_t n, const int32_t *env_ids, int32_t kind, int64_t *slots_out);
+/* dst[i] = src[current observation slot of env_ids[i]], items of `item_bytes` (one observation leaf). */
+int segvec_gather_current(segvec_core_t *core, int32_t n, const int32_t *env_ids, const void *src,
+                          int64_t item_bytes, void *dst);
 
 /* ---- kernels (any process, no core needed) ------------------------------------------------------ */
 /* dst[i] = src[indices[i]] for items of `item_bytes` bytes. */

@@ -8,7 +8,7 @@ and how the learner waits.  The learner-side contract (used by `SegmentVecEnv`):
     reset(ids, seeds, options)
     wait(min_count, deadline)   until min_count envs are published; raises EnvError / WorkerDied / TimeoutError
     infos_for(ids)        (infos, final_infos) of envs whose env_has_info flag is set
-    call(name, args, kwargs) / set_attr(name, values)
+    call(name, args, kwargs, env_ids=None) / set_attr(name, values)
     close(terminate)
 """
 from __future__ import annotations
@@ -76,9 +76,21 @@ def _error_payload(env_index: int, action: str, error: BaseException, worker_tra
     return (env_index, action, type_bytes, f"{type(error).__name__}: {error}", worker_traceback)
 
 
-def _call_env(env, name: str, args, kwargs):
-    attribute = getattr(env, name)
+def _call_env(env, name, args, kwargs):
+    """Calls method `name` of `env` (or returns the attribute), found through wrappers like gymnasium's
+    vector envs do (``get_wrapper_attr``); a callable `name` is called as ``name(env, *args, **kwargs)``."""
+    if callable(name):
+        return name(env, *args, **kwargs)
+    attribute = env.get_wrapper_attr(name) if hasattr(env, "get_wrapper_attr") else getattr(env, name)
     return attribute(*args, **kwargs) if callable(attribute) else attribute
+
+
+def _set_env_attr(env, name: str, value) -> None:
+    """Sets attribute `name` where it lives in the wrapper stack (gymnasium's ``set_wrapper_attr``)."""
+    if hasattr(env, "set_wrapper_attr"):
+        env.set_wrapper_attr(name, value)
+    else:
+        setattr(env, name, value)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -145,11 +157,11 @@ class SerialBackend:
         return ({e: self._infos.pop(e) for e in wanted if e in self._infos},
                 {e: self._final_infos.pop(e) for e in wanted if e in self._final_infos})
 
-    def call(self, name: str, args, kwargs) -> list:
+    def call(self, name, args, kwargs, env_ids=None) -> list:
         results = []
-        for index, env in enumerate(self.envs):
+        for index in range(len(self.envs)) if env_ids is None else env_ids:
             try:
-                results.append(_call_env(env, name, args, kwargs))
+                results.append(_call_env(self.envs[index], name, args, kwargs))
             except Exception as error:
                 raise make_env_error(error, index, f"call({name!r})", traceback.format_exc()) from error
         return results
@@ -157,7 +169,7 @@ class SerialBackend:
     def set_attr(self, name: str, values: list) -> None:
         for index, (env, value) in enumerate(zip(self.envs, values)):
             try:
-                setattr(env, name, value)
+                _set_env_attr(env, name, value)
             except Exception as error:
                 raise make_env_error(error, index, f"set_attr({name!r})", traceback.format_exc()) from error
 
@@ -238,11 +250,11 @@ def _serve(worker_index: int, runner: EnvRunner, storage: Storage, conn, parent_
                     conn.send((Reply.INFOS, (infos, {})))
                 runner.publish(env_ids)
             elif command == Command.CALL:
-                _, name, args, kwargs = message
+                _, name, args, kwargs, offsets = message
                 results = []
                 try:
-                    for offset, env in enumerate(runner.envs):
-                        results.append(_call_env(env, name, args, kwargs))
+                    for offset in range(len(runner.envs)) if offsets is None else offsets:
+                        results.append(_call_env(runner.envs[offset], name, args, kwargs))
                     conn.send((Reply.RESULT, results))
                 except Exception as error:  # noqa: BLE001
                     conn.send((Reply.ERROR, _error_payload(runner.first_env + offset, f"call({name!r})", error)))
@@ -251,7 +263,7 @@ def _serve(worker_index: int, runner: EnvRunner, storage: Storage, conn, parent_
                 _, name, values = message
                 try:
                     for offset, (env, value) in enumerate(zip(runner.envs, values)):
-                        setattr(env, name, value)
+                        _set_env_attr(env, name, value)
                     conn.send((Reply.RESULT, None))
                 except Exception as error:  # noqa: BLE001
                     conn.send((Reply.ERROR, _error_payload(runner.first_env + offset, f"set_attr({name!r})", error)))
@@ -444,9 +456,9 @@ class MultiprocessingBackend:
             self._check_alive()
             raise
 
-    def _gather_results(self, deadline=None) -> list:
+    def _gather_results(self, deadline=None, workers=None) -> list:
         out = []
-        for w in range(self.num_workers):
+        for w in range(self.num_workers) if workers is None else workers:
             while True:
                 result = self._handle(w, self._recv(w, deadline))
                 if result is not None:
@@ -454,12 +466,21 @@ class MultiprocessingBackend:
                     break
         return out
 
-    def call(self, name: str, args, kwargs, timeout: float | None = None) -> list:
-        for w, pipe in enumerate(self.pipes):
-            pipe.send((Command.CALL, name, args, kwargs))
-            lib.segvec_kick_worker(self.storage.core, w)
+    def call(self, name, args, kwargs, timeout: float | None = None, env_ids=None) -> list:
+        k = self.envs_per_worker
         deadline = None if timeout is None else time.monotonic() + timeout
-        return [value for chunk in self._gather_results(deadline) for value in chunk]
+        if env_ids is None:
+            for w, pipe in enumerate(self.pipes):
+                pipe.send((Command.CALL, name, args, kwargs, None))
+                lib.segvec_kick_worker(self.storage.core, w)
+            return [value for chunk in self._gather_results(deadline) for value in chunk]
+        env_ids = [int(e) for e in env_ids]
+        workers = sorted({e // k for e in env_ids})
+        for w in workers:
+            self.pipes[w].send((Command.CALL, name, args, kwargs, [e - w * k for e in env_ids if e // k == w]))
+            lib.segvec_kick_worker(self.storage.core, w)
+        chunks = {w: iter(chunk) for w, chunk in zip(workers, self._gather_results(deadline, workers))}
+        return [next(chunks[e // k]) for e in env_ids]  # back in the order asked
 
     def set_attr(self, name: str, values: list) -> None:
         k = self.envs_per_worker

@@ -50,18 +50,20 @@ class EnvRunner:
         self.action_layout = storage.action_layout
         self.horizon = storage.geometry.horizon
         n = len(envs)
-        self._rewards = np.zeros(n, np.float64)
-        self._terminated = np.zeros(n, np.uint8)
-        self._truncated = np.zeros(n, np.uint8)
-        self._valid = np.zeros(n, np.uint8)
-        self._started = np.zeros(n, np.uint8)
-        self._needs_reset = np.zeros(n, np.uint8)
+        self._outcomes = np.zeros((n, 6), np.float64)  # segvec_outcome_t rows, see native/segvec.h
         self._obs_slots = np.zeros(n, np.int64)
         self._chain_slots = np.zeros(n, np.int64)
+        self._action_slots = np.zeros(n, np.int64)
         self._obs_out = [np.zeros((n,) + leaf.shape, leaf.dtype) for leaf in self.obs_layout.leaves]
-        self._pending_reset = np.zeros(n, bool)  # NEXT_STEP: the env's last step ended an episode
+        self._pending_reset = [False] * n  # NEXT_STEP: the env's last step ended an episode
         self._flat_obs = self.obs_layout.is_flat
+        self._flat_action = self.action_layout.is_flat
         self._obs_checks = [(leaf.shape, leaf.dtype) for leaf in self.obs_layout.leaves]
+        # C views of the per-batch arrays, made once.
+        self._outcomes_ptr = ffi.cast("segvec_outcome_t *", ffi.from_buffer(self._outcomes))
+        self._obs_slots_ptr = ffi.from_buffer("int64_t[]", self._obs_slots)
+        self._chain_slots_ptr = ffi.from_buffer("int64_t[]", self._chain_slots)
+        self._action_slots_ptr = ffi.from_buffer("int64_t[]", self._action_slots)
 
     # ---- writing observations ---------------------------------------------------------------------
     def _put_obs(self, i: int, obs: Any, env_index: int) -> None:
@@ -75,6 +77,40 @@ class EnvRunner:
                 raise ObservationMismatch(
                     f"env {env_index} returned an observation of dtype {array.dtype}, its space says {dtype}")
             out[i] = array
+
+    def _stage_final_obs(self, env_index: int, obs: Any) -> None:
+        """SAME_STEP: keeps the final observation of an ended episode where the learner finds it."""
+        values = (obs,) if self._flat_obs else self.obs_layout.flatten(obs)
+        for staging, value in zip(self.storage.final_obs, values):
+            staging[env_index] = value
+
+    def _stack_obs(self, observations: list, env_ids: np.ndarray):
+        """Stacks observations into the per-batch leaf buffers, checking shapes and dtypes.
+
+        Returns None, or ``(position, ObservationMismatch)`` for the first observation that does not fit.
+        """
+        count = len(observations)
+        if not count:
+            return None
+        if self._flat_obs:
+            # Fast path: the first observation is checked; numpy refuses a ragged list for the others.
+            shape, dtype = self._obs_checks[0]
+            first = observations[0]
+            if type(first) is np.ndarray and first.shape == shape and first.dtype == dtype:
+                try:
+                    self._obs_out[0][:count] = observations
+                    return None
+                except ValueError:
+                    pass
+        for position, obs in enumerate(observations):  # slow path: find the culprit, or structured obs
+            try:
+                self._put_obs(position, obs, int(env_ids[position]))
+            except (ObservationMismatch, KeyError, IndexError, TypeError, ValueError) as error:
+                if not isinstance(error, ObservationMismatch):
+                    error = ObservationMismatch(
+                        f"env {int(env_ids[position])} returned an observation that does not fit its space: {error!r}")
+                return position, error
+        return None
 
     def _scatter_obs(self, count: int) -> None:
         slots = self._obs_slots[:count]
@@ -137,65 +173,59 @@ class EnvRunner:
         """
         storage = self.storage
         count = len(env_ids)
-        slots = storage.env_row[env_ids].astype(np.int64) * self.horizon + storage.env_step[env_ids]
-        if self.action_layout.is_flat:
+        check(lib.segvec_cursor_slots(storage.core, count, ffi.from_buffer("int32_t[]", env_ids),
+                                      lib.SEGVEC_STEP_SLOT, self._action_slots_ptr))
+        slots = self._action_slots[:count]
+        if self._flat_action:
             actions = storage.action_by_slot[0][slots]
         else:
             leaves = [by_slot[slots] for by_slot in storage.action_by_slot]
-        mode = self.autoreset_mode
+            actions = [self.action_layout.structure([leaf[i] for leaf in leaves]) for i in range(count)]
+        same_step = self.autoreset_mode == AutoresetMode.SAME_STEP
+        next_step = self.autoreset_mode == AutoresetMode.NEXT_STEP
         infos: dict[int, dict] = {}
         final_infos: dict[int, dict] = {}
-        envs, first = self.envs, self.first_env
-        rewards, terminated, truncated = self._rewards, self._terminated, self._truncated
-        valid, started, needs_reset, pending = self._valid, self._started, self._needs_reset, self._pending_reset
-        done = 0
+        envs, first, pending = self.envs, self.first_env, self._pending_reset
+        # Per-env results go to plain lists (cheaper than numpy item writes), converted once below.
+        observations, outcomes = [], []
         failure = None
-        for i in range(count):
-            env_index = int(env_ids[i])
+        for env_index, action in zip(env_ids.tolist(), actions):
             local = env_index - first
             env = envs[local]
             try:
-                if mode == AutoresetMode.NEXT_STEP and pending[local]:
+                if next_step and pending[local]:
                     obs, info = env.reset()
-                    rewards[i] = 0.0
-                    terminated[i] = truncated[i] = valid[i] = 0
-                    started[i] = 1
+                    reward, term, trunc, real, start = 0.0, False, False, False, True
                     pending[local] = False
                 else:
-                    action = actions[i] if self.action_layout.is_flat else \
-                        self.action_layout.structure([leaf[i] for leaf in leaves])
                     obs, reward, term, trunc, info = env.step(action)
-                    rewards[i] = reward
-                    terminated[i] = term
-                    truncated[i] = trunc
-                    valid[i] = 1
-                    started[i] = 0
+                    real, start = True, False
                     if term or trunc:
-                        if mode == AutoresetMode.SAME_STEP:
-                            values = (obs,) if self._flat_obs else self.obs_layout.flatten(obs)
-                            for staging, value in zip(storage.final_obs, values):
-                                staging[env_index] = value
+                        if same_step:
+                            self._stage_final_obs(env_index, obs)
                             final_infos[env_index] = info
                             obs, info = env.reset()
-                            started[i] = 1
-                        elif mode == AutoresetMode.NEXT_STEP:
+                            start = True
+                        elif next_step:
                             pending[local] = True
-                needs_reset[i] = pending[local]
-                self._put_obs(i, obs, env_index)
             except Exception as error:  # noqa: BLE001 - reported to the learner with its traceback
                 failure = EnvFailure(env_index, "step", error)
                 break
+            observations.append(obs)
+            outcomes.append((reward, term, trunc, real, start, pending[local]))
             if info:
                 infos[env_index] = info
-            done += 1
+        done = len(observations)
+        bad = self._stack_obs(observations, env_ids)
+        if bad is not None:
+            index, error = bad
+            failure = EnvFailure(int(env_ids[index]), "step", error)
+            done = index
         if done:
             ids = env_ids if done == count else env_ids[:done]
-            check(lib.segvec_commit_steps(
-                storage.core, done, ffi.from_buffer("int32_t[]", ids),
-                ffi.from_buffer("double[]", rewards), ffi.from_buffer("uint8_t[]", terminated),
-                ffi.from_buffer("uint8_t[]", truncated), ffi.from_buffer("uint8_t[]", valid),
-                ffi.from_buffer("uint8_t[]", started), ffi.from_buffer("uint8_t[]", needs_reset),
-                ffi.from_buffer("int64_t[]", self._obs_slots), ffi.from_buffer("int64_t[]", self._chain_slots)))
+            self._outcomes[:done] = outcomes[:done]
+            check(lib.segvec_commit_steps(storage.core, done, ffi.from_buffer("int32_t[]", ids),
+                                          self._outcomes_ptr, self._obs_slots_ptr, self._chain_slots_ptr))
             self._scatter_obs(done)
             if infos or final_infos:
                 self._mark_infos(ids, infos, final_infos)

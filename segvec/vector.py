@@ -19,7 +19,7 @@ from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from segvec._core import Geometry, Storage, check, ffi, gather_slots, lib
+from segvec._core import Geometry, check, ffi, lib
 from segvec.backends import MultiprocessingBackend, SerialBackend
 from segvec.errors import (
     AlreadyPendingCallError,
@@ -244,6 +244,8 @@ class SegmentVecEnv(VectorEnv):
         self._truncation_obs: dict[tuple, list] = {}  # (row, env, start_step) -> [(t, leaves)]
         self._episode_cursor = ffi.new("int64_t *")
         self._step_field_names = frozenset(storage.step_fields)
+        self._obs_item_bytes = [leaf.nbytes for leaf in self._obs_layout.leaves]
+        self._action_bounds_cache = self._action_bounds()
         self._segment_field_names = frozenset(storage.segment_fields)
         self.closed = False
 
@@ -274,9 +276,17 @@ class SegmentVecEnv(VectorEnv):
         return self._pop_buffer[:n[0]].copy()
 
     def _current_obs(self, env_ids: np.ndarray):
+        """Each env's current observation (a copy), gathered from its cursor slot by the C core."""
         storage = self._storage
-        slots = storage.env_row[env_ids].astype(np.int64) * (self.horizon + 1) + storage.env_step[env_ids]
-        return self._obs_layout.structure([gather_slots(by_slot, slots) for by_slot in storage.obs_by_slot])
+        count = len(env_ids)
+        ids = ffi.from_buffer("int32_t[]", env_ids)
+        leaves = []
+        for by_slot, item_bytes in zip(storage.obs_by_slot, self._obs_item_bytes):
+            out = np.empty((count,) + by_slot.shape[1:], by_slot.dtype)
+            check(lib.segvec_gather_current(storage.core, count, ids, ffi.from_buffer(by_slot), item_bytes,
+                                            ffi.from_buffer(out, require_writable=True)))
+            leaves.append(out)
+        return self._obs_layout.structure(leaves)
 
     def _build_infos(self, env_ids: np.ndarray, size: int) -> dict:
         """Infos of `env_ids` (positions 0..len-1 of a batch of `size`), gymnasium layout."""
@@ -344,20 +354,33 @@ class SegmentVecEnv(VectorEnv):
         self._check_action_bounds(out)
         return out
 
-    def _check_action_bounds(self, leaves: list[np.ndarray]) -> None:
-        for leaf, array in zip(self._action_layout.leaves, leaves):
+    def _action_bounds(self) -> list:
+        """Per action leaf: ``(space, low, high)`` for discrete spaces, None for Box (envs clip)."""
+        bounds = []
+        for leaf in self._action_layout.leaves:
             space = self._action_layout.space
             for key in leaf.path:
                 space = space[key]
             if isinstance(space, spaces.Discrete):
-                low, high = space.start, space.start + space.n - 1
+                bounds.append((space, space.start, space.start + space.n - 1))
             elif isinstance(space, spaces.MultiDiscrete):
-                low, high = space.start, space.start + space.nvec - 1
+                bounds.append((space, space.start, space.start + space.nvec - 1))
             elif isinstance(space, spaces.MultiBinary):
-                low, high = 0, 1
+                bounds.append((space, 0, 1))
             else:
+                bounds.append(None)
+        return bounds
+
+    def _check_action_bounds(self, leaves: list[np.ndarray]) -> None:
+        for bound, array in zip(self._action_bounds_cache, leaves):
+            if bound is None or not array.size:
                 continue
-            if array.size and (np.any(array < low) or np.any(array > high)):
+            space, low, high = bound
+            if np.isscalar(low):
+                bad = array.min() < low or array.max() > high
+            else:
+                bad = np.any(array < low) or np.any(array > high)
+            if bad:
                 raise ValueError(f"actions out of the action space {space}: got values in "
                                  f"[{array.min()}, {array.max()}]")
 
@@ -540,6 +563,28 @@ class SegmentVecEnv(VectorEnv):
         if self.backend_name == "serial":
             return tuple(self._backend.call(name, args, kwargs))
         return tuple(self._backend.call(name, args, kwargs, timeout=timeout))
+
+    def call_at(self, env_ids, name, *args, **kwargs) -> tuple:
+        """Like `call`, on the envs `env_ids` only; returns their results in the order of `env_ids`.
+
+        `name` is a method or attribute name (looked up through wrappers, like `call`), or a picklable
+        function, called as ``name(env, *args, **kwargs)`` where the env lives.
+
+        Raises:
+            ValueError: an env id outside ``[0, num_envs)``.
+            AlreadyPendingCallError: a reset, step or call is pending.
+        """
+        self._assert_open()
+        ids = [int(e) for e in np.asarray(env_ids, dtype=np.int64).reshape(-1)]
+        if any(e < 0 or e >= self.num_envs for e in ids):
+            raise ValueError(f"env_ids must be in [0, {self.num_envs}), got {ids}")
+        if self._state not in (AsyncState.DEFAULT, AsyncState.ASYNC):
+            raise AlreadyPendingCallError(
+                f"Calling `call_at` while waiting for a pending call to `{self._state.value}` to complete.",
+                str(self._state.value))
+        if not ids:
+            return ()
+        return tuple(self._backend.call(name, args, kwargs, env_ids=ids))
 
     def get_attr(self, name: str) -> tuple:
         """Returns attribute `name` of every env."""

@@ -1,0 +1,157 @@
+"""Test envs whose whole behaviour follows from their seed, and the plain references the tests compare to.
+
+Everything is module-level so that worker processes (any start method) can pickle the factories.
+
+- `DictEnv`: Dict observations, random episode lengths that end in termination, truncation or both, and a
+  non-empty info dict on some steps and resets.
+- `CounterEnv`: a Box observation that encodes ``(env index, episode, step, noise)``, so every transition
+  says where it comes from; random episode lengths, terminations and truncations.
+- `policy` / `value_of`: a deterministic policy and value function of the observation (batched or single).
+- `reference_rollout`: the plain sequential loop that segvec must reproduce, transition for transition.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import gymnasium
+import numpy as np
+from gymnasium import spaces
+
+
+class DictEnv(gymnasium.Env):
+    """Dict observations; episodes of 1..`max_length` steps ending in terminated, truncated or both.
+
+    Infos: ``reset`` sometimes returns ``{"start": int}``; ``step`` sometimes returns
+    ``{"bonus": float, "tag": np.ndarray}`` and always ``{"ended": True}`` on the last step of an episode.
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, max_length: int = 12):
+        self.max_length = max_length
+        self.observation_space = spaces.Dict({
+            "position": spaces.Box(-100.0, 100.0, (3,), np.float32),
+            "count": spaces.Discrete(1000),
+            "flags": spaces.MultiBinary(2),
+        })
+        self.action_space = spaces.Discrete(3)
+        self.speed = 1.0  # an attribute for get_attr/set_attr tests
+
+    def _obs(self):
+        return {
+            "position": self._position.astype(np.float32),
+            "count": np.int64(self._t),
+            "flags": np.array([self._t % 2, self._episode % 2], np.int8),
+        }
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self._episode = getattr(self, "_episode", -1) + 1
+        self._t = 0
+        self._length = int(self.np_random.integers(1, self.max_length + 1))
+        self._ending = int(self.np_random.integers(0, 3))  # 0 terminated, 1 truncated, 2 both
+        self._position = self.np_random.uniform(-1, 1, 3)
+        info = {}
+        if self.np_random.random() < 0.3:
+            info["start"] = int(self.np_random.integers(0, 100))
+        return self._obs(), info
+
+    def step(self, action):
+        self._t += 1
+        self._position = self._position + (int(action) - 1) * 0.1 * self.speed + self.np_random.normal(0, 0.01, 3)
+        reward = float(self._position.sum()) + 0.5 * int(action)
+        ended = self._t >= self._length
+        terminated = ended and self._ending in (0, 2)
+        truncated = ended and self._ending in (1, 2)
+        info = {}
+        if self.np_random.random() < 0.25:
+            info["bonus"] = float(self.np_random.random())
+            info["tag"] = np.array([self._t, self._episode], np.int64)
+        if ended:
+            info["ended"] = True
+        return self._obs(), reward, terminated, truncated, info
+
+
+class CounterEnv(gymnasium.Env):
+    """Observations ``[index, episode, step, noise]`` (float64), so a transition names its origin.
+
+    Each episode draws its length (1..`max_length`) and whether it ends terminated, truncated or both;
+    action 3 also terminates with probability 0.1.  Everything follows from the seed and the actions.
+    """
+
+    def __init__(self, index: int = 0, max_length: int = 9):
+        self.index = index
+        self.max_length = max_length
+        self.observation_space = spaces.Box(-np.inf, np.inf, (4,), np.float64)
+        self.action_space = spaces.Discrete(4)
+        self._episode = -1
+
+    def _obs(self):
+        return np.array([self.index, self._episode, self._t, self._noise], np.float64)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self._episode += 1
+        self._t = 0
+        self._length = int(self.np_random.integers(1, self.max_length + 1))
+        self._ending = int(self.np_random.integers(0, 3))
+        self._noise = float(self.np_random.random())
+        return self._obs(), {}
+
+    def step(self, action):
+        self._t += 1
+        self._noise = float(self.np_random.random())
+        reward = float(self.index + 0.25 * int(action) - self._noise)
+        ended = self._t >= self._length
+        terminated = (ended and self._ending in (0, 2)) or (int(action) == 3 and self._noise < 0.1)
+        truncated = ended and self._ending in (1, 2)
+        return self._obs(), reward, bool(terminated), bool(truncated), {}
+
+
+def counter_fns(num_envs: int, max_length: int = 9) -> list:
+    """One `CounterEnv` factory per env, each knowing its index."""
+    return [functools.partial(CounterEnv, index=i, max_length=max_length) for i in range(num_envs)]
+
+
+def policy(obs) -> np.ndarray:
+    """A deterministic action (0..3) of each observation ``[..., 4]``; works on one or a batch."""
+    obs = np.asarray(obs, np.float64)
+    return ((obs[..., 0] * 7 + obs[..., 1] * 3 + obs[..., 2] * 5 + np.floor(obs[..., 3] * 10)) % 4).astype(np.int64)
+
+
+def value_of(obs) -> np.ndarray:
+    """A deterministic value of each observation ``[..., 4]`` (float32, like segvec stores it)."""
+    obs = np.asarray(obs, np.float64)
+    return (np.sin(obs[..., 0] * 1.3 + obs[..., 1] * 0.7 + obs[..., 2] * 0.31) * 2.0 + obs[..., 3]).astype(np.float32)
+
+
+@dataclasses.dataclass
+class Rollout:
+    """A sequential rollout of one env: arrays over its transitions ``[n, ...]``."""
+
+    obs: np.ndarray          # [n, 4] what the policy saw
+    action: np.ndarray       # [n]
+    reward: np.ndarray       # [n]
+    terminated: np.ndarray   # [n]
+    truncated: np.ndarray    # [n]
+    next_obs: np.ndarray     # [n, 4] the observation the step returned (the final one when it ended)
+    first_obs_after: np.ndarray  # [4] the observation the policy would see next
+
+
+def reference_rollout(index: int, seed: int, steps: int, max_length: int = 9) -> Rollout:
+    """The plain loop: reset with `seed`, then `steps` transitions with `policy`, resetting ended episodes."""
+    env = CounterEnv(index=index, max_length=max_length)
+    obs, _ = env.reset(seed=seed)
+    out = {k: [] for k in ("obs", "action", "reward", "terminated", "truncated", "next_obs")}
+    for _ in range(steps):
+        action = int(policy(obs))
+        next_obs, reward, terminated, truncated, _ = env.step(action)
+        for key, value in zip(out, (obs, action, reward, terminated, truncated, next_obs)):
+            out[key].append(value)
+        obs = env.reset()[0] if terminated or truncated else next_obs
+    return Rollout(
+        obs=np.asarray(out["obs"], np.float64).reshape(-1, 4), action=np.asarray(out["action"], np.int64),
+        reward=np.asarray(out["reward"], np.float64), terminated=np.asarray(out["terminated"], bool),
+        truncated=np.asarray(out["truncated"], bool), next_obs=np.asarray(out["next_obs"], np.float64).reshape(-1, 4),
+        first_obs_after=np.asarray(obs, np.float64))

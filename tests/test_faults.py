@@ -1,0 +1,534 @@
+"""Faults and shutdown (CONTRACT.md section 5): env errors, hangs, dead or stopped workers, Ctrl-C, close().
+
+Every test ends with the `leftovers` check: each worker process the test started is gone (not running, not a
+zombie), no new child of this process remains, and no shared-memory object the test created is still in
+/dev/shm.  The shared-memory check covers the names this process (or a subprocess under test) created, not
+every /dev/shm entry on the machine, so that test runs of other checkouts on the same machine cannot make
+it fail.  Hanging envs sleep in their own code; tests bound every wait with a timeout of a second or less.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import multiprocessing
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import segvec
+from segvec._core import MemoryBlock, Storage
+from segvec.backends import MultiprocessingBackend
+
+from fault_envs import EnvBoom, FaultEnv, fault_fns, make_fault_env
+
+BACKENDS = ["serial", "multiprocessing"]
+NUM_ENVS = 4
+SRC = pathlib.Path(segvec.__file__).parent
+TESTS = pathlib.Path(__file__).parent
+
+
+def make(fns, backend: str, **options) -> segvec.SegmentVecEnv:
+    if backend == "multiprocessing":
+        options.setdefault("num_workers", 2)
+    options.setdefault("horizon", 8)
+    return segvec.SegmentVecEnv(fns, backend=backend, **options)
+
+
+def zeros(n: int = NUM_ENVS) -> np.ndarray:
+    return np.zeros(n, np.int64)
+
+
+# ---- what a test leaves behind ---------------------------------------------------------------------
+def _proc_state(pid: int) -> tuple[str, int] | None:
+    """(state letter, parent pid) of a process, or None when it does not exist."""
+    try:
+        text = pathlib.Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = text[text.rindex(")") + 2:].split()
+    return fields[0], int(fields[1])
+
+
+def _cpu_seconds(pid: int) -> float:
+    text = pathlib.Path(f"/proc/{pid}/stat").read_text()
+    fields = text[text.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> set[int]:
+    out = set()
+    for entry in pathlib.Path("/proc").iterdir():
+        if entry.name.isdigit():
+            state = _proc_state(int(entry.name))
+            if state is not None and state[1] == pid:
+                out.add(int(entry.name))
+    return out
+
+
+def _helper_pids() -> set[int]:
+    """Long-lived helpers of multiprocessing itself (forkserver, resource tracker), not segvec's."""
+    pids = set()
+    from multiprocessing import forkserver, resource_tracker
+    for pid in (getattr(forkserver._forkserver, "_forkserver_pid", None),
+                getattr(resource_tracker._resource_tracker, "_pid", None)):
+        if pid:
+            pids.add(pid)
+    return pids
+
+
+def assert_gone(pids, shm_names, within: float = 3.0) -> None:
+    """Each pid has exited and been reaped and each shared-memory name is unlinked, within `within` s."""
+    deadline = time.monotonic() + within
+    while True:
+        alive = {pid: _proc_state(pid) for pid in pids}
+        alive = {pid: state for pid, state in alive.items() if state is not None}
+        files = [name for name in shm_names if os.path.exists("/dev/shm/" + name.lstrip("/"))]
+        if not alive and not files:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"left behind: processes {alive} (state, parent), shared memory {files}")
+        time.sleep(0.05)
+
+
+class Leftovers:
+    """Records the worker pids and shared-memory names created while a test runs."""
+
+    def __init__(self):
+        self.worker_pids: list[int] = []
+        self.shm_names: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def leftovers(monkeypatch):
+    record = Leftovers()
+    children_before = _children(os.getpid())
+    block_init = MemoryBlock.__init__
+    create_envs = MultiprocessingBackend.create_envs
+
+    def recording_block_init(self, *args, **kwargs):
+        block_init(self, *args, **kwargs)
+        if self.name is not None:
+            record.shm_names.append(self.name)
+
+    def recording_create_envs(self):
+        try:
+            return create_envs(self)
+        finally:
+            record.worker_pids.extend(p.pid for p in self.processes if p.pid is not None)
+
+    monkeypatch.setattr(MemoryBlock, "__init__", recording_block_init)
+    monkeypatch.setattr(MultiprocessingBackend, "create_envs", recording_create_envs)
+    yield record
+    gc.collect()
+    assert_gone(record.worker_pids, record.shm_names)
+    new_children = _children(os.getpid()) - children_before - _helper_pids()
+    assert not new_children, f"child processes left behind: {[(p, _proc_state(p)) for p in new_children]}"
+
+
+def closed_twice(envs) -> None:
+    envs.close()
+    envs.close()
+    assert envs.closed
+
+
+# ---- env errors ------------------------------------------------------------------------------------
+def check_env_error(error: BaseException, env_index: int, action: str) -> None:
+    assert isinstance(error, segvec.EnvError)
+    assert isinstance(error, EnvBoom), "the original exception type is kept (EnvError subclasses it)"
+    assert isinstance(error, ValueError)
+    assert error.env_index == env_index
+    assert f"env {env_index}" in str(error) and action in str(error)
+    assert "EnvBoom" in error.worker_traceback and "fault_envs.py" in error.worker_traceback
+    assert "Traceback" in str(error), "the message carries the worker's traceback"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_env_raises_in_init(backend, leftovers):
+    start = time.monotonic()
+    with pytest.raises(segvec.EnvError) as info:
+        make(fault_fns(NUM_ENVS, "init", target=3), backend)
+    assert time.monotonic() - start < 10
+    check_env_error(info.value, 3, "__init__")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_env_raises_in_reset(backend):
+    envs = make(fault_fns(NUM_ENVS, "reset", target=2), backend)
+    start = time.monotonic()
+    with pytest.raises(segvec.EnvError) as info:
+        envs.reset(seed=0)
+    assert time.monotonic() - start < 5
+    check_env_error(info.value, 2, "reset")
+    closed_twice(envs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("face", ["step", "recv"])
+def test_env_raises_in_step(backend, face):
+    envs = make(fault_fns(NUM_ENVS, "step", target=1, at_step=2), backend)
+    start = time.monotonic()
+    with pytest.raises(segvec.EnvError) as info:
+        if face == "step":
+            envs.reset(seed=0)
+            for _ in range(5):
+                envs.step_async(zeros())
+                envs.step_wait(timeout=5)
+        else:
+            envs.async_reset(seed=0)
+            for _ in range(5):
+                *_, infos = envs.recv(timeout=5)
+                envs.send(zeros(len(infos["env_id"])), infos["env_id"])
+    assert time.monotonic() - start < 5
+    check_env_error(info.value, 1, "step")
+    closed_twice(envs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fault, dtype, words", [
+    ("bad_shape", np.float32, "shape (5,)"),
+    ("bad_dtype", np.uint8, "dtype float64"),
+])
+def test_wrong_observation_is_a_clear_error(backend, fault, dtype, words):
+    envs = make(fault_fns(NUM_ENVS, fault, target=3, obs_dtype=dtype), backend)
+    envs.reset(seed=0)
+    with pytest.raises(segvec.EnvError) as info:
+        envs.step(zeros())
+    error = info.value
+    assert isinstance(error, ValueError)
+    assert error.env_index == 3
+    assert words in str(error) and "its space says" in str(error)
+    closed_twice(envs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_reward_passes_through_and_is_counted(backend):
+    envs = make(fault_fns(NUM_ENVS, "nan_reward", target=0, at_step=3), backend, horizon=4)
+    envs.reset(seed=0)
+    rewards = [envs.step(zeros())[1] for _ in range(8)]
+    assert all(np.isnan(r[0]) == (t >= 3) for t, r in enumerate(rewards))
+    assert all(np.all(r[1:] == 1.0) for r in rewards)
+    assert envs.stats()["nan_rewards"] == 5
+    envs.flush()
+    batch = envs.take_segments()
+    assert int(np.isnan(batch.reward[batch.mask]).sum()) == 5
+    batch.release()
+    closed_twice(envs)
+
+
+# ---- hangs, dead and stopped workers ---------------------------------------------------------------
+@pytest.mark.parametrize("fault", ["hang_step", "hang_reset"])
+def test_hanging_env_times_out(fault):
+    envs = make(fault_fns(NUM_ENVS, fault, target=0), "multiprocessing")
+    start = time.monotonic()
+    with pytest.raises(multiprocessing.TimeoutError):
+        if fault == "hang_reset":
+            envs.reset_async(seed=0)
+            envs.reset_wait(timeout=0.3)
+        else:
+            envs.reset(seed=0)
+            envs.step_async(zeros())
+            envs.step_wait(timeout=0.3)
+    assert time.monotonic() - start < 2
+    closed_twice(envs)
+
+
+def test_hanging_env_recv_times_out():
+    envs = make(fault_fns(NUM_ENVS, "hang_step", target=0), "multiprocessing")
+    envs.async_reset(seed=0)
+    *_, infos = envs.recv(timeout=5)
+    envs.send(zeros(), infos["env_id"])
+    start = time.monotonic()
+    with pytest.raises(multiprocessing.TimeoutError):
+        envs.recv(timeout=0.3)
+    assert time.monotonic() - start < 2
+    envs.close(terminate=True)
+
+
+@pytest.mark.parametrize("face", ["step", "recv", "idle"])
+def test_sigkilled_worker_raises_worker_died(face):
+    """SIGKILL a worker (idle, or while its env hangs in step): the next wait raises WorkerDied."""
+    envs = make(fault_fns(NUM_ENVS, None if face == "idle" else "hang_step", target=3), "multiprocessing")
+    victim = envs._backend.processes[1]  # runs envs 2 and 3
+    if face == "recv":
+        envs.async_reset(seed=0)
+        *_, infos = envs.recv(timeout=5)
+        envs.send(zeros(), infos["env_id"])
+    else:
+        envs.reset(seed=0)
+        envs.step_async(zeros())
+    if face == "idle":
+        os.kill(victim.pid, signal.SIGKILL)
+    else:
+        threading.Timer(0.3, os.kill, (victim.pid, signal.SIGKILL)).start()
+    start = time.monotonic()
+    with pytest.raises(segvec.WorkerDied) as info:
+        for _ in range(3):  # no timeout: death must be noticed, never a hang
+            if face == "recv":
+                *_, infos = envs.recv()
+                envs.send(zeros(len(infos["env_id"])), infos["env_id"])
+            else:
+                envs.step_wait()
+                envs.step_async(zeros())
+    assert time.monotonic() - start < 5
+    error = info.value
+    assert error.worker_index == 1 and error.env_indices == (2, 3)
+    assert error.exitcode == -signal.SIGKILL and "signal 9" in str(error)
+    closed_twice(envs)
+
+
+def test_sigstopped_worker_times_out_and_close_still_works():
+    envs = make(fault_fns(NUM_ENVS), "multiprocessing")
+    envs.reset(seed=0)
+    victim = envs._backend.processes[0]
+    os.kill(victim.pid, signal.SIGSTOP)
+    try:
+        envs.step_async(zeros())
+        start = time.monotonic()
+        with pytest.raises(multiprocessing.TimeoutError):
+            envs.step_wait(timeout=0.3)
+        assert time.monotonic() - start < 2
+        start = time.monotonic()
+        envs.close()
+        assert time.monotonic() - start < 4, "a stopped worker must not stall close()"
+        envs.close()
+    finally:
+        if _proc_state(victim.pid) is not None:
+            os.kill(victim.pid, signal.SIGCONT)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_keyboard_interrupt_mid_wait_then_close(backend):
+    """Ctrl-C while the learner waits on a hanging env: close() leaves no process and no shared memory."""
+    envs = make(fault_fns(NUM_ENVS, "hang_step", target=0), backend)
+    envs.async_reset(seed=0)
+    *_, infos = envs.recv(timeout=5)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    start = time.monotonic()
+    try:
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            envs.send(zeros(), infos["env_id"])  # the serial backend steps (and hangs) here
+            envs.recv(timeout=10)
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGINT, previous)
+    assert time.monotonic() - start < 3
+    start = time.monotonic()
+    envs.close()
+    assert time.monotonic() - start < 4
+    envs.close()
+
+
+# ---- close() ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_close_twice_and_use_after_close(backend):
+    envs = make(fault_fns(NUM_ENVS), backend)
+    envs.reset(seed=0)
+    envs.step(zeros())
+    closed_twice(envs)
+    with pytest.raises(segvec.ClosedEnvironmentError):
+        envs.step(zeros())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropping_the_last_reference_closes(backend, leftovers):
+    envs = make(fault_fns(NUM_ENVS), backend)
+    envs.reset(seed=0)
+    envs.step(zeros())
+    pids = list(leftovers.worker_pids)
+    del envs  # no gc.collect(): plain reference counting must be enough
+    assert_gone(pids, leftovers.shm_names)
+
+
+def test_dropping_an_env_with_a_hanging_worker_closes(leftovers):
+    envs = make(fault_fns(NUM_ENVS, "hang_step", target=0), "multiprocessing")
+    envs.reset(seed=0)
+    envs.step_async(zeros())
+    with pytest.raises(multiprocessing.TimeoutError):
+        envs.step_wait(timeout=0.2)
+    del envs
+    assert_gone(leftovers.worker_pids, leftovers.shm_names)
+
+
+EXIT_SCRIPT = """
+import json, os, sys, time
+sys.path.insert(0, {tests!r})
+import numpy as np
+import segvec
+from segvec._core import MemoryBlock
+from fault_envs import fault_fns
+
+names = []
+block_init = MemoryBlock.__init__
+def recording_block_init(self, *args, **kwargs):
+    block_init(self, *args, **kwargs)
+    names.append(self.name)
+MemoryBlock.__init__ = recording_block_init
+
+envs = segvec.SegmentVecEnv(fault_fns(4, {fault!r}, target=0), backend="multiprocessing", num_workers=2,
+                            horizon=8, context={context!r})
+envs.async_reset(seed=0)
+*_, infos = envs.recv(timeout=30)
+envs.send(np.zeros(4, np.int64), infos["env_id"])
+print(json.dumps({{"pids": [p.pid for p in envs._backend.processes], "shm": names}}), flush=True)
+if {mode!r} == "wait_for_kill":
+    time.sleep(60)
+"""
+
+
+def _run_learner_script(fault, context, mode):
+    script = EXIT_SCRIPT.format(tests=str(TESTS), fault=fault, context=context, mode=mode)
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    line = process.stdout.readline()
+    if not line:
+        process.wait(30)
+        raise AssertionError(f"the learner script failed:\n{process.stderr.read()}")
+    return process, json.loads(line)
+
+
+@pytest.mark.parametrize("fault, context", [(None, "fork"), ("hang_step", "fork"), (None, "forkserver")])
+def test_interpreter_exit_without_close(fault, context):
+    process, report = _run_learner_script(fault, context, "exit")
+    assert process.wait(10) == 0, process.stderr.read()
+    assert_gone(report["pids"], report["shm"], within=3)
+    assert not [name for name in report["shm"] if os.path.exists("/dev/shm/" + name.lstrip("/"))]
+
+
+def test_sigkilled_learner_leaves_no_idle_worker():
+    process, report = _run_learner_script(None, "fork", "wait_for_kill")
+    time.sleep(0.2)  # the workers have stepped and are idle
+    process.kill()
+    process.wait(5)
+    assert_gone(report["pids"], report["shm"], within=5)
+
+
+# ---- idle cost -------------------------------------------------------------------------------------
+def test_waiting_burns_no_cpu():
+    """A learner blocked in recv(timeout=2) and idle workers use < 2% of one core together (CPU time)."""
+    envs = make(fault_fns(NUM_ENVS, "hang_step", target=0), "multiprocessing")
+    envs.async_reset(seed=0)
+    *_, infos = envs.recv(timeout=5)
+    envs.send(zeros(), infos["env_id"])  # worker 0 sleeps in env 0's step, worker 1 idles in its wait
+    time.sleep(0.2)
+    pids = [p.pid for p in envs._backend.processes]
+    workers_before = [_cpu_seconds(pid) for pid in pids]
+    learner_before = time.process_time()
+    wall = time.monotonic()
+    with pytest.raises(multiprocessing.TimeoutError):
+        envs.recv(timeout=2)
+    wall = time.monotonic() - wall
+    learner = time.process_time() - learner_before
+    workers = [_cpu_seconds(pid) - before for pid, before in zip(pids, workers_before)]
+    envs.close(terminate=True)
+    used = (learner + sum(workers)) / wall
+    assert used < 0.02, f"learner {learner:.3f} s, workers {workers} s of CPU in {wall:.2f} s"
+
+
+# ---- buffer limits ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_take_more_segments_than_the_buffer(backend):
+    envs = make(fault_fns(NUM_ENVS), backend, horizon=2)
+    envs.reset(seed=0)
+    for _ in range(3):
+        envs.step(zeros())
+    with pytest.raises(ValueError, match="only"):
+        envs.take_segments(envs.num_segments + 1)
+    with pytest.raises(segvec.NotEnoughSegmentsError):
+        envs.take_segments(envs.segments_ready + 1)
+    batch = envs.take_segments(envs.segments_ready)
+    batch.release()
+    closed_twice(envs)
+
+
+# ---- start methods ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("context", ["fork", "spawn", "forkserver"])
+def test_start_methods_with_module_level_factories(context):
+    envs = make(fault_fns(2), "multiprocessing", context=context, num_workers=2)
+    obs, _ = envs.reset(seed=0)
+    assert obs[:, 0].tolist() == [0.0, 1.0]
+    envs.step(zeros(2))
+    time.sleep(1.3)  # longer than a worker's idle wait: idle workers must stay up
+    envs.step(zeros(2))
+    with pytest.raises(segvec.EnvError):
+        envs.call("no_such_method")
+    assert envs.get_attr("index") == (0, 1), "envs survive a failed call"
+    closed_twice(envs)
+
+
+def test_lambda_and_closure_factories_work_with_fork():
+    lock = threading.Lock()
+
+    def closure():
+        with lock:
+            return FaultEnv(7)
+
+    envs = make([lambda: make_fault_env(3), closure], "multiprocessing", context="fork", num_workers=2)
+    obs, _ = envs.reset(seed=0)
+    assert obs[:, 0].tolist() == [3.0, 7.0]
+    closed_twice(envs)
+
+
+def test_unpicklable_factory_with_spawn_is_a_type_error(leftovers):
+    lock = threading.Lock()
+
+    def closure():
+        with lock:
+            return FaultEnv(0)
+
+    with pytest.raises(TypeError, match="spawn") as info:
+        make([closure, closure], "multiprocessing", context="spawn", num_workers=2)
+    assert "pickle" in str(info.value) and "module-level" in str(info.value)
+
+
+# ---- security --------------------------------------------------------------------------------------
+def test_shared_memory_is_owner_only_and_unlinked(monkeypatch, leftovers):
+    seen = {}
+    unlink = MemoryBlock.unlink
+
+    def inspecting_unlink(self):
+        if self.name is not None:
+            seen[self.name] = os.stat("/dev/shm/" + self.name.lstrip("/")).st_mode & 0o777
+        unlink(self)
+
+    monkeypatch.setattr(MemoryBlock, "unlink", inspecting_unlink)
+    envs = make(fault_fns(NUM_ENVS), "multiprocessing")
+    (name, mode), = seen.items()
+    assert mode == 0o600, oct(mode)
+    assert re.fullmatch(r"/segvec-[0-9a-f]{32}", name), "an unguessable name"
+    assert not os.path.exists("/dev/shm/" + name.lstrip("/")), "unlinked once the workers attached"
+    envs.reset(seed=0)
+    closed_twice(envs)
+
+
+def test_nothing_is_unpickled_from_shared_memory():
+    """Scope: the segvec package.  The modules that read the block never unpickle, the block holds no
+    object arrays, and the only unpickling in segvec is of pipe messages (commands, errors, factories)."""
+    unpickling = re.compile(r"\b(pickle\.loads?|cloudpickle\.loads?|Unpickler|marshal\.loads?|"
+                            r"allow_pickle\s*=\s*True|\.recv\(\))")
+    found = {}
+    for path in sorted(SRC.rglob("*.py")):
+        hits = [line.strip() for line in path.read_text().splitlines() if unpickling.search(line)]
+        if hits:
+            found[path.name] = hits
+    assert set(found) <= {"backends.py"}, found
+    for line in found.get("backends.py", []):
+        assert re.search(r"(conn|pipe)\.recv\(\)|loads\((type_bytes|payload)\)", line), line
+
+    envs = make(fault_fns(NUM_ENVS), "serial")
+    storage: Storage = envs._storage
+    arrays = [value for value in vars(storage).values() if isinstance(value, np.ndarray)]
+    arrays += [a for group in (storage.obs, storage.action, storage.final_obs) for a in group]
+    arrays += list(storage.step_fields.values()) + list(storage.segment_fields.values())
+    assert arrays and not any(a.dtype.hasobject for a in arrays)
+    closed_twice(envs)
