@@ -48,6 +48,8 @@ typedef struct {
 typedef struct {
     _Alignas(CACHE_LINE) atomic_uint seq;   /* futex word: bumped on every push, kick and shutdown */
     atomic_uint waiting;                    /* 1 while the worker sleeps on `seq` */
+    unsigned seen_seq;                      /* worker w only: `seq` when its last wait returned, so a
+                                             * kick that lands between two waits is not lost */
     atomic_uint_fast64_t queue_tail;        /* written by the learner */
     _Alignas(CACHE_LINE) atomic_uint_fast64_t queue_head; /* written by worker w */
 } worker_slot_t;
@@ -84,6 +86,7 @@ typedef struct {
     atomic_int_fast64_t segments_recycled;
     atomic_int_fast64_t segments_taken;
     atomic_int_fast64_t nan_rewards;
+    atomic_int_fast64_t restarts;
     atomic_int_fast64_t complete_rows;
     atomic_int_fast64_t free_rows;
     atomic_uint_fast64_t episode_ticket;
@@ -393,6 +396,7 @@ int segvec_read_stats(segvec_core_t *core, segvec_stats_t *out) {
     out->segments_taken = atomic_load(&sh->segments_taken);
     out->nan_rewards = atomic_load(&sh->nan_rewards);
     out->episodes_written = (int64_t)atomic_load(&sh->episode_ticket);
+    out->restarts = atomic_load(&sh->restarts);
     out->complete_rows = atomic_load(&sh->complete_rows);
     out->free_rows = atomic_load(&sh->free_rows);
     return SEGVEC_OK;
@@ -518,6 +522,22 @@ int segvec_pop_ready(segvec_core_t *c, int32_t max_n, int32_t *env_ids_out, int3
     return SEGVEC_OK;
 }
 
+int segvec_note_restart(segvec_core_t *c, int32_t e) {
+    if (e < 0 || e >= c->E) return SEGVEC_ERR_INVALID;
+    int64_t slot = c->env_last_slot[e];
+    if (slot >= 0) {
+        int32_t row = (int32_t)(slot / c->T);
+        int32_t state = c->row_state[row];
+        if (c->row_env_id[row] == e && (state == SEGVEC_ROW_FILLING || state == SEGVEC_ROW_AWAITING_BOOTSTRAP) &&
+            !c->terminated[slot])
+            c->truncated[slot] = 1;
+    }
+    c->env_length[e] = 0;
+    c->env_return[e] = 0.0;
+    atomic_fetch_add(&c->shared->restarts, 1);
+    return SEGVEC_OK;
+}
+
 int segvec_post_alert(segvec_core_t *c) {
     shared_t *sh = c->shared;
     atomic_fetch_add_explicit(&sh->alert_seq, 1, memory_order_release);
@@ -614,13 +634,14 @@ int segvec_flush_envs(segvec_core_t *c, int32_t n, const int32_t *env_ids, const
         int32_t e = env_ids[i];
         if (e < 0 || e >= c->E) return SEGVEC_ERR_INVALID;
         int32_t state = c->env_state[e];
-        if (state != SEGVEC_ENV_HELD && state != SEGVEC_ENV_NEW && state != SEGVEC_ENV_READY) return SEGVEC_ERR_NOT_HELD;
+        if (state == SEGVEC_ENV_SENDING) return SEGVEC_ERR_NOT_HELD;
     }
     int status = SEGVEC_OK;
     pool_lock(c->shared);
     for (int32_t i = 0; i < n; ++i) {
         int32_t e = env_ids[i];
-        float tail = tail_values ? tail_values[i] : NAN;
+        float tail = tail_values ? tail_values[i]
+                                 : c->value[(int64_t)c->env_row[e] * c->T + c->env_step[e]];
         copy_from_out[i] = -1;
         copy_to_out[i] = -1;
         if (c->awaiting_row[e] >= 0) {
@@ -720,14 +741,17 @@ int segvec_worker_wait(segvec_core_t *c, int32_t w, int32_t timeout_ms) {
     worker_slot_t *ws = &c->workers[w];
     shared_t *sh = c->shared;
     int64_t deadline = now_ms() + (timeout_ms < 0 ? WAIT_SLICE_MS : timeout_ms);
-    unsigned seen = atomic_load_explicit(&ws->seq, memory_order_acquire);
+    unsigned seen = ws->seen_seq;
     for (;;) {
         for (int spin = 0; spin < SPIN_CHECKS; ++spin) {
             if (atomic_load_explicit(&sh->shutdown, memory_order_acquire)) return SEGVEC_ERR_SHUTDOWN;
-            if (atomic_load_explicit(&ws->queue_tail, memory_order_acquire) !=
-                atomic_load_explicit(&ws->queue_head, memory_order_relaxed))
+            unsigned now = atomic_load_explicit(&ws->seq, memory_order_acquire);
+            if (now != seen || /* kicked (or pushed) since the last return */
+                atomic_load_explicit(&ws->queue_tail, memory_order_acquire) !=
+                atomic_load_explicit(&ws->queue_head, memory_order_relaxed)) {
+                ws->seen_seq = now;
                 return SEGVEC_OK;
-            if (atomic_load_explicit(&ws->seq, memory_order_acquire) != seen) return SEGVEC_OK; /* kicked */
+            }
             cpu_relax();
         }
         int64_t left = deadline - now_ms();

@@ -133,6 +133,7 @@ typedef struct segvec_stats {
     int64_t segments_taken;
     int64_t nan_rewards;          /* transitions whose reward was NaN (passed through) */
     int64_t episodes_written;     /* tickets handed out in the finished-episode ring */
+    int64_t restarts;             /* envs rebuilt after a failure (restart_failed_envs) */
     int64_t complete_rows;        /* rows COMPLETE now (segments_ready) */
     int64_t free_rows;            /* rows FREE now */
 } segvec_stats_t;
@@ -152,10 +153,13 @@ int segvec_read_stats(segvec_core_t *core, segvec_stats_t *stats_out);
 
 /* ---- learner side (learner only) -------------------------------------------------------------- */
 /* Close each env's filling row at its cursor (rows of length 0 are kept, not closed), complete its row
- * that awaits a bootstrap, with `tail_values[i]` (NULL: NaN) as the value of the env's current
- * observation, and start a new row.  The env must not be at its worker (HELD, NEW or READY).  For each env, `copy_from_out[i]` and
- * `copy_to_out[i]` are observation slots (r * (T + 1) + t): copy the current observation from one to the
- * other (-1 when there is nothing to copy).  Used by flush() and before every reset. */
+ * that awaits a bootstrap, and start a new row.  The tail bootstrap (the value of the env's current
+ * observation) is `tail_values[i]`, or with `tail_values` NULL the value the learner already sent for
+ * that observation (NaN if none).  The caller must own the env: the learner for envs that are not at
+ * their worker (HELD, NEW or READY), worker w for its IN_FLIGHT envs (restarts).  For each env,
+ * `copy_from_out[i]` and `copy_to_out[i]` are observation slots (r * (T + 1) + t): copy the current
+ * observation from one to the other (-1 when there is nothing to copy).  Used by flush(), before every
+ * reset, and when a failed env is rebuilt. */
 int segvec_flush_envs(segvec_core_t *core, int32_t n, const int32_t *env_ids, const float *tail_values,
                       int64_t *copy_from_out, int64_t *copy_to_out);
 /* Record a reset of each env at its cursor (which must be a row's slot 0, i.e. after segvec_flush_envs):
@@ -185,6 +189,9 @@ int segvec_release(segvec_core_t *core, int32_t n, const int32_t *rows);
 int segvec_shutdown(segvec_core_t *core);
 /* Wake worker w so that it looks at its command pipe. */
 int segvec_kick_worker(segvec_core_t *core, int32_t worker);
+/* A failed env is being rebuilt (restart_failed_envs): mark its last committed step truncated (when
+ * that row is still its own) and count the restart.  Worker w only, for its IN_FLIGHT env. */
+int segvec_note_restart(segvec_core_t *core, int32_t env_id);
 /* Wake the learner from another process or thread: it returns SEGVEC_ERR_ALERT from its wait. */
 int segvec_post_alert(segvec_core_t *core);
 /* Copy finished episodes with tickets >= *cursor (at most max_n) and advance the cursor; entries that

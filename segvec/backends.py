@@ -28,7 +28,7 @@ import cloudpickle
 import numpy as np
 
 from segvec._core import Geometry, MemoryBlock, Storage, check, ffi, lib
-from segvec.errors import SegvecError, WorkerDied, make_env_error
+from segvec.errors import EnvError, SegvecError, WorkerDied, make_env_error
 from segvec.runner import EnvFailure, EnvRunner
 
 WAIT_SLICE_MS = 100
@@ -97,9 +97,10 @@ def _set_env_attr(env, name: str, value) -> None:
 class SerialBackend:
     """Runs every env in the learner's process, stepping at dispatch time."""
 
-    def __init__(self, env_fns: list[Callable], autoreset_mode):
+    def __init__(self, env_fns: list[Callable], autoreset_mode, restart_failed_envs: bool = False):
         self.env_fns = env_fns
         self.autoreset_mode = autoreset_mode
+        self.restart_failed_envs = restart_failed_envs
         self.envs: list = []
         self.num_workers = 1
         self._infos: dict[int, dict] = {}
@@ -116,7 +117,8 @@ class SerialBackend:
 
     def attach(self, geometry: Geometry) -> Storage:
         self.storage = Storage(geometry, shared=False)
-        self.runner = EnvRunner(self.envs, 0, self.storage, self.autoreset_mode)
+        self.runner = EnvRunner(self.envs, 0, self.storage, self.autoreset_mode,
+                                self.env_fns if self.restart_failed_envs else None)
         self._ids = np.zeros(geometry.num_envs, np.int32)
         return self.storage
 
@@ -132,7 +134,7 @@ class SerialBackend:
         try:
             infos, final_infos = self.runner.step(ids)
         except EnvFailure as failure:
-            self.runner.publish(ids[:failure.committed])
+            self.runner.publish(failure.finished)
             self._raise(failure)
         self._infos.update(infos)
         self._final_infos.update(final_infos)
@@ -183,7 +185,8 @@ class SerialBackend:
 
 
 # ---------------------------------------------------------------------------------------------------
-def _worker_main(worker_index: int, first_env: int, payload: bytes, conn, parent_pid: int, autoreset_mode):
+def _worker_main(worker_index: int, first_env: int, payload: bytes, conn, parent_pid: int, autoreset_mode,
+                 restart_failed_envs: bool = False):
     """Entry point of a worker process: build envs, attach to the block, serve until shutdown."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the learner's to handle; it closes us
     envs = []
@@ -201,7 +204,7 @@ def _worker_main(worker_index: int, first_env: int, payload: bytes, conn, parent
         if command != Command.ATTACH:
             return
         storage = Storage(geometry, block=MemoryBlock(nbytes, shared=True, name=name), format_block=False)
-        runner = EnvRunner(envs, first_env, storage, autoreset_mode)
+        runner = EnvRunner(envs, first_env, storage, autoreset_mode, env_fns if restart_failed_envs else None)
         conn.send((Reply.ATTACHED, None))
         _serve(worker_index, runner, storage, conn, parent_pid)
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
@@ -276,7 +279,7 @@ def _serve(worker_index: int, runner: EnvRunner, storage: Storage, conn, parent_
         try:
             infos, final_infos = runner.step(batch)
         except EnvFailure as failure:
-            runner.publish(batch[:failure.committed])
+            runner.publish(failure.finished)
             conn.send((Reply.ERROR, _error_payload(failure.env_index, "step", failure.error,
                                                    failure.worker_traceback)))
             lib.segvec_post_alert(core)
@@ -289,9 +292,11 @@ def _serve(worker_index: int, runner: EnvRunner, storage: Storage, conn, parent_
 class MultiprocessingBackend:
     """Runs envs in `num_workers` processes; worker w owns envs [w * k, (w + 1) * k)."""
 
-    def __init__(self, env_fns: list[Callable], autoreset_mode, num_workers: int, context=None):
+    def __init__(self, env_fns: list[Callable], autoreset_mode, num_workers: int, context=None,
+                 restart_failed_envs: bool = False):
         self.env_fns = env_fns
         self.autoreset_mode = autoreset_mode
+        self.restart_failed_envs = restart_failed_envs
         self.num_workers = num_workers
         self.envs_per_worker = len(env_fns) // num_workers
         if context is None or isinstance(context, str):
@@ -322,7 +327,8 @@ class MultiprocessingBackend:
                 parent, child = self.context.Pipe(duplex=True)
                 process = self.context.Process(
                     target=_worker_main, name=f"segvec-worker-{w}",
-                    args=(w, w * k, payload, child, os.getpid(), self.autoreset_mode), daemon=True)
+                    args=(w, w * k, payload, child, os.getpid(), self.autoreset_mode, self.restart_failed_envs),
+                    daemon=True)
                 process.start()
                 child.close()
                 self.processes.append(process)
@@ -457,13 +463,21 @@ class MultiprocessingBackend:
             raise
 
     def _gather_results(self, deadline=None, workers=None) -> list:
-        out = []
+        """One reply per worker asked.  Reads every worker's reply before raising the first env error,
+        so that no reply is left in a pipe to be taken for the answer to a later command."""
+        out, first_error = [], None
         for w in range(self.num_workers) if workers is None else workers:
             while True:
-                result = self._handle(w, self._recv(w, deadline))
+                try:
+                    result = self._handle(w, self._recv(w, deadline))
+                except EnvError as error:  # this worker's reply: the command failed on one of its envs
+                    first_error = first_error or error
+                    break
                 if result is not None:
                     out.append(result[1])
                     break
+        if first_error is not None:
+            raise first_error
         return out
 
     def call(self, name, args, kwargs, timeout: float | None = None, env_ids=None) -> list:

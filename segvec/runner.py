@@ -39,10 +39,14 @@ class EnvRunner:
         first_env: index of ``envs[0]`` in the vector env.
         storage: views of the segment block.
         autoreset_mode: a gymnasium ``AutoresetMode``.
+        env_fns: the envs' factories; when given, an env that raises in ``step`` is rebuilt and reset
+            instead of failing the batch (its row is closed as a truncated partial segment).
     """
 
-    def __init__(self, envs: list, first_env: int, storage: Storage, autoreset_mode: AutoresetMode):
+    def __init__(self, envs: list, first_env: int, storage: Storage, autoreset_mode: AutoresetMode,
+                 env_fns: list | None = None):
         self.envs = envs
+        self.env_fns = env_fns  # set: rebuild an env that raises in step (restart_failed_envs)
         self.first_env = first_env
         self.storage = storage
         self.autoreset_mode = autoreset_mode
@@ -187,7 +191,7 @@ class EnvRunner:
         final_infos: dict[int, dict] = {}
         envs, first, pending = self.envs, self.first_env, self._pending_reset
         # Per-env results go to plain lists (cheaper than numpy item writes), converted once below.
-        observations, outcomes = [], []
+        observations, outcomes, stepped, restarted = [], [], [], []
         failure = None
         for env_index, action in zip(env_ids.tolist(), actions):
             local = env_index - first
@@ -209,20 +213,30 @@ class EnvRunner:
                         elif next_step:
                             pending[local] = True
             except Exception as error:  # noqa: BLE001 - reported to the learner with its traceback
-                failure = EnvFailure(env_index, "step", error)
-                break
+                if self.env_fns is None:
+                    failure = EnvFailure(env_index, "step", error)
+                    break
+                try:
+                    infos[env_index] = self._restart(env_index, error)
+                except EnvFailure as fatal:
+                    failure = fatal
+                    break
+                restarted.append(env_index)
+                continue
+            stepped.append(env_index)
             observations.append(obs)
             outcomes.append((reward, term, trunc, real, start, pending[local]))
             if info:
                 infos[env_index] = info
         done = len(observations)
-        bad = self._stack_obs(observations, env_ids)
+        ids = env_ids if done == count else np.asarray(stepped, np.int32)
+        bad = self._stack_obs(observations, ids)
         if bad is not None:
             index, error = bad
-            failure = EnvFailure(int(env_ids[index]), "step", error)
+            failure = EnvFailure(int(ids[index]), "step", error)
             done = index
+            ids = ids[:done]
         if done:
-            ids = env_ids if done == count else env_ids[:done]
             self._outcomes[:done] = outcomes[:done]
             check(lib.segvec_commit_steps(storage.core, done, ffi.from_buffer("int32_t[]", ids),
                                           self._outcomes_ptr, self._obs_slots_ptr, self._chain_slots_ptr))
@@ -230,9 +244,46 @@ class EnvRunner:
             if infos or final_infos:
                 self._mark_infos(ids, infos, final_infos)
         if failure is not None:
-            failure.committed = done
+            failure.finished = np.asarray(list(ids[:done]) + restarted, np.int32)
             raise failure
         return infos, final_infos
+
+    def _restart(self, env_index: int, error: BaseException) -> dict:
+        """Rebuilds env `env_index` after it raised `error` in step; returns the info to report.
+
+        Its last transition is marked truncated and its row closed as a partial segment (tail bootstrap:
+        the value already sent for its current observation); the fresh env's first observation starts a
+        new row.  The learner sees ``truncated=True`` with that observation and ``info["env_restarted"]``.
+        """
+        storage, local = self.storage, env_index - self.first_env
+        try:
+            self.envs[local].close()
+        except Exception:  # noqa: BLE001 - the env is broken already
+            pass
+        ids = np.array([env_index], np.int32)
+        check(lib.segvec_note_restart(storage.core, env_index))
+        copy_from, copy_to = np.empty(1, np.int64), np.empty(1, np.int64)
+        check(lib.segvec_flush_envs(storage.core, 1, ffi.from_buffer("int32_t[]", ids), ffi.NULL,
+                                    ffi.from_buffer("int64_t[]", copy_from), ffi.from_buffer("int64_t[]", copy_to)))
+        try:
+            env = self.env_fns[local]()
+            obs, info = env.reset()
+            self.envs[local] = env
+            self._put_obs(0, obs, env_index)
+        except Exception as rebuild_error:  # noqa: BLE001
+            raise EnvFailure(env_index, "step (and rebuilding it after that)", rebuild_error) from error
+        self._pending_reset[local] = False
+        slot = np.empty(1, np.int64)
+        check(lib.segvec_commit_resets(storage.core, 1, ffi.from_buffer("int32_t[]", ids),
+                                       ffi.from_buffer("int64_t[]", slot)))
+        for by_slot, out in zip(storage.obs_by_slot, self._obs_out):
+            by_slot[slot[0]] = out[0]
+        storage.env_last_truncated[env_index] = True
+        storage.env_has_info[env_index] = 1
+        info = dict(info)
+        info["env_restarted"] = True
+        info["env_error"] = f"{type(error).__name__}: {error}"
+        return info
 
     def _mark_infos(self, env_ids, infos, final_infos=None) -> None:
         flags = self.storage.env_has_info

@@ -72,6 +72,17 @@ def add_info(infos: dict, env_info: dict, index: int, size: int) -> dict:
     return infos
 
 
+def _autoreset_mode(mode) -> AutoresetMode:
+    """Accepts an AutoresetMode, its value ("NextStep") or its name in any case ("next_step")."""
+    if isinstance(mode, AutoresetMode):
+        return mode
+    if isinstance(mode, str):
+        for member in AutoresetMode:
+            if mode in (member.value, member.name) or mode.replace("-", "_").upper() == member.name:
+                return member
+    raise ValueError(f"autoreset_mode must be one of {[m.name for m in AutoresetMode]}, got {mode!r}")
+
+
 def _as_env_fns(env, num_envs: int, env_kwargs: dict | None) -> list[Callable]:
     if isinstance(env, str):
         env_id, kwargs = env, dict(env_kwargs or {})
@@ -136,6 +147,10 @@ class SegmentVecEnv(VectorEnv):
         value_fn: optional ``obs_batch -> values``; gives the value of final observations of truncated
             episodes (SAME_STEP) and of the current observations at ``flush``.
         context: multiprocessing context or start method name (``"fork"``, ``"spawn"``, ``"forkserver"``).
+        restart_failed_envs: rebuild (with its factory) and reset an env that raises in ``step`` instead of
+            raising EnvError: its row is closed as a truncated partial segment, the learner sees
+            ``truncated=True``, ``info["env_restarted"]`` and ``info["env_error"]``, and
+            ``stats()["restarts"]`` counts it.  Off by default.
         debug: fill fresh rows' rewards with -42.42 so tests can prove none survives into a segment.
 
     Raises:
@@ -167,6 +182,7 @@ class SegmentVecEnv(VectorEnv):
         segment_fields: dict | None = None,
         value_fn: Callable | None = None,
         context: Any = None,
+        restart_failed_envs: bool = False,
         debug: bool = False,
     ):
         self.closed = True  # until construction succeeds: close() is safe at any point
@@ -199,7 +215,7 @@ class SegmentVecEnv(VectorEnv):
             raise ValueError(
                 f"num_segments must be >= 2 * num_envs = {2 * num_envs} (each env fills one row while its "
                 f"previous one waits for its bootstrap value), got {num_segments!r}")
-        self.autoreset_mode = AutoresetMode(autoreset_mode)
+        self.autoreset_mode = _autoreset_mode(autoreset_mode)
         self.num_envs, self.batch_size, self.horizon = num_envs, int(batch_size), int(horizon)
         self.num_segments, self.num_workers = int(num_segments), int(num_workers)
         self.backend_name = backend
@@ -207,9 +223,10 @@ class SegmentVecEnv(VectorEnv):
         self.policy_version = 0
 
         if backend == "serial":
-            self._backend = SerialBackend(env_fns, self.autoreset_mode)
+            self._backend = SerialBackend(env_fns, self.autoreset_mode, restart_failed_envs)
         else:
-            self._backend = MultiprocessingBackend(env_fns, self.autoreset_mode, self.num_workers, context)
+            self._backend = MultiprocessingBackend(env_fns, self.autoreset_mode, self.num_workers, context,
+                                                   restart_failed_envs)
         try:
             env_spaces = self._backend.create_envs()
             self.single_observation_space, self.single_action_space = env_spaces[0]
