@@ -620,6 +620,15 @@ int segvec_kick_worker(segvec_core_t *c, int32_t w) {
     return SEGVEC_OK;
 }
 
+int segvec_reset_worker(segvec_core_t *c, int32_t w) {
+    if (w < 0 || w >= c->W) return SEGVEC_ERR_INVALID;
+    worker_slot_t *ws = &c->workers[w];
+    atomic_store(&ws->queue_head, atomic_load(&ws->queue_tail));
+    ws->seen_seq = atomic_load(&ws->seq);
+    atomic_store(&ws->waiting, 0);
+    return SEGVEC_OK;
+}
+
 int segvec_shutdown(segvec_core_t *c) {
     atomic_store(&c->shared->shutdown, 1);
     for (int32_t w = 0; w < c->W; ++w) segvec_kick_worker(c, w);

@@ -187,6 +187,8 @@ int segvec_take(segvec_core_t *core, int32_t n, int32_t *rows_out);
 int segvec_release(segvec_core_t *core, int32_t n, const int32_t *rows);
 /* Ask every worker to stop, and wake them all. */
 int segvec_shutdown(segvec_core_t *core);
+/* Forget worker w's queued actions after it died (its envs are restarted by its replacement). */
+int segvec_reset_worker(segvec_core_t *core, int32_t worker);
 /* Wake worker w so that it looks at its command pipe. */
 int segvec_kick_worker(segvec_core_t *core, int32_t worker);
 /* A failed env is being rebuilt (restart_failed_envs): mark its last committed step truncated (when

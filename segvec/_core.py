@@ -72,10 +72,17 @@ class MemoryBlock:
         buffer: the mmap object.
     """
 
-    def __init__(self, nbytes: int, shared: bool, name: str | None = None):
+    def __init__(self, nbytes: int, shared: bool, name: str | None = None, fd: int | None = None):
         self.nbytes = nbytes
         self.name = None
-        self._owner = name is None
+        self.fd = None  # owner: a descriptor kept to hand the block to replacement workers
+        self._owner = name is None and fd is None
+        if fd is not None:  # a descriptor received from the owner
+            try:
+                self.buffer = mmap.mmap(fd, nbytes)
+            finally:
+                os.close(fd)
+            return
         if not shared:
             self.buffer = mmap.mmap(-1, nbytes)
             return
@@ -88,6 +95,7 @@ class MemoryBlock:
             try:
                 os.ftruncate(fd, nbytes)
                 self.buffer = mmap.mmap(fd, nbytes)
+                self.fd = os.dup(fd)
             except BaseException:
                 self.unlink()
                 raise
@@ -99,6 +107,13 @@ class MemoryBlock:
                 self.buffer = mmap.mmap(fd, nbytes)
             finally:
                 os.close(fd)
+
+    def close(self) -> None:
+        """Unlinks the name and closes the kept descriptor (idempotent); mappings stay valid until dropped."""
+        self.unlink()
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            os.close(fd)
 
     def unlink(self) -> None:
         """Removes the shared-memory name (idempotent); mappings stay valid until dropped."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.reduction
 import os
 import pickle
 import signal
@@ -32,6 +33,7 @@ from segvec.errors import EnvError, SegvecError, WorkerDied, make_env_error
 from segvec.runner import EnvFailure, EnvRunner
 
 WAIT_SLICE_MS = 100
+LIVENESS_CHECK_S = 0.2  # how often a learner that never waits still checks that its workers live
 
 
 class Command(enum.IntEnum):
@@ -42,6 +44,7 @@ class Command(enum.IntEnum):
     CALL = 3
     SET_ATTR = 4
     CLOSE = 5
+    RESTART_ENVS = 6  # a replacement worker takes over the envs of a dead one
 
 
 class Reply(enum.IntEnum):
@@ -203,7 +206,11 @@ def _worker_main(worker_index: int, first_env: int, payload: bytes, conn, parent
         command, geometry, name, nbytes = conn.recv()
         if command != Command.ATTACH:
             return
-        storage = Storage(geometry, block=MemoryBlock(nbytes, shared=True, name=name), format_block=False)
+        if name is None:  # a replacement worker: the block's name is gone, its descriptor comes instead
+            block = MemoryBlock(nbytes, shared=True, fd=multiprocessing.reduction.recv_handle(conn))
+        else:
+            block = MemoryBlock(nbytes, shared=True, name=name)
+        storage = Storage(geometry, block=block, format_block=False)
         runner = EnvRunner(envs, first_env, storage, autoreset_mode, env_fns if restart_failed_envs else None)
         conn.send((Reply.ATTACHED, None))
         _serve(worker_index, runner, storage, conn, parent_pid)
@@ -252,6 +259,18 @@ def _serve(worker_index: int, runner: EnvRunner, storage: Storage, conn, parent_
                 if infos:
                     conn.send((Reply.INFOS, (infos, {})))
                 runner.publish(env_ids)
+            elif command == Command.RESTART_ENVS:
+                _, in_flight, pending, reason = message
+                runner.mark_for_restart(pending, reason)
+                try:
+                    infos = runner.restart_envs(in_flight, reason)
+                except EnvFailure as failure:
+                    conn.send((Reply.ERROR, _error_payload(failure.env_index, "restart", failure.error,
+                                                           failure.worker_traceback)))
+                    lib.segvec_post_alert(core)
+                    continue
+                conn.send((Reply.INFOS, (infos, {})))
+                runner.publish(in_flight)
             elif command == Command.CALL:
                 _, name, args, kwargs, offsets = message
                 results = []
@@ -297,6 +316,9 @@ class MultiprocessingBackend:
         self.env_fns = env_fns
         self.autoreset_mode = autoreset_mode
         self.restart_failed_envs = restart_failed_envs
+        self.respawned = 0
+        self._last_liveness_check = time.monotonic()
+        self._payloads: list[bytes] = []
         self.num_workers = num_workers
         self.envs_per_worker = len(env_fns) // num_workers
         if context is None or isinstance(context, str):
@@ -318,21 +340,15 @@ class MultiprocessingBackend:
             for w in range(self.num_workers):
                 fns = self.env_fns[w * k:(w + 1) * k]
                 try:
-                    payload = cloudpickle.dumps(fns)
+                    self._payloads.append(cloudpickle.dumps(fns))
                 except Exception as error:
                     raise TypeError(
                         f"the env factories cannot be pickled for the {start_method!r} start method: {error}. "
                         "Use module-level functions (or functools.partial), or the 'fork' start method."
                     ) from error
-                parent, child = self.context.Pipe(duplex=True)
-                process = self.context.Process(
-                    target=_worker_main, name=f"segvec-worker-{w}",
-                    args=(w, w * k, payload, child, os.getpid(), self.autoreset_mode, self.restart_failed_envs),
-                    daemon=True)
-                process.start()
-                child.close()
+                process, pipe = self._start_worker(w)
                 self.processes.append(process)
-                self.pipes.append(parent)
+                self.pipes.append(pipe)
             spaces = []
             for w in range(self.num_workers):
                 kind, body = self._recv_startup(w)
@@ -343,6 +359,49 @@ class MultiprocessingBackend:
         except BaseException:
             self.close(terminate=True)
             raise
+
+    def _start_worker(self, w: int):
+        parent, child = self.context.Pipe(duplex=True)
+        process = self.context.Process(
+            target=_worker_main, name=f"segvec-worker-{w}",
+            args=(w, w * self.envs_per_worker, self._payloads[w], child, os.getpid(), self.autoreset_mode,
+                  self.restart_failed_envs),
+            daemon=True)
+        process.start()
+        child.close()
+        return process, parent
+
+    def _respawn(self, w: int) -> None:
+        """Replaces dead worker w (restart_failed_envs): its envs are rebuilt and restarted.
+
+        Envs whose step was lost with it come back at once as restarted (truncated) envs; envs the learner
+        holds are restarted in place of their next step, so no action meets an env it was not meant for.
+        """
+        old, storage = self.processes[w], self.storage
+        old.join(0.1)
+        reason = f"worker {w} died (exit code {old.exitcode})"
+        envs = np.asarray(self._env_range(w), np.int32)
+        states = storage.env_state[envs]
+        lost = envs[(states == lib.SEGVEC_ENV_IN_FLIGHT) | (states == lib.SEGVEC_ENV_SENDING)]
+        held = envs[(states != lib.SEGVEC_ENV_IN_FLIGHT) & (states != lib.SEGVEC_ENV_SENDING)]
+        check(lib.segvec_reset_worker(storage.core, w))
+        try:
+            self.pipes[w].close()
+        except OSError:
+            pass
+        process, pipe = self._start_worker(w)
+        self.processes[w], self.pipes[w] = process, pipe
+        kind, body = self._recv_startup(w)
+        if kind == Reply.ERROR:
+            raise env_error_from(body)
+        pipe.send((Command.ATTACH, storage.geometry, None, self.block.nbytes))
+        multiprocessing.reduction.send_handle(pipe, self.block.fd, process.pid)
+        kind, body = self._recv_startup(w)
+        if kind == Reply.ERROR:
+            raise env_error_from(body)
+        pipe.send((Command.RESTART_ENVS, lost, held, reason))
+        lib.segvec_kick_worker(storage.core, w)
+        self.respawned += 1
 
     def _recv_startup(self, w: int, timeout: float = 120.0):
         pipe, process = self.pipes[w], self.processes[w]
@@ -396,6 +455,11 @@ class MultiprocessingBackend:
                 slice_ms = max(0, min(slice_ms, int((deadline - time.monotonic()) * 1000)))
             status = lib.segvec_wait_ready(core, min_count, slice_ms, ready)
             if status == lib.SEGVEC_OK:
+                # Other workers may keep the learner busy while one is dead: look now and then anyway.
+                now = time.monotonic()
+                if now - self._last_liveness_check > LIVENESS_CHECK_S:
+                    self._last_liveness_check = now
+                    self._check_alive()
                 return
             if status == lib.SEGVEC_ERR_ALERT:
                 self._drain()
@@ -410,6 +474,9 @@ class MultiprocessingBackend:
         for w, process in enumerate(self.processes):
             if not process.is_alive():
                 self._drain()  # an error it sent before dying explains more than its death
+                if self.restart_failed_envs and not self._closed:
+                    self._respawn(w)
+                    continue
                 raise WorkerDied(
                     f"worker {w} (pid {process.pid}, envs {list(self._env_range(w))}) died with exit code "
                     f"{process.exitcode}" + (f" (signal {-process.exitcode})" if (process.exitcode or 0) < 0 else ""),
@@ -533,4 +600,4 @@ class MultiprocessingBackend:
             except Exception:  # noqa: BLE001
                 pass
         if self.block is not None:
-            self.block.unlink()
+            self.block.close()

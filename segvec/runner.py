@@ -60,6 +60,7 @@ class EnvRunner:
         self._action_slots = np.zeros(n, np.int64)
         self._obs_out = [np.zeros((n,) + leaf.shape, leaf.dtype) for leaf in self.obs_layout.leaves]
         self._pending_reset = [False] * n  # NEXT_STEP: the env's last step ended an episode
+        self._pending_restart: list = [None] * n  # reason: rebuild the env instead of its next step
         self._flat_obs = self.obs_layout.is_flat
         self._flat_action = self.action_layout.is_flat
         self._obs_checks = [(leaf.shape, leaf.dtype) for leaf in self.obs_layout.leaves]
@@ -196,6 +197,15 @@ class EnvRunner:
         for env_index, action in zip(env_ids.tolist(), actions):
             local = env_index - first
             env = envs[local]
+            if self._pending_restart[local] is not None:
+                reason, self._pending_restart[local] = self._pending_restart[local], None
+                try:
+                    infos[env_index] = self._restart(env_index, reason, rebuild=False)
+                except EnvFailure as fatal:
+                    failure = fatal
+                    break
+                restarted.append(env_index)
+                continue
             try:
                 if next_step and pending[local]:
                     obs, info = env.reset()
@@ -248,7 +258,16 @@ class EnvRunner:
             raise failure
         return infos, final_infos
 
-    def _restart(self, env_index: int, error: BaseException) -> dict:
+    def mark_for_restart(self, env_ids, reason: str) -> None:
+        """The learner holds these envs of a dead worker: restart each instead of its next step."""
+        for env_index in env_ids:
+            self._pending_restart[int(env_index) - self.first_env] = reason
+
+    def restart_envs(self, env_ids: np.ndarray, reason: str) -> dict[int, dict]:
+        """Restarts envs whose step was lost with a dead worker (this replacement built them fresh)."""
+        return {int(e): self._restart(int(e), reason, rebuild=False) for e in env_ids}
+
+    def _restart(self, env_index: int, error, rebuild: bool = True) -> dict:
         """Rebuilds env `env_index` after it raised `error` in step; returns the info to report.
 
         Its last transition is marked truncated and its row closed as a partial segment (tail bootstrap:
@@ -256,22 +275,24 @@ class EnvRunner:
         new row.  The learner sees ``truncated=True`` with that observation and ``info["env_restarted"]``.
         """
         storage, local = self.storage, env_index - self.first_env
-        try:
-            self.envs[local].close()
-        except Exception:  # noqa: BLE001 - the env is broken already
-            pass
+        if rebuild:
+            try:
+                self.envs[local].close()
+            except Exception:  # noqa: BLE001 - the env is broken already
+                pass
         ids = np.array([env_index], np.int32)
         check(lib.segvec_note_restart(storage.core, env_index))
         copy_from, copy_to = np.empty(1, np.int64), np.empty(1, np.int64)
         check(lib.segvec_flush_envs(storage.core, 1, ffi.from_buffer("int32_t[]", ids), ffi.NULL,
                                     ffi.from_buffer("int64_t[]", copy_from), ffi.from_buffer("int64_t[]", copy_to)))
         try:
-            env = self.env_fns[local]()
+            env = self.env_fns[local]() if rebuild else self.envs[local]
             obs, info = env.reset()
             self.envs[local] = env
             self._put_obs(0, obs, env_index)
         except Exception as rebuild_error:  # noqa: BLE001
-            raise EnvFailure(env_index, "step (and rebuilding it after that)", rebuild_error) from error
+            raise EnvFailure(env_index, "step (and rebuilding it after that)", rebuild_error) \
+                from (error if isinstance(error, BaseException) else None)
         self._pending_reset[local] = False
         slot = np.empty(1, np.int64)
         check(lib.segvec_commit_resets(storage.core, 1, ffi.from_buffer("int32_t[]", ids),
@@ -282,7 +303,7 @@ class EnvRunner:
         storage.env_has_info[env_index] = 1
         info = dict(info)
         info["env_restarted"] = True
-        info["env_error"] = f"{type(error).__name__}: {error}"
+        info["env_error"] = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
         return info
 
     def _mark_infos(self, env_ids, infos, final_infos=None) -> None:
