@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #if defined(__linux__)
 #include <linux/futex.h>
@@ -50,6 +51,7 @@ typedef struct {
     atomic_uint waiting;                    /* 1 while the worker sleeps on `seq` */
     unsigned seen_seq;                      /* worker w only: `seq` when its last wait returned, so a
                                              * kick that lands between two waits is not lost */
+    atomic_int starved;                     /* 1 while worker w waits for a row (its share of `starved`) */
     atomic_uint_fast64_t queue_tail;        /* written by the learner */
     _Alignas(CACHE_LINE) atomic_uint_fast64_t queue_head; /* written by worker w */
 } worker_slot_t;
@@ -78,6 +80,12 @@ typedef struct {
     atomic_int learner_wanted;                               /* wake when this many are ready */
     atomic_uint alert_seq;                                   /* bumped by segvec_post_alert */
     atomic_uint shutdown;
+    /* Backpressure: a worker that needs a row while every row is held (filling, awaiting its bootstrap,
+     * or taken by the learner) waits on `pool_seq` (bumped whenever a row completes or is released) and
+     * counts itself in `starved`, which the learner's waits read so that they never hang on it. */
+    atomic_uint pool_seq;
+    atomic_int starved;
+    int64_t learner_pid;                                     /* the process that formatted the block */
     uint64_t outstanding;                                    /* learner only: dispatched - popped */
 
     _Alignas(CACHE_LINE) atomic_int_fast64_t steps;
@@ -311,6 +319,14 @@ static int allocate_row_locked(segvec_core_t *c, int32_t env, int32_t *row_out) 
     return SEGVEC_OK;
 }
 
+static void futex_wake_all(atomic_uint *word);
+
+/* A row became available to allocation (complete or free): wake workers waiting for one. */
+static void row_available_locked(shared_t *sh) {
+    atomic_fetch_add_explicit(&sh->pool_seq, 1, memory_order_seq_cst);
+    if (atomic_load_explicit(&sh->starved, memory_order_seq_cst)) futex_wake_all(&sh->pool_seq);
+}
+
 static void complete_row_locked(segvec_core_t *c, int32_t row) {
     shared_t *sh = c->shared;
     SEGVEC_ASSERT(c->row_state[row] == SEGVEC_ROW_FILLING || c->row_state[row] == SEGVEC_ROW_AWAITING_BOOTSTRAP);
@@ -319,6 +335,7 @@ static void complete_row_locked(segvec_core_t *c, int32_t row) {
     sh->complete_tail++;
     atomic_fetch_add(&sh->complete_rows, 1);
     atomic_fetch_add(&sh->segments_completed, 1);
+    row_available_locked(sh);
 }
 
 static void free_row_locked(segvec_core_t *c, int32_t row) {
@@ -327,6 +344,7 @@ static void free_row_locked(segvec_core_t *c, int32_t row) {
     c->free_ring[sh->free_tail % c->S] = row;
     sh->free_tail++;
     atomic_fetch_add(&sh->free_rows, 1);
+    row_available_locked(sh);
 }
 
 /* ---- set-up ----------------------------------------------------------------------------------- */
@@ -365,6 +383,7 @@ int segvec_format(void *block, int64_t block_bytes, const segvec_config_t *confi
         core.env_last_slot[e] = -1;
     }
     atomic_thread_fence(memory_order_release);
+    sh->learner_pid = (int64_t)getpid();
     sh->magic = SEGVEC_MAGIC;
     return SEGVEC_OK;
 }
@@ -399,6 +418,7 @@ int segvec_read_stats(segvec_core_t *core, segvec_stats_t *out) {
     out->restarts = atomic_load(&sh->restarts);
     out->complete_rows = atomic_load(&sh->complete_rows);
     out->free_rows = atomic_load(&sh->free_rows);
+    out->starved_workers = atomic_load(&sh->starved);
     return SEGVEC_OK;
 }
 
@@ -626,6 +646,7 @@ int segvec_reset_worker(segvec_core_t *c, int32_t w) {
     atomic_store(&ws->queue_head, atomic_load(&ws->queue_tail));
     ws->seen_seq = atomic_load(&ws->seq);
     atomic_store(&ws->waiting, 0);
+    atomic_fetch_sub(&c->shared->starved, atomic_exchange(&ws->starved, 0)); /* it died waiting for a row */
     return SEGVEC_OK;
 }
 
@@ -706,9 +727,11 @@ int segvec_release(segvec_core_t *c, int32_t n, const int32_t *rows) {
     pool_lock(sh);
     for (int32_t i = 0; i < n; ++i) {
         if (rows[i] < 0 || rows[i] >= c->S || c->row_state[rows[i]] != SEGVEC_ROW_TAKEN) {
+            for (int32_t j = 0; j < i; ++j) c->row_state[rows[j]] = SEGVEC_ROW_TAKEN; /* undo */
             pool_unlock(sh);
             return SEGVEC_ERR_ROW_STATE;
         }
+        c->row_state[rows[i]] = SEGVEC_ROW_FREE; /* so a row named twice fails its second check */
     }
     for (int32_t i = 0; i < n; ++i) free_row_locked(c, rows[i]);
     pool_unlock(sh);
@@ -790,6 +813,30 @@ int segvec_worker_pop(segvec_core_t *c, int32_t w, int32_t max_n, int32_t *env_i
     return SEGVEC_OK;
 }
 
+/* Every row is held: wait until the learner completes or releases one (backpressure), then allocate it.
+ * Only worker processes wait; in the learner's process (serial backend) nobody else could free a row,
+ * so the learner gets SEGVEC_ERR_NO_FREE_ROW at once.  SEGVEC_ERR_SHUTDOWN when the envs are closing. */
+static int wait_for_row(segvec_core_t *c, int32_t e, int32_t *row_out) {
+    shared_t *sh = c->shared;
+    if ((int64_t)getpid() == sh->learner_pid) return SEGVEC_ERR_NO_FREE_ROW;
+    int status;
+    worker_slot_t *ws = &c->workers[e / c->envs_per_worker];
+    atomic_fetch_add_explicit(&ws->starved, 1, memory_order_seq_cst);
+    atomic_fetch_add_explicit(&sh->starved, 1, memory_order_seq_cst);
+    for (;;) {
+        unsigned seen = atomic_load_explicit(&sh->pool_seq, memory_order_seq_cst);
+        pool_lock(sh);
+        status = allocate_row_locked(c, e, row_out);
+        pool_unlock(sh);
+        if (status != SEGVEC_ERR_NO_FREE_ROW) break;
+        if (atomic_load_explicit(&sh->shutdown, memory_order_acquire)) { status = SEGVEC_ERR_SHUTDOWN; break; }
+        futex_wait(&sh->pool_seq, seen, WAIT_SLICE_MS);
+    }
+    atomic_fetch_sub_explicit(&sh->starved, 1, memory_order_seq_cst);
+    atomic_fetch_sub_explicit(&ws->starved, 1, memory_order_seq_cst);
+    return status;
+}
+
 static void record_episode(segvec_core_t *c, int32_t e) {
     shared_t *sh = c->shared;
     uint64_t ticket = atomic_fetch_add_explicit(&sh->episode_ticket, 1, memory_order_relaxed);
@@ -854,6 +901,7 @@ int segvec_commit_steps(segvec_core_t *c, int32_t n, const int32_t *env_ids, con
             c->awaiting_row[e] = row;
             int status = allocate_row_locked(c, e, &fresh);
             pool_unlock(sh);
+            if (status == SEGVEC_ERR_NO_FREE_ROW) status = wait_for_row(c, e, &fresh);
             if (status != SEGVEC_OK) return status;
             chain_slot_out[i] = (int64_t)row * (c->T + 1) + c->T;
             c->env_row[e] = fresh;

@@ -30,7 +30,9 @@
  *     for the env's next observation) is not known yet.  The learner's next send for that env completes it.
  *   - COMPLETE: in the completed FIFO; `take` hands it out, or a worker that finds no free row recycles the
  *     oldest one (counted in `segments_recycled`), so a learner that never takes never blocks the envs.
- *   - TAKEN: the learner holds it until `release`.
+ *   - TAKEN: the learner holds it until `release`.  When the learner holds every row that is not filling
+ *     or awaiting, a worker that needs a new row waits for a release (backpressure, `starved_workers`);
+ *     the learner's waits see it and raise instead of hanging.
  *
  * Waiting: a short spin, then a futex on a 32-bit sequence word (Linux; elsewhere a short sleep), always
  * with a timeout so the caller can look after dead processes and Ctrl-C.  Nobody burns a core while idle.
@@ -55,7 +57,7 @@ enum segvec_status {
     SEGVEC_OK = 0,
     SEGVEC_ERR_INVALID = -1,         /* a size or argument out of range */
     SEGVEC_ERR_LAYOUT = -2,          /* the memory block is too small or not a segvec block */
-    SEGVEC_ERR_NO_FREE_ROW = -3,     /* every row is taken by the learner and not released */
+    SEGVEC_ERR_NO_FREE_ROW = -3,     /* every row is held (taken by the learner and not released) */
     SEGVEC_ERR_NOT_HELD = -4,        /* send for an env the learner did not receive (or twice) */
     SEGVEC_ERR_NOT_ENOUGH = -5,      /* take asked for more complete rows than there are */
     SEGVEC_ERR_ROW_STATE = -6,       /* release of a row that is not taken */
@@ -136,6 +138,7 @@ typedef struct segvec_stats {
     int64_t restarts;             /* envs rebuilt after a failure (restart_failed_envs) */
     int64_t complete_rows;        /* rows COMPLETE now (segments_ready) */
     int64_t free_rows;            /* rows FREE now */
+    int64_t starved_workers;      /* workers waiting for a row (every row held; the learner must release) */
 } segvec_stats_t;
 
 /* A process-local handle: pointers into one mapped block.  Owned by the process that opened it. */
@@ -219,7 +222,9 @@ typedef struct segvec_outcome {
 } segvec_outcome_t;
 
 /* Record each env's outcome at its cursor slot (r, t): reward, terminated, truncated, mask = valid,
- * episode statistics; advance the cursor, moving to a new row when this one is full.
+ * episode statistics; advance the cursor, moving to a new row when this one is full.  When no row is free
+ * or complete (the learner holds the rest), a worker process waits until one is (counted in
+ * `starved_workers`); in the learner's own process this returns SEGVEC_ERR_NO_FREE_ROW instead.
  * `obs_slot_out[i]` is the slot of the new observation; `chain_slot_out[i]` is the finished row's
  * obs[horizon] slot that must hold the same observation, else -1. */
 int segvec_commit_steps(segvec_core_t *core, int32_t n, const int32_t *env_ids, const segvec_outcome_t *outcomes,

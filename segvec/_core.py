@@ -320,7 +320,7 @@ class Storage:
         check(lib.segvec_read_stats(self.core, out))
         return {name: int(getattr(out, name)) for name in (
             "steps", "episodes", "segments_completed", "segments_recycled", "segments_taken", "nan_rewards",
-            "episodes_written", "restarts", "complete_rows", "free_rows")}
+            "episodes_written", "restarts", "complete_rows", "free_rows", "starved_workers")}
 
 
 def gather_slots(by_slot: np.ndarray, slots: np.ndarray) -> np.ndarray:

@@ -19,6 +19,7 @@ import multiprocessing.connection
 import multiprocessing.reduction
 import os
 import pickle
+import select
 import signal
 import sys
 import time
@@ -29,7 +30,7 @@ import cloudpickle
 import numpy as np
 
 from segvec._core import Geometry, MemoryBlock, Storage, check, ffi, lib
-from segvec.errors import EnvError, SegvecError, WorkerDied, make_env_error
+from segvec.errors import EnvError, SegmentBufferExhausted, SegvecError, WorkerDied, make_env_error
 from segvec.runner import EnvFailure, EnvRunner
 
 WAIT_SLICE_MS = 100
@@ -195,7 +196,7 @@ def _worker_main(worker_index: int, first_env: int, payload: bytes, conn, parent
     envs = []
     runner = None
     try:
-        env_fns = cloudpickle.loads(payload)
+        env_fns = payload if isinstance(payload, list) else cloudpickle.loads(payload)
         for offset, fn in enumerate(env_fns):
             try:
                 envs.append(fn())
@@ -236,13 +237,21 @@ def _serve(worker_index: int, runner: EnvRunner, storage: Storage, conn, parent_
     ids = np.zeros(len(runner.envs), np.int32)
     ids_ptr = ffi.from_buffer("int32_t[]", ids)
     count = ffi.new("int32_t *")
+    # Our parent is the learner (fork, spawn) or the forkserver, which exits when the learner does; either
+    # way a new parent means the learner is gone.  (`parent_pid`, the learner, is not our parent under
+    # forkserver: comparing with it made idle forkserver workers quit after a second.)
+    watched_pid = os.getppid()
+    # One poll object for the command pipe: conn.poll() builds a selector on every call, which costs more
+    # than a whole CartPole step; a readable or hung-up pipe both count as "look at it", as with conn.poll().
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLIN)
     while True:
         status = lib.segvec_worker_wait(core, worker_index, 1000)
         if status == lib.SEGVEC_ERR_SHUTDOWN:
             return
-        if status == lib.SEGVEC_ERR_TIMEOUT and os.getppid() != parent_pid:
+        if status == lib.SEGVEC_ERR_TIMEOUT and os.getppid() != watched_pid:
             return  # the learner is gone
-        while conn.poll():
+        while poller.poll(0):
             message = conn.recv()
             command = message[0]
             if command == Command.CLOSE:
@@ -339,8 +348,8 @@ class MultiprocessingBackend:
         try:
             for w in range(self.num_workers):
                 fns = self.env_fns[w * k:(w + 1) * k]
-                try:
-                    self._payloads.append(cloudpickle.dumps(fns))
+                try:  # a forked worker inherits the factories as they are: closures need no pickling there
+                    self._payloads.append(list(fns) if start_method == "fork" else cloudpickle.dumps(fns))
                 except Exception as error:
                     raise TypeError(
                         f"the env factories cannot be pickled for the {start_method!r} start method: {error}. "
@@ -443,7 +452,7 @@ class MultiprocessingBackend:
         workers = env_ids // k
         for w in np.unique(workers):
             mine = env_ids[workers == w]
-            self.pipes[w].send((Command.RESET, mine, [seeds[i] for i in np.nonzero(workers == w)[0]], options))
+            self._send(w, (Command.RESET, mine, [seeds[i] for i in np.nonzero(workers == w)[0]], options))
             lib.segvec_kick_worker(self.storage.core, int(w))
 
     def wait(self, min_count: int, deadline: float | None) -> None:
@@ -466,6 +475,12 @@ class MultiprocessingBackend:
                 continue
             self._drain()
             self._check_alive()
+            starved = self.storage.stats()["starved_workers"]
+            if starved:
+                raise SegmentBufferExhausted(
+                    f"{starved} worker(s) wait for a free segment row: every row is filling, awaiting its "
+                    "bootstrap or taken by the learner. Release the batches you hold (batch.release()) before "
+                    "waiting for envs, or raise num_segments; the envs resume where they stopped.")
             if deadline is not None and time.monotonic() >= deadline:
                 raise multiprocessing.TimeoutError(
                     f"timed out waiting for {min_count} envs ({ready[0]} ready)")
@@ -473,7 +488,7 @@ class MultiprocessingBackend:
     def _check_alive(self) -> None:
         for w, process in enumerate(self.processes):
             if not process.is_alive():
-                self._drain()  # an error it sent before dying explains more than its death
+                self._drain([w])  # an error it sent before dying explains more than its death
                 if self.restart_failed_envs and not self._closed:
                     self._respawn(w)
                     continue
@@ -493,9 +508,12 @@ class MultiprocessingBackend:
             raise env_error_from(body)
         return message
 
-    def _drain(self) -> None:
-        """Reads every message waiting on any pipe (infos are kept, errors raised)."""
-        for w, pipe in enumerate(self.pipes):
+    def _drain(self, workers=None) -> None:
+        """Reads every message waiting on the pipes of `workers` (default all; infos are kept, errors raised).
+
+        Only a dead worker's pipe is drained when it dies: the others may hold replies a `call` awaits."""
+        for w in range(len(self.pipes)) if workers is None else workers:
+            pipe = self.pipes[w]
             try:
                 while pipe.poll():
                     result = self._handle(w, pipe.recv())
@@ -525,9 +543,23 @@ class MultiprocessingBackend:
                 raise multiprocessing.TimeoutError(f"worker {w} did not answer in time")
         try:
             return pipe.recv()
-        except EOFError:
-            self._check_alive()
+        except (EOFError, OSError):  # a killed worker's pipe can also be reset
+            self._worker_gone(w)
             raise
+
+    def _send(self, w: int, message) -> None:
+        """Sends a command to worker w; a dead worker's broken pipe raises WorkerDied (or, with
+        restart_failed_envs, the command goes to its replacement)."""
+        try:
+            self.pipes[w].send(message)
+        except OSError:
+            self._worker_gone(w)
+            self.pipes[w].send(message)
+
+    def _worker_gone(self, w: int) -> None:
+        """Worker w's pipe broke: raises WorkerDied once its death is seen (the pipe closes just before)."""
+        self.processes[w].join(1.0)
+        self._check_alive()
 
     def _gather_results(self, deadline=None, workers=None) -> list:
         """One reply per worker asked.  Reads every worker's reply before raising the first env error,
@@ -551,46 +583,62 @@ class MultiprocessingBackend:
         k = self.envs_per_worker
         deadline = None if timeout is None else time.monotonic() + timeout
         if env_ids is None:
-            for w, pipe in enumerate(self.pipes):
-                pipe.send((Command.CALL, name, args, kwargs, None))
+            for w in range(self.num_workers):
+                self._send(w, (Command.CALL, name, args, kwargs, None))
                 lib.segvec_kick_worker(self.storage.core, w)
             return [value for chunk in self._gather_results(deadline) for value in chunk]
         env_ids = [int(e) for e in env_ids]
         workers = sorted({e // k for e in env_ids})
         for w in workers:
-            self.pipes[w].send((Command.CALL, name, args, kwargs, [e - w * k for e in env_ids if e // k == w]))
+            self._send(w, (Command.CALL, name, args, kwargs, [e - w * k for e in env_ids if e // k == w]))
             lib.segvec_kick_worker(self.storage.core, w)
         chunks = {w: iter(chunk) for w, chunk in zip(workers, self._gather_results(deadline, workers))}
         return [next(chunks[e // k]) for e in env_ids]  # back in the order asked
 
     def set_attr(self, name: str, values: list) -> None:
         k = self.envs_per_worker
-        for w, pipe in enumerate(self.pipes):
-            pipe.send((Command.SET_ATTR, name, values[w * k:(w + 1) * k]))
+        for w in range(self.num_workers):
+            self._send(w, (Command.SET_ATTR, name, values[w * k:(w + 1) * k]))
             lib.segvec_kick_worker(self.storage.core, w)
         self._gather_results()
 
     # ---- shutdown -------------------------------------------------------------------------------
     def close(self, terminate: bool = False) -> None:
-        """Stops every worker (politely, then by force) and removes the shared memory; idempotent."""
+        """Stops every worker (politely, then by force) and removes the shared memory; idempotent.
+
+        A KeyboardInterrupt during the polite wait (a second Ctrl-C) still stops the workers by force
+        before it propagates.
+        """
         if self._closed:
             return
         self._closed = True
-        if self.storage is not None:
-            lib.segvec_shutdown(self.storage.core)
-        for pipe in self.pipes:
-            try:
-                pipe.send((Command.CLOSE,))
-            except Exception:  # noqa: BLE001 - a dead worker's pipe
+        try:
+            if self.storage is not None:
+                lib.segvec_shutdown(self.storage.core)
+            for pipe in self.pipes:
+                try:
+                    pipe.send((Command.CLOSE,))
+                except Exception:  # noqa: BLE001 - a dead worker's pipe
+                    pass
+            deadline = time.monotonic() + (0.0 if terminate else 2.0)
+            for process in self.processes:
+                process.join(max(0.0, deadline - time.monotonic()))
+        finally:
+            self._stop_by_force()
+
+    def _stop_by_force(self) -> None:
+        """SIGTERM (then SIGKILL) every live worker, then closes the pipes and the block."""
+        alive = [process for process in self.processes if process.is_alive()]
+        for process in alive:
+            process.terminate()
+            try:  # a stopped (SIGSTOP) worker acts on SIGTERM only once it runs again
+                os.kill(process.pid, signal.SIGCONT)
+            except OSError:
                 pass
-        deadline = time.monotonic() + (0.0 if terminate else 2.0)
-        for process in self.processes:
+        deadline = time.monotonic() + 1.0
+        for process in alive:
             process.join(max(0.0, deadline - time.monotonic()))
-        for process in self.processes:
-            if process.is_alive():
-                process.terminate()
-        for process in self.processes:
-            process.join(1.0)
+        for process in alive:
             if process.is_alive():
                 process.kill()
                 process.join(1.0)

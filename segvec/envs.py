@@ -26,7 +26,6 @@ Example:
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import gymnasium
 import numpy as np
@@ -39,6 +38,7 @@ __all__ = [
     "burn",
     "calibrate_work",
     "register_envs",
+    "units_for",
 ]
 
 LIGHT_WORK_US = 50.0

@@ -47,7 +47,7 @@ class EnvError(SegvecError):
         self.original_type = original_type or Exception
 
     def __str__(self) -> str:
-        text = super().__str__()
+        text = BaseException.__str__(self)  # not the original type's (KeyError's would quote the message)
         if self.worker_traceback:
             text += "\n\nTraceback in the env's process:\n" + self.worker_traceback.rstrip()
         return text
@@ -66,14 +66,15 @@ def make_env_error(original: BaseException | type, env_index: int, action: str, 
     if cls is None:
         cls = EnvError
         if issubclass(original_type, Exception) and original_type not in (Exception, EnvError):
-            try:
+            try:  # some types cannot be mixed in (C layouts) or built from one message
                 cls = type(f"EnvError[{original_type.__name__}]", (EnvError, original_type), {})
-                cls(message)  # some types take special constructor arguments
-            except TypeError:
+                cls(message)
+            except Exception:  # noqa: BLE001 - fall back to a plain EnvError
                 cls = EnvError
         _ENV_ERROR_TYPES[original_type] = cls
-    error = cls.__new__(cls)
-    EnvError.__init__(error, message, env_index, worker_traceback, original_type)
+    # Built through the class's own __new__ (OSError and its subclasses refuse any other).
+    error = cls(message)
+    error.env_index, error.worker_traceback, error.original_type = env_index, worker_traceback, original_type
     return error
 
 

@@ -98,10 +98,12 @@ class EnvRunner:
         if not count:
             return None
         if self._flat_obs:
-            # Fast path: the first observation is checked; numpy refuses a ragged list for the others.
+            # Fast path: every observation is an array of the space's dtype (one set build), the first has
+            # the space's shape, and numpy refuses a ragged list for the others.
             shape, dtype = self._obs_checks[0]
             first = observations[0]
-            if type(first) is np.ndarray and first.shape == shape and first.dtype == dtype:
+            if type(first) is np.ndarray and first.shape == shape and \
+                    {getattr(obs, "dtype", None) for obs in observations} == {dtype}:
                 try:
                     self._obs_out[0][:count] = observations
                     return None

@@ -76,9 +76,10 @@ class SegmentBatch:
         if autoreset_mode == AutoresetMode.SAME_STEP:
             truncation_value = take(storage.truncation_value)
             swap = data["truncated"] & ~data["terminated"]
-            next_value[swap] = truncation_value[swap]
-        next_value[data["terminated"]] = 0.0
-        next_value[np.arange(T)[None, :] >= length[:, None]] = 0.0
+            np.copyto(next_value, truncation_value, where=swap)
+        np.copyto(next_value, np.float32(0), where=data["terminated"])  # no index arrays: cheap at 64k steps
+        for i in np.flatnonzero(length < T):
+            next_value[i, length[i]:] = 0.0
         data["next_value"] = next_value
         data["final_obs"] = final_obs
         self._data = data

@@ -26,6 +26,8 @@ from segvec.errors import (
     ClosedEnvironmentError,
     NoAsyncCallError,
     NotEnoughSegmentsError,
+    NotReceivedError,
+    SegmentBufferExhausted,
     SpaceMismatchError,
 )
 from segvec.segments import SegmentBatch
@@ -259,6 +261,8 @@ class SegmentVecEnv(VectorEnv):
         self._all_ids = np.arange(num_envs, dtype=np.int32)
         self._pop_buffer = np.zeros(num_envs, np.int32)
         self._truncation_obs: dict[tuple, list] = {}  # (row, env, start_step) -> [(t, leaves)]
+        self._truncation_noted = np.zeros(num_envs, bool)  # landed step's truncation noted before recv
+        self._reset_requested = np.zeros(num_envs, bool)   # reset at least once (for error messages)
         self._episode_cursor = ffi.new("int64_t *")
         self._step_field_names = frozenset(storage.step_fields)
         self._obs_item_bytes = [leaf.nbytes for leaf in self._obs_layout.leaves]
@@ -323,9 +327,15 @@ class SegmentVecEnv(VectorEnv):
         return infos
 
     def _note_truncations(self, env_ids: np.ndarray) -> None:
-        """SAME_STEP: keep final observations of truncations (value_fn evaluates them at once)."""
+        """SAME_STEP: keep final observations of truncations (value_fn evaluates them at once).
+
+        Called once per landed step: when the learner receives the env, or earlier when `flush` or a reset
+        closes its row before that (the row must not complete without its truncation value).
+        """
         storage = self._storage
-        truncated = storage.env_last_truncated[env_ids] & ~storage.env_last_terminated[env_ids]
+        noted = self._truncation_noted[env_ids]
+        self._truncation_noted[env_ids] = False
+        truncated = storage.env_last_truncated[env_ids] & ~storage.env_last_terminated[env_ids] & ~noted
         if not truncated.any():
             return
         ids = env_ids[truncated]
@@ -415,14 +425,23 @@ class SegmentVecEnv(VectorEnv):
             raise TypeError(f"unknown learner fields {sorted(unknown)}; declare them in step_fields/segment_fields")
         values = None if value is None else self._per_env(value, count, "value")
         logprobs = None if logprob is None else self._per_env(logprob, count, "logprob")
+        if self.backend_name == "serial":  # the envs step in this process, which cannot wait for a row
+            self._check_rows_for(env_ids, int(np.count_nonzero(storage.env_step[env_ids] == self.horizon - 1)))
         slots = np.empty(count, np.int64)
         row_start = np.empty(count, np.uint8)
-        check(lib.segvec_prepare_send(
+        status = lib.segvec_prepare_send(
             storage.core, count, ffi.from_buffer("int32_t[]", env_ids),
             ffi.NULL if values is None else ffi.from_buffer("float[]", values),
             ffi.NULL if logprobs is None else ffi.from_buffer("float[]", logprobs),
             int(self.policy_version), ffi.from_buffer("int64_t[]", slots, require_writable=True),
-            ffi.from_buffer("uint8_t[]", row_start, require_writable=True)), "send")
+            ffi.from_buffer("uint8_t[]", row_start, require_writable=True))
+        if status == lib.SEGVEC_ERR_NOT_HELD:
+            new = (storage.env_state[env_ids] == lib.SEGVEC_ENV_NEW) & ~self._reset_requested[env_ids]
+            never_reset = env_ids[new]
+            if len(never_reset):
+                raise NotReceivedError(f"envs {never_reset.tolist()} were never reset: call reset() (or "
+                                       "async_reset() and recv()) before step() or send()")
+        check(status, "send")
         for by_slot, array in zip(storage.action_by_slot, leaves):
             by_slot[slots] = array
         for name, array in fields.items():
@@ -485,6 +504,7 @@ class SegmentVecEnv(VectorEnv):
         self._outstanding += len(env_ids)
         self._state = AsyncState.WAITING_RESET
         self._pending_reset_ids = env_ids
+        self._reset_requested[env_ids] = True
         self._backend.reset(env_ids, seeds, options)
 
     def _seeds(self, seed) -> list:
@@ -627,7 +647,15 @@ class SegmentVecEnv(VectorEnv):
 
     # ---- async face -----------------------------------------------------------------------------
     def async_reset(self, seed=None, options: dict | None = None) -> None:
-        """Resets every env without waiting; their first observations come from `recv`."""
+        """Resets every env without waiting; their first observations come from `recv`.
+
+        Raises:
+            ValueError: the autoreset mode is DISABLED (the async face has no way to reset one env).
+        """
+        self._assert_open()
+        if self.autoreset_mode == AutoresetMode.DISABLED:
+            raise ValueError("the async face (async_reset/recv/send) needs autoreset: make the envs with "
+                             "autoreset_mode NEXT_STEP or SAME_STEP, or use reset()/step() with DISABLED")
         self.reset_async(seed=seed, options=options)
         self._state = AsyncState.ASYNC
 
@@ -640,6 +668,9 @@ class SegmentVecEnv(VectorEnv):
 
         Raises:
             NoAsyncCallError: nothing is outstanding (call `async_reset` or `send` first).
+            SegmentBufferExhausted: the envs wait for a segment row because the learner holds every row
+                they could use (release batches, then call again: nothing is lost).  The serial backend
+                raises it from `send`/`step` instead, before sending anything.
         """
         self._assert_open()
         if self._state == AsyncState.WAITING_RESET:
@@ -694,16 +725,22 @@ class SegmentVecEnv(VectorEnv):
         self._assert_open()
         storage = self._storage
         ready = self.segments_ready
-        if n is None:
+        all_rows = n is None
+        if all_rows:
             n = ready
         if not isinstance(n, (int, np.integer)) or n < 0:
             raise ValueError(f"n must be a non-negative int, got {n!r}")
         if n > ready:
             raise NotEnoughSegmentsError(f"take_segments({n}) but only {ready} segments are ready "
                                          f"(the buffer has {self.num_segments} rows)")
-        rows = np.empty(n, np.int32)
-        check(lib.segvec_take(storage.core, n, ffi.from_buffer("int32_t[]", rows, require_writable=True)),
-              "take_segments")
+        while True:
+            if all_rows:
+                n = self.segments_ready
+            rows = np.empty(n, np.int32)
+            status = lib.segvec_take(storage.core, n, ffi.from_buffer("int32_t[]", rows, require_writable=True))
+            if not (all_rows and status == lib.SEGVEC_ERR_NOT_ENOUGH):
+                break  # (a worker may recycle a complete row between the count and the take: count again)
+        check(status, "take_segments")
         rows.sort()
         return SegmentBatch(storage, rows, self.autoreset_mode, self._final_obs_of(rows), self._release)
 
@@ -734,7 +771,17 @@ class SegmentVecEnv(VectorEnv):
         """
         self._assert_open()
         self._wait_landed(self._deadline(timeout))
+        self._note_landed_truncations()
         self._flush_envs(self._all_ids)
+
+    def _note_landed_truncations(self) -> None:
+        """SAME_STEP: notes truncations of envs that landed but were not received yet (see flush)."""
+        if self.autoreset_mode != AutoresetMode.SAME_STEP:
+            return
+        landed = self._all_ids[(self._storage.env_state == lib.SEGVEC_ENV_READY) & ~self._truncation_noted]
+        if len(landed):
+            self._note_truncations(landed)
+            self._truncation_noted[landed] = True
 
     def _wait_landed(self, deadline) -> None:
         if self._outstanding:
@@ -743,10 +790,31 @@ class SegmentVecEnv(VectorEnv):
     def _drain_outstanding(self) -> None:
         while self._outstanding:
             ids = self._pop(self._outstanding, None)
+            if self.autoreset_mode == AutoresetMode.SAME_STEP:
+                self._note_truncations(ids)
             self._build_infos(ids, len(ids))
+
+    def _check_rows_for(self, env_ids: np.ndarray, new_rows: int) -> None:
+        """Raises SegmentBufferExhausted, before anything changes, when `env_ids` need `new_rows` fresh rows
+        and fewer can be had (free or complete rows, plus the rows of these envs that complete first)."""
+        if not new_rows:
+            return
+        storage = self._storage
+        stats = storage.stats()
+        available = stats["free_rows"] + stats["complete_rows"]
+        if new_rows <= available:
+            return
+        awaiting = storage.row_env_id[storage.row_state == lib.SEGVEC_ROW_AWAITING_BOOTSTRAP]
+        if new_rows <= available + int(np.isin(awaiting, env_ids).sum()):
+            return
+        raise SegmentBufferExhausted(
+            f"no free segment row for {new_rows} env(s): every row is filling, awaiting its bootstrap or taken "
+            f"by the learner ({stats['segments_taken']} taken so far). Release the batches you hold "
+            "(batch.release()) and try again, or raise num_segments. Nothing was sent or flushed.")
 
     def _flush_envs(self, env_ids: np.ndarray) -> None:
         storage = self._storage
+        self._check_rows_for(env_ids, int(np.count_nonzero(storage.env_step[env_ids] > 0)))
         tails = None
         if self.value_fn is not None:
             tails = np.asarray(self.value_fn(self._current_obs(env_ids)), np.float32).reshape(-1)

@@ -7,7 +7,7 @@ Everything is module-level so that worker processes (any start method) can pickl
 - `CounterEnv`: a Box observation that encodes ``(env index, episode, step, noise)``, so every transition
   says where it comes from; random episode lengths, terminations and truncations.
 - `policy` / `value_of`: a deterministic policy and value function of the observation (batched or single).
-- `reference_rollout`: the plain sequential loop that segvec must reproduce, transition for transition.
+- `reference_slots`: the plain sequential loop that segvec must reproduce, slot for slot.
 """
 from __future__ import annotations
 
@@ -127,31 +127,91 @@ def value_of(obs) -> np.ndarray:
 
 
 @dataclasses.dataclass
-class Rollout:
-    """A sequential rollout of one env: arrays over its transitions ``[n, ...]``."""
+class Slots:
+    """One phase (a reset with a seed, then `n` slots) of the plain sequential loop, as segvec should store it.
 
+    Arrays over the phase's slots ``[n, ...]``; a slot is a step of the env (NEXT_STEP: also the reset step
+    that follows an ended episode, whose action is ignored: ``real`` False, reward 0).
+    """
+
+    start_obs: np.ndarray    # [4] the phase's reset observation
     obs: np.ndarray          # [n, 4] what the policy saw
     action: np.ndarray       # [n]
     reward: np.ndarray       # [n]
     terminated: np.ndarray   # [n]
     truncated: np.ndarray    # [n]
-    next_obs: np.ndarray     # [n, 4] the observation the step returned (the final one when it ended)
-    first_obs_after: np.ndarray  # [4] the observation the policy would see next
+    real: np.ndarray         # [n] a real transition (False on NEXT_STEP reset steps)
+    next_obs: np.ndarray     # [n, 4] what the step returned (the final observation when it ended)
+    after: np.ndarray        # [n, 4] the env's observation after the slot (before a user's reset)
 
 
-def reference_rollout(index: int, seed: int, steps: int, max_length: int = 9) -> Rollout:
-    """The plain loop: reset with `seed`, then `steps` transitions with `policy`, resetting ended episodes."""
+def reference_slots(index: int, phases: list, mode: str, max_length: int = 9) -> list[Slots]:
+    """The plain loop over one `CounterEnv`: for each ``(seed, n)`` of `phases`, reset with `seed` and run
+    `n` slots with `policy`.  `mode` is the autoreset mode's value: ``"NextStep"`` (an ended episode's next
+    action is ignored and the env resets), ``"SameStep"`` (it resets at once), ``"Disabled"`` (the user
+    resets it at once with ``reset()``; the observation after the slot is the final one)."""
     env = CounterEnv(index=index, max_length=max_length)
-    obs, _ = env.reset(seed=seed)
-    out = {k: [] for k in ("obs", "action", "reward", "terminated", "truncated", "next_obs")}
-    for _ in range(steps):
-        action = int(policy(obs))
-        next_obs, reward, terminated, truncated, _ = env.step(action)
-        for key, value in zip(out, (obs, action, reward, terminated, truncated, next_obs)):
-            out[key].append(value)
-        obs = env.reset()[0] if terminated or truncated else next_obs
-    return Rollout(
-        obs=np.asarray(out["obs"], np.float64).reshape(-1, 4), action=np.asarray(out["action"], np.int64),
-        reward=np.asarray(out["reward"], np.float64), terminated=np.asarray(out["terminated"], bool),
-        truncated=np.asarray(out["truncated"], bool), next_obs=np.asarray(out["next_obs"], np.float64).reshape(-1, 4),
-        first_obs_after=np.asarray(obs, np.float64))
+    out = []
+    for seed, n in phases:
+        obs = env.reset(seed=seed)[0]
+        start = obs
+        pending = False
+        rows = {k: [] for k in ("obs", "action", "reward", "terminated", "truncated", "real", "next_obs", "after")}
+
+        def put(**values):
+            for key, value in values.items():
+                rows[key].append(value)
+
+        for _ in range(n):
+            if mode == "NextStep" and pending:
+                final = obs
+                obs = env.reset()[0]
+                pending = False
+                put(obs=final, action=-1, reward=0.0, terminated=False, truncated=False, real=False,
+                    next_obs=obs, after=obs)
+                continue
+            action = int(policy(obs))
+            next_obs, reward, terminated, truncated, _ = env.step(action)
+            ended = terminated or truncated
+            before = obs
+            if ended and mode == "SameStep":
+                obs = env.reset()[0]
+            else:
+                obs = next_obs
+            put(obs=before, action=action, reward=reward, terminated=terminated, truncated=truncated, real=True,
+                next_obs=next_obs, after=obs)
+            if ended and mode == "NextStep":
+                pending = True
+            if ended and mode == "Disabled":
+                obs = env.reset()[0]
+        out.append(Slots(
+            start_obs=np.asarray(start, np.float64),
+            obs=np.asarray(rows["obs"], np.float64).reshape(-1, 4), action=np.asarray(rows["action"], np.int64),
+            reward=np.asarray(rows["reward"], np.float64), terminated=np.asarray(rows["terminated"], bool),
+            truncated=np.asarray(rows["truncated"], bool), real=np.asarray(rows["real"], bool),
+            next_obs=np.asarray(rows["next_obs"], np.float64).reshape(-1, 4),
+            after=np.asarray(rows["after"], np.float64).reshape(-1, 4)))
+    return out
+
+
+class TextEnv(gymnasium.Env):
+    """An env whose observations are strings (gymnasium.spaces.Text): nothing shared memory can hold."""
+
+    def __init__(self):
+        self.observation_space = spaces.Text(8)
+        self.action_space = spaces.Discrete(2)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return "start", {}
+
+    def step(self, action):
+        return "step", 0.0, False, False, {}
+
+
+class GraphEnv(TextEnv):
+    """An env whose observations are graphs (gymnasium.spaces.Graph)."""
+
+    def __init__(self):
+        super().__init__()
+        self.observation_space = spaces.Graph(node_space=spaces.Box(-1, 1, (2,)), edge_space=None)

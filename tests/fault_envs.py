@@ -65,6 +65,8 @@ class FaultEnv(gymnasium.Env):
         if faulty:
             if self.fault == "step":
                 raise EnvBoom(f"env {self.index} fails at step {self.steps - 1}")
+            if self.fault == "step_oserror":
+                raise FileNotFoundError(2, "No such file or directory", "rom.bin")
             if self.fault == "hang_step":
                 time.sleep(3600)
             if self.fault == "bad_shape":

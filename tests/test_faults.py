@@ -4,10 +4,13 @@ Every test ends with the `leftovers` check: each worker process the test started
 zombie), no new child of this process remains, and no shared-memory object the test created is still in
 /dev/shm.  The shared-memory check covers the names this process (or a subprocess under test) created, not
 every /dev/shm entry on the machine, so that test runs of other checkouts on the same machine cannot make
-it fail.  Hanging envs sleep in their own code; tests bound every wait with a timeout of a second or less.
+it fail.  Hanging envs sleep in their own code.  Waits that must end by themselves (a dead worker) have no
+timeout; a watchdog (faulthandler) dumps every thread's stack and exits if any test runs past a minute.
 """
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import gc
 import json
 import multiprocessing
@@ -17,7 +20,6 @@ import re
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 
@@ -34,6 +36,7 @@ BACKENDS = ["serial", "multiprocessing"]
 NUM_ENVS = 4
 SRC = pathlib.Path(segvec.__file__).parent
 TESTS = pathlib.Path(__file__).parent
+WATCHDOG_S = 60  # no test here needs more than a few seconds
 
 
 def make(fns, backend: str, **options) -> segvec.SegmentVecEnv:
@@ -64,6 +67,13 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
+    except OSError:
+        return "?"
+
+
 def _children(pid: int) -> set[int]:
     out = set()
     for entry in pathlib.Path("/proc").iterdir():
@@ -72,6 +82,11 @@ def _children(pid: int) -> set[int]:
             if state is not None and state[1] == pid:
                 out.add(int(entry.name))
     return out
+
+
+# multiprocessing's own server processes, e.g. a forkserver whose start a Ctrl-C cut short before
+# multiprocessing recorded its pid.
+HELPER_CMDLINE = r"from multiprocessing\.(forkserver|resource_tracker) import main"
 
 
 def _helper_pids() -> set[int]:
@@ -97,6 +112,19 @@ def assert_gone(pids, shm_names, within: float = 3.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"left behind: processes {alive} (state, parent), shared memory {files}")
         time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def sigint_after(seconds: float):
+    """Sends SIGINT (Ctrl-C) to this process after `seconds`, from a thread; restores the handler after."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    timer = threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGINT))
+    try:
+        timer.start()
+        yield
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGINT, previous)
 
 
 class Leftovers:
@@ -127,11 +155,16 @@ def leftovers(monkeypatch):
 
     monkeypatch.setattr(MemoryBlock, "__init__", recording_block_init)
     monkeypatch.setattr(MultiprocessingBackend, "create_envs", recording_create_envs)
-    yield record
+    faulthandler.dump_traceback_later(WATCHDOG_S, exit=True)  # a hang fails loudly instead of stalling
+    try:
+        yield record
+    finally:
+        faulthandler.cancel_dump_traceback_later()
     gc.collect()
     assert_gone(record.worker_pids, record.shm_names)
-    new_children = _children(os.getpid()) - children_before - _helper_pids()
-    assert not new_children, f"child processes left behind: {[(p, _proc_state(p)) for p in new_children]}"
+    new_children = {pid for pid in _children(os.getpid()) - children_before - _helper_pids()
+                    if not re.search(HELPER_CMDLINE, _cmdline(pid))}
+    assert not new_children, f"child processes left behind: {[(p, _proc_state(p), _cmdline(p)) for p in new_children]}"
 
 
 def closed_twice(envs) -> None:
@@ -149,6 +182,23 @@ def check_env_error(error: BaseException, env_index: int, action: str) -> None:
     assert f"env {env_index}" in str(error) and action in str(error)
     assert "EnvBoom" in error.worker_traceback and "fault_envs.py" in error.worker_traceback
     assert "Traceback" in str(error), "the message carries the worker's traceback"
+
+
+class TwoArgumentError(Exception):
+    def __init__(self, code, detail):
+        super().__init__(code, detail)
+
+
+@pytest.mark.parametrize("original", [
+    EnvBoom("boom"), KeyError("missing"), TwoArgumentError(1, "two"), OSError(5, "io"),
+    FileNotFoundError(2, "gone", "rom.bin"), TimeoutError("slow"), UnicodeDecodeError("utf-8", b"\xff", 0, 1, "bad"),
+])
+def test_env_error_keeps_the_original_type_where_possible(original):
+    error = segvec.errors.make_env_error(original, 5, "step", "Traceback (most recent call last): ...")
+    assert isinstance(error, segvec.EnvError) and isinstance(error, type(original))
+    assert error.env_index == 5 and error.original_type is type(original)
+    assert str(error).startswith(f"env 5 raised in step: {type(original).__name__}")
+    assert "Traceback" in str(error)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -189,6 +239,18 @@ def test_env_raises_in_step(backend, face):
                 envs.send(zeros(len(infos["env_id"])), infos["env_id"])
     assert time.monotonic() - start < 5
     check_env_error(info.value, 1, "step")
+    closed_twice(envs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_env_raising_an_os_error(backend):
+    """OSError subclasses need their own __new__: the learner still gets an EnvError of that type."""
+    envs = make(fault_fns(NUM_ENVS, "step_oserror", target=2), backend)
+    envs.reset(seed=0)
+    with pytest.raises(FileNotFoundError) as info:
+        envs.step(zeros())
+    assert isinstance(info.value, segvec.EnvError) and info.value.env_index == 2
+    assert "rom.bin" in str(info.value) and "fault_envs.py" in info.value.worker_traceback
     closed_twice(envs)
 
 
@@ -285,7 +347,19 @@ def test_sigkilled_worker_raises_worker_died(face):
     closed_twice(envs)
 
 
-def test_sigstopped_worker_times_out_and_close_still_works():
+def test_sigkilled_worker_during_call_raises_worker_died():
+    envs = make(fault_fns(NUM_ENVS), "multiprocessing")
+    envs.reset(seed=0)
+    os.kill(envs._backend.processes[0].pid, signal.SIGKILL)
+    start = time.monotonic()
+    with pytest.raises(segvec.WorkerDied):
+        envs.get_attr("index")
+    assert time.monotonic() - start < 5
+    closed_twice(envs)
+
+
+@pytest.mark.parametrize("terminate, limit", [(False, 3.0), (True, 1.0)])
+def test_sigstopped_worker_times_out_and_close_still_works(terminate, limit):
     envs = make(fault_fns(NUM_ENVS), "multiprocessing")
     envs.reset(seed=0)
     victim = envs._backend.processes[0]
@@ -297,8 +371,8 @@ def test_sigstopped_worker_times_out_and_close_still_works():
             envs.step_wait(timeout=0.3)
         assert time.monotonic() - start < 2
         start = time.monotonic()
-        envs.close()
-        assert time.monotonic() - start < 4, "a stopped worker must not stall close()"
+        envs.close(terminate=terminate)  # polite: 2 s for the workers to leave, then SIGTERM + SIGCONT
+        assert time.monotonic() - start < limit, "a stopped worker must not stall close()"
         envs.close()
     finally:
         if _proc_state(victim.pid) is not None:
@@ -311,21 +385,37 @@ def test_keyboard_interrupt_mid_wait_then_close(backend):
     envs = make(fault_fns(NUM_ENVS, "hang_step", target=0), backend)
     envs.async_reset(seed=0)
     *_, infos = envs.recv(timeout=5)
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
     start = time.monotonic()
-    try:
-        timer.start()
-        with pytest.raises(KeyboardInterrupt):
-            envs.send(zeros(), infos["env_id"])  # the serial backend steps (and hangs) here
-            envs.recv(timeout=10)
-    finally:
-        timer.cancel()
-        signal.signal(signal.SIGINT, previous)
+    with sigint_after(0.3), pytest.raises(KeyboardInterrupt):
+        envs.send(zeros(), infos["env_id"])  # the serial backend steps (and hangs) here
+        envs.recv(timeout=10)
     assert time.monotonic() - start < 3
     start = time.monotonic()
     envs.close()
     assert time.monotonic() - start < 4
+    envs.close()
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.3])
+def test_keyboard_interrupt_during_construction(delay):
+    """Ctrl-C while spawned workers start (or just after): no worker and no shared memory is left."""
+    with sigint_after(delay), pytest.raises(KeyboardInterrupt):
+        envs = make(fault_fns(NUM_ENVS), "multiprocessing", context="spawn")
+        envs.reset(seed=0)
+        time.sleep(5)  # the interrupt comes after construction: dropping `envs` must clean up
+
+
+def test_keyboard_interrupt_during_close_still_stops_workers():
+    """A second Ctrl-C while close() politely waits for a hanging worker: the workers still go."""
+    envs = make(fault_fns(NUM_ENVS, "hang_step", target=0), "multiprocessing")
+    envs.reset(seed=0)
+    envs.step_async(zeros())
+    with pytest.raises(multiprocessing.TimeoutError):
+        envs.step_wait(timeout=0.2)
+    start = time.monotonic()
+    with sigint_after(0.3), pytest.raises(KeyboardInterrupt):
+        envs.close()  # waits up to 2 s for the hanging worker to leave
+    assert time.monotonic() - start < 2
     envs.close()
 
 
@@ -432,6 +522,8 @@ def test_waiting_burns_no_cpu():
     workers = [_cpu_seconds(pid) - before for pid, before in zip(pids, workers_before)]
     envs.close(terminate=True)
     used = (learner + sum(workers)) / wall
+    print(f"idle for {wall:.2f} s: learner {learner * 1e3:.1f} ms, workers {[round(w * 1e3, 1) for w in workers]} ms "
+          f"of CPU: {100 * used:.2f}% of a core")
     assert used < 0.02, f"learner {learner:.3f} s, workers {workers} s of CPU in {wall:.2f} s"
 
 

@@ -74,6 +74,9 @@ def test_drop_in_equality(env_name, mode, backend, make_envs):
             assert_same(expected, actual, f"step {step}")
             ended = expected[2] | expected[3]
             ended_seen += int(ended.sum())
+            if step == STEPS // 2:  # a reset in the middle of episodes (and of segment rows)
+                assert_same(reference.reset(seed=77), envs.reset(seed=77), "reset mid-run")
+                continue
             if mode == AutoresetMode.DISABLED and ended.any():
                 seed = None if step % 2 else 1000 + step
                 options = {"reset_mask": ended.copy()}
@@ -99,7 +102,7 @@ def test_int_seed_gives_seed_plus_i(backend, make_envs):
     while len(got) < 4:
         obs, _, _, _, info = envs.recv()
         for j, env_id in enumerate(info["env_id"]):
-            got[int(env_id)] = {k: v[j] for k, v in obs.items()}
+            got.setdefault(int(env_id), {k: v[j] for k, v in obs.items()})  # the first receipt: the reset
         envs.send(np.zeros(len(info["env_id"]), np.int64), info["env_id"])
     for i in range(4):
         assert_same(DictEnv().reset(seed=40 + i)[0], got[i], f"async env {i}")
@@ -151,3 +154,133 @@ def test_step_accepts_learner_fields_and_stamps_policy_version(backend, make_env
         np.testing.assert_array_equal(batch.hidden[i], [[0, 0], [1, 1], [2, 2]])
         np.testing.assert_array_equal(batch.memory[i], [0, 0, 0])
     batch.release()
+
+
+def test_mixing_faces_while_actions_are_in_flight(backend, make_envs):
+    envs = make_envs(DictEnv, 4, backend, batch_size=2)
+    envs.async_reset(seed=0)
+    _, _, _, _, info = envs.recv()
+    envs.send(np.zeros(2, np.int64), info["env_id"])
+    with pytest.raises(segvec.AlreadyPendingCallError):
+        envs.step(np.zeros(4, np.int64))
+    envs.reset(seed=0)
+    envs.step_async(np.zeros(4, np.int64))
+    with pytest.raises(segvec.AlreadyPendingCallError):
+        envs.recv()
+    with pytest.raises(segvec.AlreadyPendingCallError):
+        envs.send(np.zeros(4, np.int64), np.arange(4))
+    with pytest.raises(segvec.AlreadyPendingCallError):
+        envs.reset_async(seed=0)
+    obs, *_ = envs.step_wait()
+    assert obs["position"].shape == (4, 3)
+
+
+def test_reset_mask_is_prompt(backend, make_envs):
+    """Resetting a few envs (a message to their worker) answers at once, not after a wait slice."""
+    import time
+
+    envs = make_envs(DictEnv, 4, backend, autoreset_mode=AutoresetMode.DISABLED)
+    envs.reset(seed=0)
+    mask = np.array([True, False, False, True])
+    start = time.monotonic()
+    for i in range(40):
+        envs.step(np.zeros(4, np.int64))
+        envs.reset(options={"reset_mask": mask if i % 2 else ~mask})
+    assert time.monotonic() - start < 4.0, "each reset_mask reset should take milliseconds"
+
+
+@pytest.mark.parametrize("context", ["spawn", "forkserver"])
+def test_drop_in_with_other_start_methods(context, make_envs):
+    fn = ENV_FNS["DictEnv"]
+    reference = SyncVectorEnv([fn] * 2, autoreset_mode=AutoresetMode.SAME_STEP)
+    envs = make_envs(fn, 2, "multiprocessing", context=context, autoreset_mode=AutoresetMode.SAME_STEP)
+    assert_same(reference.reset(seed=5), envs.reset(seed=5))
+    rng = np.random.default_rng(1)
+    for step in range(60):
+        actions = rng.integers(0, 3, 2)
+        assert_same(reference.step(actions), envs.step(actions), f"step {step}")
+    reference.close()
+
+
+@pytest.mark.parametrize("mode", [AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP], ids=lambda m: m.name)
+def test_returned_arrays_are_not_overwritten_by_later_steps(backend, mode, make_envs):
+    """What step()/recv() return belongs to the caller (gymnasium copies too), even as rows are reused."""
+    fn = ENV_FNS["DictEnv"]
+    reference = SyncVectorEnv([fn] * 2, autoreset_mode=mode)
+    envs = make_envs(fn, 2, backend, autoreset_mode=mode, horizon=2, num_segments=4)
+    kept, expected = [envs.reset(seed=9)], [reference.reset(seed=9)]
+    rng = np.random.default_rng(3)
+    for _ in range(40):
+        actions = rng.integers(0, 3, 2)
+        kept.append(envs.step(actions))
+        expected.append(reference.step(actions))
+    for step, (e, a) in enumerate(zip(expected, kept)):
+        assert_same(e, a, f"result {step} after 40 more steps")
+    reference.close()
+
+
+def info_of(infos: dict, j: int) -> dict:
+    """The info of position `j` in gymnasium's batched layout (values where the ``_key`` mask is set)."""
+    out = {}
+    for key, value in infos.items():
+        if key.startswith("_") or f"_{key}" not in infos or not infos[f"_{key}"][j]:
+            continue
+        out[key] = info_of(value, j) if isinstance(value, dict) else value[j]
+    return out
+
+
+@pytest.mark.parametrize("mode", [AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP], ids=lambda m: m.name)
+def test_async_face_matches_single_envs(backend, mode, make_envs):
+    """recv() in any order: each env's observations, outcomes and infos are those of a plain single env."""
+    E = 4
+    envs = make_envs(ENV_FNS["DictEnv"], E, backend, autoreset_mode=mode, batch_size=2)
+    singles = [DictEnv(max_length=12) for _ in range(E)]
+    pending = [False] * E   # NEXT_STEP: the env's last step ended an episode
+    received = [0] * E
+    last_action: dict = {}
+    envs.async_reset(seed=50)
+    for _ in range(200):
+        obs, rewards, terms, truncs, infos = envs.recv()
+        assert len(infos["env_id"]) == 2
+        actions = []
+        for j, e in enumerate(infos["env_id"].tolist()):
+            got = ({k: v[j] for k, v in obs.items()}, rewards[j], terms[j], truncs[j], info_of(infos, j))
+            single = singles[e]
+            if received[e] == 0:
+                o, info = single.reset(seed=50 + e)
+                expected = (o, 0.0, False, False, info)
+            elif mode == AutoresetMode.NEXT_STEP and pending[e]:
+                o, info = single.reset()
+                expected = (o, 0.0, False, False, info)
+                pending[e] = False
+            else:
+                o, r, term, trunc, info = single.step(last_action[e])
+                if term or trunc:
+                    if mode == AutoresetMode.SAME_STEP:
+                        final = {"final_obs": o, "final_info": info}
+                        o, info = single.reset()
+                        info = {**final, **info}
+                    else:
+                        pending[e] = True
+                expected = (o, r, term, trunc, info)
+            assert_same(expected[0], got[0], f"env {e} receipt {received[e]} obs")
+            assert (float(got[1]), bool(got[2]), bool(got[3])) == (float(expected[1]), expected[2], expected[3])
+            assert_info_same(expected[4], got[4], f"env {e} receipt {received[e]} info")
+            received[e] += 1
+            actions.append((e * 7 + received[e]) % 3)
+        last_action.update(zip(infos["env_id"].tolist(), actions))
+        envs.send(np.asarray(actions), infos["env_id"])
+    assert min(received) > 20
+
+
+def assert_info_same(expected: dict, actual: dict, path: str) -> None:
+    """One env's info: same keys, same values (numbers compare by value, arrays and dicts deeply)."""
+    assert set(expected) == set(actual), f"{path}: keys {sorted(actual)} != {sorted(expected)}"
+    for key, value in expected.items():
+        if isinstance(value, dict):
+            if key == "final_obs":
+                assert_same(value, actual[key], f"{path}/{key}")
+            else:
+                assert_info_same(value, actual[key], f"{path}/{key}")
+        else:
+            np.testing.assert_array_equal(np.asarray(actual[key]), np.asarray(value), err_msg=f"{path}/{key}")

@@ -1,0 +1,470 @@
+"""Env steps per second of segvec next to the usual vector envs, side by side in one run.
+
+For each env (CartPole-v1, the light and the heavy synthetic Atari-shaped env of ``segvec.envs``) and each
+number of envs, every method is built and warmed up, then each of ``--repeats`` rounds gives every method
+one timed window of ``--seconds`` in turn (interleaved, so that a slow spell of a shared machine lands on
+all of them alike), stepping random pre-sampled actions.  The table shows the median steps/s, the spread
+of the repeats ((max - min) / median) and the ratio to one env stepped in a plain loop ("raw", measured in
+the same rounds).  Then the targets are checked and marked PASS/MISS.
+
+Methods:
+    raw            one env, ``env.step`` in a loop with pre-sampled actions, ``reset`` when an episode ends
+    gym-sync       gymnasium ``SyncVectorEnv``
+    gym-async      gymnasium ``AsyncVectorEnv(shared_memory=True)`` (one process per env)
+    sb3            stable-baselines3 ``SubprocVecEnv`` (one process per env; only if installed)
+    puffer         PufferLib ``pufferlib.vector.Multiprocessing``, ``--workers`` workers, batch of half the
+                   envs (only if installed)
+    segvec-serial  segvec, serial backend, ``reset``/``step``
+    segvec-sync    segvec, multiprocessing backend, ``--workers`` workers, ``batch_size = num_envs``
+    segvec-async   segvec, multiprocessing backend, ``--workers`` workers, ``batch_size = num_envs / 2``,
+                   ``recv``/``send`` loop
+
+Usage:
+    python benchmarks/throughput.py                      # full run (about 8 minutes on 2 cores)
+    python benchmarks/throughput.py --quick --envs cartpole --num-envs 8
+    python benchmarks/throughput.py --envs light,heavy --num-envs 8,32 --seconds 3 --repeats 5
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import importlib
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from typing import Callable
+
+import gymnasium
+import numpy as np
+
+import segvec
+import segvec.envs
+
+ENV_ALIASES = {
+    "cartpole": "CartPole-v1",
+    "light": "segvec/SyntheticAtari-v0",
+    "heavy": "segvec/SyntheticAtariHeavy-v0",
+}
+LIGHT_ENVS = ("CartPole-v1", "segvec/SyntheticAtari-v0")  # targets against gymnasium Async apply here
+HEAVY_ENVS = ("segvec/SyntheticAtariHeavy-v0",)
+RAW_CHUNK = 64            # raw steps between two clock reads
+ACTION_BANK = 256         # pre-sampled action batches, cycled
+
+
+class EnvFactory:
+    """A picklable ``gymnasium.make(env_id)`` that also works in spawned processes."""
+
+    def __init__(self, env_id: str):
+        self.env_id = env_id
+
+    def __call__(self):
+        import segvec.envs  # noqa: F401 - registers the synthetic ids in a fresh process
+        return gymnasium.make(self.env_id)
+
+
+def _action_bank(space: gymnasium.Space, count: int = ACTION_BANK) -> list:
+    space.seed(0)
+    return [space.sample() for _ in range(count)]
+
+
+def _batched(single_space: gymnasium.Space, n: int) -> list[np.ndarray]:
+    space = gymnasium.vector.utils.batch_space(single_space, n)
+    return _action_bank(space)
+
+
+# ---- methods: each returns (step, close); step() does some env steps and returns how many ----------
+def setup_raw(env_id: str, n: int, workers: int):
+    env = EnvFactory(env_id)()
+    env.reset(seed=0)
+    actions = _action_bank(env.action_space, 4096)
+    state = {"i": 0}
+
+    def step() -> int:
+        i, env_step, reset = state["i"], env.step, env.reset
+        for _ in range(RAW_CHUNK):
+            _, _, terminated, truncated, _ = env_step(actions[i & 4095])
+            i += 1
+            if terminated or truncated:
+                reset()
+        state["i"] = i
+        return RAW_CHUNK
+
+    return step, env.close
+
+
+def _gym_vector(envs, n: int):
+    envs.reset(seed=0)
+    actions = _batched(envs.single_action_space, n)
+    state = {"i": 0}
+
+    def step() -> int:
+        envs.step(actions[state["i"] % ACTION_BANK])
+        state["i"] += 1
+        return n
+
+    return step, envs.close
+
+
+def setup_gym_sync(env_id: str, n: int, workers: int):
+    return _gym_vector(gymnasium.vector.SyncVectorEnv([EnvFactory(env_id)] * n), n)
+
+
+def setup_gym_async(env_id: str, n: int, workers: int):
+    return _gym_vector(gymnasium.vector.AsyncVectorEnv([EnvFactory(env_id)] * n, shared_memory=True), n)
+
+
+def setup_sb3(env_id: str, n: int, workers: int):
+    from stable_baselines3.common.vec_env import SubprocVecEnv
+
+    envs = SubprocVecEnv([EnvFactory(env_id)] * n, start_method="fork")
+    envs.seed(0)
+    envs.reset()
+    actions = _batched(envs.action_space, n)
+    state = {"i": 0}
+
+    def step() -> int:
+        envs.step(actions[state["i"] % ACTION_BANK])
+        state["i"] += 1
+        return n
+
+    return step, envs.close
+
+
+def _puffer_env(env_id: str, buf=None, seed: int = 0):
+    import pufferlib.emulation
+
+    return pufferlib.emulation.GymnasiumPufferEnv(env_creator=EnvFactory(env_id), buf=buf, seed=seed)
+
+
+def setup_puffer(env_id: str, n: int, workers: int):
+    import pufferlib.vector
+
+    batch = n // 2
+    envs = pufferlib.vector.make(functools.partial(_puffer_env, env_id), backend=pufferlib.vector.Multiprocessing,
+                                 num_envs=n, num_workers=workers, batch_size=batch)
+    space = envs.single_action_space
+    space.seed(0)
+    actions = [np.asarray([space.sample() for _ in range(batch)], np.int32) for _ in range(ACTION_BANK)]
+    envs.async_reset(seed=0)
+    state = {"i": 0}
+
+    def step() -> int:
+        envs.recv()
+        envs.send(actions[state["i"] % ACTION_BANK])
+        state["i"] += 1
+        return batch
+
+    def close() -> None:
+        envs.close()
+        for process in envs.processes:  # close() only terminates them
+            process.join(5)
+
+    return step, close
+
+
+def _segvec_vector(env_id: str, n: int, **options):
+    envs = segvec.make_vec(EnvFactory(env_id), num_envs=n, **options)
+    envs.reset(seed=0)
+    actions = _batched(envs.single_action_space, n)
+    state = {"i": 0}
+
+    def step() -> int:
+        envs.step(actions[state["i"] % ACTION_BANK])
+        state["i"] += 1
+        return n
+
+    return step, envs.close
+
+
+def setup_segvec_serial(env_id: str, n: int, workers: int):
+    return _segvec_vector(env_id, n, backend="serial")
+
+
+def setup_segvec_sync(env_id: str, n: int, workers: int):
+    return _segvec_vector(env_id, n, backend="multiprocessing", num_workers=workers)
+
+
+def setup_segvec_async(env_id: str, n: int, workers: int):
+    envs = segvec.make_vec(EnvFactory(env_id), num_envs=n, backend="multiprocessing", num_workers=workers,
+                           batch_size=n // 2)
+    actions = _batched(envs.single_action_space, n)
+    envs.async_reset(seed=0)
+    state = {"i": 0}
+
+    def step() -> int:
+        _, _, _, _, info = envs.recv()
+        env_ids = info["env_id"]
+        envs.send(actions[state["i"] % ACTION_BANK][:len(env_ids)], env_ids)
+        state["i"] += 1
+        return len(env_ids)
+
+    return step, envs.close
+
+
+METHODS: dict[str, tuple[str, Callable, str | None]] = {
+    # key: (label, setup, module that must be importable)
+    "raw": ("raw single env (1 env, ratio 1)", setup_raw, None),
+    "gym-sync": ("gymnasium SyncVectorEnv", setup_gym_sync, None),
+    "gym-async": ("gymnasium AsyncVectorEnv (shm, n procs)", setup_gym_async, None),
+    "sb3": ("SB3 SubprocVecEnv (n procs)", setup_sb3, "stable_baselines3"),
+    "puffer": ("PufferLib Multiprocessing (async n/2)", setup_puffer, "pufferlib"),
+    "segvec-serial": ("segvec serial", setup_segvec_serial, None),
+    "segvec-sync": ("segvec multiprocessing sync", setup_segvec_sync, None),
+    "segvec-async": ("segvec multiprocessing async (n/2)", setup_segvec_async, None),
+}
+
+
+def measure(step: Callable[[], int], seconds: float, repeats: int, warmup: float) -> list[float]:
+    """Steps for `warmup` seconds, then `repeats` windows of `seconds`; returns steps/s of each window."""
+    clock = time.perf_counter
+    end = clock() + warmup
+    while clock() < end:
+        step()
+    rates = []
+    for _ in range(repeats):
+        steps = 0
+        start = clock()
+        end = start + seconds
+        while True:
+            steps += step()
+            now = clock()
+            if now >= end:
+                break
+        rates.append(steps / (now - start))
+    return rates
+
+
+def available(module: str | None) -> bool:
+    if module is None:
+        return True
+    try:
+        importlib.import_module(module)
+    except Exception:  # noqa: BLE001 - any failure to import means "not available"
+        return False
+    return True
+
+
+def _short(error: BaseException) -> str:
+    return f"error: {type(error).__name__}: {error}"[:60]
+
+
+def run_group(env_id: str, n: int, methods: list[str], args) -> dict[str, tuple[list[float] | None, str | None]]:
+    """Measures every method on `n` copies of `env_id`, interleaving their timed windows.
+
+    Every method is built and warmed up first; then each repeat gives every method one window in turn, so
+    a slow spell of a shared machine lands on all of them alike.  Returns ``{key: (rates, None)}`` or
+    ``{key: (None, why not)}``.
+    """
+    results: dict[str, tuple[list[float] | None, str | None]] = {}
+    live: dict[str, tuple[Callable, Callable]] = {}
+    try:
+        for key in methods:
+            _, setup, module = METHODS[key]
+            if not available(module):
+                results[key] = (None, "not installed")
+                continue
+            close = None
+            try:
+                step, close = setup(env_id, n, args.workers)
+                measure(step, 0.0, 0, args.warmup)
+            except Exception as error:  # noqa: BLE001 - one broken method must not end the comparison
+                if args.verbose:
+                    traceback.print_exc()
+                results[key] = (None, _short(error))
+                if close is not None:
+                    _close_quietly(close)
+                continue
+            live[key] = (step, close)
+            results[key] = ([], None)
+        settle = min(args.warmup, 0.5)  # untimed steps before each window: caches, and idle pollers to sleep
+        for _ in range(args.repeats):
+            for key in list(live):
+                step, close = live[key]
+                try:
+                    results[key][0].extend(measure(step, args.seconds, 1, settle))
+                except Exception as error:  # noqa: BLE001
+                    if args.verbose:
+                        traceback.print_exc()
+                    results[key] = (None, _short(error))
+                    _close_quietly(live.pop(key)[1])
+    finally:
+        for step, close in live.values():
+            _close_quietly(close)
+    return results
+
+
+def _close_quietly(close: Callable) -> None:
+    try:
+        close()
+    except Exception:  # noqa: BLE001 - closing the others matters more
+        pass
+
+
+# ---- report -----------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def version_of(module: str) -> str:
+    try:
+        return getattr(importlib.import_module(module), "__version__", "?")
+    except Exception:  # noqa: BLE001
+        return "not installed"
+
+
+def header(args) -> str:
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    usable = usable_cores()
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+    return "\n".join([
+        f"segvec throughput benchmark   {now}",
+        f"machine: {cpu_model()}, {os.cpu_count()} logical cores ({usable} usable), {platform.system()} "
+        f"{platform.release()}, load average {load}",
+        f"python {platform.python_version()}, numpy {np.__version__}, gymnasium {gymnasium.__version__}, "
+        f"segvec {segvec.__version__}, stable-baselines3 {version_of('stable_baselines3')}, "
+        f"pufferlib {version_of('pufferlib')}",
+        f"settings: {args.seconds:g} s x {args.repeats} repeats after {args.warmup:g} s warm-up, "
+        f"{args.workers} workers for PufferLib and segvec multiprocessing; gymnasium Async and SB3 use one "
+        f"process per env; synthetic work unit {segvec.envs.calibrate_work() * 1e6:.2f} us",
+    ])
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def busy_warning() -> None:
+    """Says so when other processes keep the machine busy before we start: the numbers will be noisy."""
+    if not hasattr(os, "getloadavg"):
+        return
+    one_minute = os.getloadavg()[0]
+    if one_minute > 1.5 * (os.cpu_count() or 1):
+        print(f"WARNING: load average {one_minute:.1f} before the run on {os.cpu_count()} cores: other processes "
+              "share the machine, so steps/s and ratios are unreliable", flush=True)
+
+
+def fmt_rate(rate: float) -> str:
+    return f"{rate:,.0f}"
+
+
+def cell(rates: list[float] | None, why: str | None, raw: float | None) -> str:
+    if rates is None:
+        return f"{why:>27}"
+    median = statistics.median(rates)
+    spread = (max(rates) - min(rates)) / median * 100 if median else 0.0
+    ratio = f"{median / raw:5.2f}x" if raw else "   - "
+    return f"{fmt_rate(median):>11} {spread:>4.0f}% {ratio:>7}"
+
+
+def check(label: str, got: float | None, target: float | None, what: str) -> str:
+    if got is None or target is None:
+        return f"  {label:<52} {what:<26} {'n/a':>23}   SKIP"
+    status = "PASS" if got >= target else "MISS"
+    return f"  {label:<52} {what:<26} {fmt_rate(got):>11} / {fmt_rate(target):>9}   {status}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--envs", default="cartpole,light,heavy",
+                        help="comma list of cartpole, light, heavy or gymnasium ids (default: all three)")
+    parser.add_argument("--num-envs", default="8,32", help="comma list of env counts (default: 8,32)")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma list among {', '.join(METHODS)} (default: all)")
+    parser.add_argument("--seconds", type=float, default=None, help="length of one timed window (default 2)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed windows per method (default 3)")
+    parser.add_argument("--warmup", type=float, default=None, help="untimed seconds first (default 1)")
+    parser.add_argument("--workers", type=int, default=2, help="processes for PufferLib and segvec (default 2)")
+    parser.add_argument("--quick", action="store_true",
+                        help="short windows, one repeat (defaults 0.3 s, 1 repeat, 0.1 s warm-up)")
+    parser.add_argument("--cpus", default=None,
+                        help="comma list of CPU ids to run on (Linux), e.g. 0,1 to act as a 2-core machine")
+    parser.add_argument("--verbose", action="store_true", help="print tracebacks of failing methods")
+    args = parser.parse_args(argv)
+    if args.cpus:
+        os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})  # children inherit it
+    quick = args.quick
+    args.seconds = args.seconds if args.seconds is not None else (0.3 if quick else 2.0)
+    args.repeats = args.repeats if args.repeats is not None else (1 if quick else 3)
+    args.warmup = args.warmup if args.warmup is not None else (0.1 if quick else 1.0)
+    env_ids = [ENV_ALIASES.get(name.strip(), name.strip()) for name in args.envs.split(",") if name.strip()]
+    counts = [int(c) for c in args.num_envs.split(",") if c.strip()]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose among {list(METHODS)}")
+    for n in counts:
+        if n < 2 or n % 2 or n % args.workers:
+            parser.error(f"--num-envs {n}: needs an even n that is a multiple of --workers")
+        if "puffer" in methods and (n // 2) % (n // args.workers):
+            parser.error(f"--num-envs {n}: PufferLib needs n/2 to be a multiple of n/workers")
+
+    print(header(args), flush=True)
+    busy_warning()
+    methods = ["raw"] + [m for m in methods if m != "raw"]  # every ratio needs raw, measured in each group
+    results: dict[tuple[str, int, str], tuple[list[float] | None, str | None]] = {}
+    raw_rates: dict[tuple[str, int], float | None] = {}
+    for env_id in env_ids:
+        for n in counts:
+            for key, outcome in run_group(env_id, n, methods, args).items():
+                results[(env_id, n, key)] = outcome
+            rates = results[(env_id, n, "raw")][0]
+            raw_rates[(env_id, n)] = statistics.median(rates) if rates else None
+        raws = [raw_rates[(env_id, n)] for n in counts]
+        print(f"\n{env_id}   raw single env (measured within each group): "
+              + ", ".join(f"{fmt_rate(r)} steps/s" if r else "unavailable" for r in raws), flush=True)
+        print(f"  {'method':<40}" + "".join(f"{'n=' + str(n):>27}" for n in counts))
+        print(f"  {'':<40}" + "".join(f"{'steps/s spread  x raw':>27}" for _ in counts))
+        for key in methods:
+            print(f"  {METHODS[key][0]:<40}" + "".join(
+                cell(*results[(env_id, n, key)], raw_rates[(env_id, n)]) for n in counts), flush=True)
+
+    def median(env_id, n, key):
+        rates, _ = results.get((env_id, n, key), (None, None))
+        return statistics.median(rates) if rates else None
+
+    print("\ntargets (got / target steps/s)")
+    lines = []
+    for env_id in env_ids:
+        for n in counts:
+            raw = raw_rates.get((env_id, n))
+            where = f"{env_id} n={n}"
+            for key in ("segvec-sync", "segvec-async"):
+                if key not in methods:
+                    continue
+                label = f"{where}: {key}"
+                if env_id in HEAVY_ENVS:
+                    lines.append(check(label, median(env_id, n, key), raw and 0.95 * 2 * raw,
+                                       ">= 0.95 x (2 x raw)"))
+                else:
+                    lines.append(check(label, median(env_id, n, key), raw and 0.75 * 2 * raw,
+                                       ">= 0.75 x (2 x raw)"))
+                    if env_id in LIGHT_ENVS and "gym-async" in methods:
+                        gym_async = median(env_id, n, "gym-async")
+                        lines.append(check(label, median(env_id, n, key), gym_async and 10 * gym_async,
+                                           ">= 10 x gymnasium Async"))
+            if "segvec-serial" in methods and "gym-sync" in methods:
+                lines.append(check(f"{where}: segvec-serial", median(env_id, n, "segvec-serial"),
+                                   median(env_id, n, "gym-sync"), ">= 1.0 x gymnasium Sync"))
+    print("\n".join(lines))
+    passed = sum(line.endswith("PASS") for line in lines)
+    missed = sum(line.endswith("MISS") for line in lines)
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+    print(f"\n{passed} PASS, {missed} MISS; load average at the end {load} (this run's processes included)",
+          flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,383 @@
+"""PPO on segvec segments (discrete actions), in one file.
+
+The rollout writes itself: every ``envs.step`` stores the observation, the action and the policy's value
+and log-probability in the env's current segment row.  Each update takes ``num_envs`` complete rows
+(``horizon`` consecutive steps of one env each, with their bootstrap values attached), computes GAE with
+``segvec.gae`` -- terminations and truncations kept apart, truncations bootstrapped from the value of the
+final observation -- and trains on minibatches of whole rows.  ``--lstm`` makes the policy recurrent: the
+LSTM state at each row's first step travels with the row (a segment field) and ``episode_start`` resets it
+inside rows, so training replays every row exactly as it was played.
+
+    python examples/ppo.py                      # CartPole-v1, stops once solved
+    python examples/ppo.py --lstm               # recurrent (slower: minibatches replay rows step by step)
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import os
+import time
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+import segvec
+
+
+@dataclasses.dataclass
+class Args:
+    exp_name: str = "ppo"
+    """name of this experiment (used in the plot's title)"""
+    seed: int = 1
+    """seed of the envs, torch and numpy"""
+    torch_threads: int = 1
+    """torch CPU threads (small networks run fastest on one)"""
+    cuda: bool = False
+    """train on CUDA when it is available"""
+    plot_path: str = "ppo_learning_curve.png"
+    """where to write the learning-curve PNG ("" for none)"""
+
+    # Environments
+    env_id: str = "CartPole-v1"
+    """gymnasium id of the environment"""
+    num_envs: int = 8
+    """parallel envs; also the number of rows per update"""
+    backend: str = "serial"
+    """segvec backend: "serial" (in-process) or "multiprocessing" """
+    num_workers: int = 0
+    """worker processes for the multiprocessing backend (0: segvec's default)"""
+    horizon: int = 128
+    """steps per segment row, i.e. per env per update"""
+    total_timesteps: int = 500_000
+    """env steps to run at most"""
+    solved_return: float = 475.0
+    """stop once the mean return of the last `solved_window` episodes reaches this (0: never stop)"""
+    solved_window: int = 20
+    """episodes in that mean"""
+
+    # Algorithm
+    learning_rate: float = 2.5e-3
+    """Adam learning rate"""
+    anneal_lr: bool = True
+    """decay the learning rate linearly to 0 over `total_timesteps`"""
+    gamma: float = 0.99
+    """discount factor"""
+    gae_lambda: float = 0.95
+    """GAE lambda"""
+    num_minibatches: int = 4
+    """minibatches per epoch (each holds num_envs / num_minibatches whole rows)"""
+    update_epochs: int = 4
+    """epochs over each batch"""
+    norm_adv: bool = True
+    """normalize advantages per minibatch"""
+    clip_coef: float = 0.2
+    """PPO surrogate clipping"""
+    clip_vloss: bool = True
+    """clip the value loss too"""
+    ent_coef: float = 0.0
+    """entropy bonus coefficient"""
+    vf_coef: float = 0.5
+    """value loss coefficient"""
+    max_grad_norm: float = 0.5
+    """gradient norm clip"""
+    target_kl: float = 0.0
+    """stop an update's epochs early past this approximate KL (0: off)"""
+    lstm: bool = False
+    """recurrent policy (LSTM state carried by segment fields)"""
+    lstm_hidden: int = 64
+    """LSTM state size"""
+
+
+def parse_args() -> Args:
+    """Command-line flags from the fields of `Args` (``--num-envs 16``, ``--lstm`` / ``--no-lstm``)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for field in dataclasses.fields(Args):
+        flag = "--" + field.name.replace("_", "-")
+        kind = {"int": int, "float": float, "str": str, "bool": bool}[field.type]
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
+        else:
+            parser.add_argument(flag, type=kind, default=field.default)
+    return Args(**vars(parser.parse_args()))
+
+
+def make_env(env_id: str):
+    """A zero-argument env constructor (segvec counts episode returns itself: no wrappers needed)."""
+
+    def thunk():
+        return gym.make(env_id)
+
+    return thunk
+
+
+def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
+    torch.nn.init.orthogonal_(layer.weight, std)
+    torch.nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+class Agent(nn.Module):
+    """Separate actor and critic MLPs.  Stateless: its recurrent state is the empty tuple."""
+
+    def __init__(self, obs_dim: int, num_actions: int):
+        super().__init__()
+        self.critic = nn.Sequential(
+            layer_init(nn.Linear(obs_dim, 64)), nn.Tanh(),
+            layer_init(nn.Linear(64, 64)), nn.Tanh(),
+            layer_init(nn.Linear(64, 1), std=1.0),
+        )
+        self.actor = nn.Sequential(
+            layer_init(nn.Linear(obs_dim, 64)), nn.Tanh(),
+            layer_init(nn.Linear(64, 64)), nn.Tanh(),
+            layer_init(nn.Linear(64, num_actions), std=0.01),
+        )
+
+    def initial_state(self, n: int) -> tuple:
+        return ()
+
+    def forward(self, obs, state, episode_start):
+        """One step for a batch: ``(logits [n, A], value [n], new_state)``."""
+        return self.actor(obs), self.critic(obs).squeeze(-1), state
+
+    def unroll(self, obs, state, episode_start):
+        """Whole rows ``[n, T, ...]`` from their first step's state: ``(logits [n, T, A], values [n, T])``."""
+        return self.actor(obs), self.critic(obs).squeeze(-1)
+
+
+class LSTMAgent(nn.Module):
+    """An MLP encoder, an LSTM cell whose state resets where ``episode_start``, actor and critic heads."""
+
+    def __init__(self, obs_dim: int, num_actions: int, hidden: int):
+        super().__init__()
+        self.hidden = hidden
+        self.encoder = nn.Sequential(layer_init(nn.Linear(obs_dim, 64)), nn.Tanh())
+        self.cell = nn.LSTMCell(64, hidden)
+        self.actor = layer_init(nn.Linear(hidden, num_actions), std=0.01)
+        self.critic = layer_init(nn.Linear(hidden, 1), std=1.0)
+
+    def initial_state(self, n: int) -> tuple:
+        return torch.zeros(n, self.hidden), torch.zeros(n, self.hidden)
+
+    def forward(self, obs, state, episode_start):
+        keep = (~episode_start).float().unsqueeze(-1)
+        h, c = self.cell(self.encoder(obs), (state[0] * keep, state[1] * keep))
+        return self.actor(h), self.critic(h).squeeze(-1), (h, c)
+
+    def unroll(self, obs, state, episode_start):
+        outputs = []
+        for t in range(obs.shape[1]):
+            logits, value, state = self(obs[:, t], state, episode_start[:, t])
+            outputs.append((logits, value))
+        return torch.stack([o[0] for o in outputs], 1), torch.stack([o[1] for o in outputs], 1)
+
+
+def sample_action(logits: torch.Tensor):
+    """One action per row of `logits` ``[n, A]``: ``(action [n], its log-probability [n])``."""
+    logprob_all = logits.log_softmax(-1)
+    action = torch.multinomial(logprob_all.exp(), 1)
+    return action.squeeze(-1), logprob_all.gather(-1, action).squeeze(-1)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def plot_learning_curve(path: str, steps, returns, window: int, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, returns = np.asarray(steps), np.asarray(returns)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, returns, ".", alpha=0.3, label="episode return")
+    if len(returns) >= window:
+        rolling = np.convolve(returns, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1:], rolling, label=f"mean of last {window}")
+    ax.set_xlabel("env steps")
+    ax.set_ylabel("return")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    assert args.num_envs % args.num_minibatches == 0, "num_minibatches must divide num_envs (whole rows)"
+    rows_per_minibatch = args.num_envs // args.num_minibatches
+    num_iterations = args.total_timesteps // (args.num_envs * args.horizon)
+
+    # ---- Seeding and device ---------------------------------------------------------------------
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.torch_threads)
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+
+    # ---- Agent, sized by one probe env --------------------------------------------------------------
+    probe = make_env(args.env_id)()
+    assert isinstance(probe.action_space, gym.spaces.Discrete), "only discrete actions are supported"
+    obs_dim = int(np.prod(probe.observation_space.shape))
+    num_actions = int(probe.action_space.n)
+    probe.close()
+    agent = (LSTMAgent(obs_dim, num_actions, args.lstm_hidden) if args.lstm else Agent(obs_dim, num_actions))
+    agent = agent.to(device)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+
+    # ---- Environments: segment rows of `horizon` steps, LSTM state stored at each row's start --------
+    start_time = time.time()
+    segment_fields = None
+    if args.lstm:
+        segment_fields = {"h": ((args.lstm_hidden,), np.float32), "c": ((args.lstm_hidden,), np.float32)}
+    envs = segvec.make_vec(
+        make_env(args.env_id), num_envs=args.num_envs, backend=args.backend,
+        num_workers=args.num_workers or None, horizon=args.horizon, segment_fields=segment_fields,
+    )
+
+    # ---- Start the game -------------------------------------------------------------------------
+    global_step = 0
+    next_obs, _ = envs.reset(seed=args.seed)
+    state = tuple(s.to(device) for s in agent.initial_state(args.num_envs))
+    episode_start = torch.ones(args.num_envs, dtype=torch.bool, device=device)
+    needs_reset = np.zeros(args.num_envs, dtype=bool)  # NEXT_STEP autoreset: the next step resets the env
+    episode_steps, episode_returns = [], []
+    recent = collections.deque(maxlen=args.solved_window)
+    metrics: dict = {}
+    solved = False
+    progress = tqdm(total=args.total_timesteps, unit="step", unit_scale=True, dynamic_ncols=True)
+
+    for iteration in range(1, num_iterations + 1):
+        if args.anneal_lr:
+            frac = 1.0 - (iteration - 1.0) / num_iterations
+            optimizer.param_groups[0]["lr"] = frac * args.learning_rate
+
+        # ---- Rollout: step until every env has closed a row (horizon steps + its bootstrap) -------
+        # A row is complete once the value of the env's next observation is sent with the next step,
+        # so the first step of each row was taken by the policy before the previous update; its
+        # recorded log-probability keeps the PPO ratio exact.
+        while envs.segments_ready < args.num_envs:
+            with torch.no_grad():
+                obs = torch.as_tensor(next_obs, device=device)
+                logits, value, new_state = agent(obs, state, episode_start)
+                action, logprob = sample_action(logits)
+            recurrent = {"h": state[0].cpu().numpy(), "c": state[1].cpu().numpy()} if args.lstm else {}
+            next_obs, reward, terminated, truncated, _ = envs.step(
+                action.cpu().numpy(), value=value.cpu().numpy(), logprob=logprob.cpu().numpy(), **recurrent)
+            state = new_state
+            global_step += args.num_envs
+            # NEXT_STEP autoreset: after a done step the env's next action is ignored and the observation
+            # after that one starts a new episode.
+            episode_start = torch.as_tensor(needs_reset, device=device)
+            needs_reset = terminated | truncated
+        progress.update(global_step - progress.n)
+
+        finished = envs.episodes()
+        episode_returns.extend(finished["return"].tolist())
+        episode_steps.extend([global_step] * len(finished["return"]))
+        recent.extend(finished["return"].tolist())
+
+        # ---- Advantages: GAE within each row, on the bootstraps segvec attached --------------------
+        batch = envs.take_segments(args.num_envs)
+        advantages, returns = segvec.gae(batch, args.gamma, args.gae_lambda)
+        seg = batch.to_torch(device)
+        advantages = torch.as_tensor(advantages, device=device)
+        returns = torch.as_tensor(returns, device=device)
+        T = args.horizon
+        obs_rows = seg.obs[:, :T].float()  # obs[:, T] is the next row's first observation
+        action_rows = seg.action.long()
+        mask = seg.mask.float()
+        row_state = (seg.h, seg.c) if args.lstm else ()
+
+        # ---- Update: PPO epochs over minibatches of whole rows -----------------------------------
+        clipfracs = []
+        for epoch in range(args.update_epochs):
+            order = torch.randperm(args.num_envs, device=device)
+            for start in range(0, args.num_envs, rows_per_minibatch):
+                mb = order[start:start + rows_per_minibatch]
+                mb_mask = mask[mb]
+                mb_state = tuple(s[mb] for s in row_state)
+                logits, new_value = agent.unroll(obs_rows[mb], mb_state, seg.episode_start[mb])
+                new_logprob_all = logits.log_softmax(-1)
+                new_logprob = new_logprob_all.gather(-1, action_rows[mb].unsqueeze(-1)).squeeze(-1)
+                entropy = -(new_logprob_all.exp() * new_logprob_all).sum(-1)
+                logratio = torch.where(mb_mask.bool(), new_logprob - seg.logprob[mb], 0.0)
+                ratio = logratio.exp()
+
+                with torch.no_grad():
+                    approx_kl = masked_mean((ratio - 1) - logratio, mb_mask)
+                    clipfracs.append(masked_mean(((ratio - 1.0).abs() > args.clip_coef).float(), mb_mask).item())
+
+                mb_advantages = advantages[mb]
+                if args.norm_adv:
+                    mean = masked_mean(mb_advantages, mb_mask)
+                    std = masked_mean((mb_advantages - mean) ** 2, mb_mask).sqrt()
+                    mb_advantages = (mb_advantages - mean) / (std + 1e-8)
+
+                # Policy loss
+                pg_loss1 = -mb_advantages * ratio
+                pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+                pg_loss = masked_mean(torch.max(pg_loss1, pg_loss2), mb_mask)
+
+                # Value loss
+                mb_returns, mb_values = returns[mb], seg.value[mb]
+                if args.clip_vloss:
+                    v_loss_unclipped = (new_value - mb_returns) ** 2
+                    v_clipped = mb_values + torch.clamp(new_value - mb_values, -args.clip_coef, args.clip_coef)
+                    v_loss_clipped = (v_clipped - mb_returns) ** 2
+                    v_loss = 0.5 * masked_mean(torch.max(v_loss_unclipped, v_loss_clipped), mb_mask)
+                else:
+                    v_loss = 0.5 * masked_mean((new_value - mb_returns) ** 2, mb_mask)
+
+                entropy_loss = masked_mean(entropy, mb_mask)
+                loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+
+                optimizer.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+                optimizer.step()
+
+            if args.target_kl and approx_kl > args.target_kl:
+                break
+
+        # ---- Bookkeeping ---------------------------------------------------------------------------
+        real = batch.mask
+        values_np, returns_np = batch.value[real], returns.cpu().numpy()[real]
+        var_y = np.var(returns_np)
+        explained_var = np.nan if var_y == 0 else 1 - np.var(returns_np - values_np) / var_y
+        batch.release()
+        sps = int(global_step / (time.time() - start_time))
+        metrics = {
+            "charts/learning_rate": optimizer.param_groups[0]["lr"],
+            "charts/episodic_return": float(np.mean(recent)) if recent else float("nan"),
+            "charts/episodes": len(episode_returns),
+            "charts/SPS": sps,
+            "losses/value_loss": v_loss.item(),
+            "losses/policy_loss": pg_loss.item(),
+            "losses/entropy": entropy_loss.item(),
+            "losses/approx_kl": approx_kl.item(),
+            "losses/clipfrac": float(np.mean(clipfracs)),
+            "losses/explained_variance": float(explained_var),
+        }
+        progress.set_postfix(ret=f"{metrics['charts/episodic_return']:.1f}", sps=sps, refresh=False)
+        if len(recent) == args.solved_window and np.mean(recent) >= args.solved_return > 0:
+            solved = True
+            break
+
+    # ---- Done: final numbers and the learning curve --------------------------------------------------
+    progress.close()
+    elapsed = time.time() - start_time
+    envs.close()
+    for name, value in metrics.items():
+        print(f"{name:32s} {value:.6g}")
+    print(f"{'solved' if solved else 'not solved'}: mean return of the last {len(recent)} episodes "
+          f"{np.mean(recent) if recent else float('nan'):.1f} after {global_step} steps, {len(episode_returns)} "
+          f"episodes, {elapsed:.1f} s ({global_step / elapsed:.0f} steps/s)")
+    if args.plot_path:
+        plot_learning_curve(args.plot_path, episode_steps, episode_returns, args.solved_window,
+                            f"{args.exp_name}{' (LSTM)' if args.lstm else ''} on {args.env_id} (segvec, {args.num_envs} envs)")
+        print(f"learning curve: {os.path.abspath(args.plot_path)}")

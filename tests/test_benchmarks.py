@@ -1,0 +1,26 @@
+"""Smoke test of benchmarks/throughput.py: a tiny run prints its table (no timing asserts)."""
+import pathlib
+import re
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_throughput_quick_prints_a_table():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--quick", "--envs", "cartpole,light",
+         "--num-envs", "2", "--methods", "raw,gym-sync,segvec-serial,segvec-sync,segvec-async",
+         "--seconds", "0.1", "--warmup", "0.05"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "machine:" in out
+    assert "CartPole-v1" in out and "segvec/SyntheticAtari-v0" in out
+    for label in ("gymnasium SyncVectorEnv", "segvec serial", "segvec multiprocessing sync",
+                  "segvec multiprocessing async"):
+        row = next(line for line in out.splitlines() if line.strip().startswith(label))
+        assert re.search(r"[\d,]+\s+\d+%\s+[\d.]+x", row), row
+    assert "targets" in out
+    assert re.search(r"\d+ PASS, \d+ MISS", out)
