@@ -22,6 +22,7 @@ import pickle
 import select
 import signal
 import sys
+import threading
 import time
 import traceback
 from typing import Any, Callable
@@ -193,6 +194,8 @@ def _worker_main(worker_index: int, first_env: int, payload: bytes, conn, parent
                  restart_failed_envs: bool = False):
     """Entry point of a worker process: build envs, attach to the block, serve until shutdown."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the learner's to handle; it closes us
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="segvec-orphan-watch",
+                     daemon=True).start()
     envs = []
     runner = None
     try:
@@ -230,6 +233,15 @@ def _worker_main(worker_index: int, first_env: int, payload: bytes, conn, parent
                 env.close()
             except Exception:  # noqa: BLE001
                 pass
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Ends the worker once its parent is gone (learner SIGKILLed), even while an env hangs in Python
+    code, where the serve loop never gets to look."""
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != parent:
+            os._exit(0)
 
 
 def _serve(worker_index: int, runner: EnvRunner, storage: Storage, conn, parent_pid: int) -> None:
