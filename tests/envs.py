@@ -215,3 +215,32 @@ class GraphEnv(TextEnv):
     def __init__(self):
         super().__init__()
         self.observation_space = spaces.Graph(node_space=spaces.Box(-1, 1, (2,)), edge_space=None)
+
+
+class TupleEnv(gymnasium.Env):
+    """Tuple observations and Dict actions (Box + MultiDiscrete + MultiBinary); the observation echoes the
+    last action, so a test sees exactly which action the env got."""
+
+    def __init__(self):
+        self.observation_space = spaces.Tuple((
+            spaces.Box(-10.0, 10.0, (2,), np.float64),
+            spaces.MultiDiscrete([3, 4]),
+            spaces.Discrete(5, start=-2),
+        ))
+        self.action_space = spaces.Dict({
+            "force": spaces.Box(-1.0, 1.0, (2,), np.float32),
+            "gear": spaces.MultiDiscrete([3, 4]),
+            "lights": spaces.MultiBinary(3),
+        })
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self._t = 0
+        return (self.np_random.uniform(-1, 1, 2), np.array([0, 0]), np.int64(-2)), {}
+
+    def step(self, action):
+        self._t += 1
+        obs = (np.asarray(action["force"], np.float64) * 3, np.asarray(action["gear"]),
+               np.int64(int(np.sum(action["lights"])) - 2))
+        reward = float(np.sum(action["force"])) + float(np.sum(action["gear"]))
+        return obs, reward, False, self._t >= 7, {}

@@ -14,10 +14,21 @@ import segvec
 from envs import CounterEnv, DictEnv, GraphEnv, TextEnv, counter_fns
 
 
-def no_children_left():
-    for child in multiprocessing.active_children():
+@pytest.fixture(autouse=True)
+def children_before():
+    """Worker processes alive before the test (another test's), so that `no_children_left` sees only ours."""
+    no_children_left.before = {child.pid for child in multiprocessing.active_children()}
+
+
+def no_children_left() -> bool:
+    """True when every worker process this test started is gone (waiting up to 2 s for each)."""
+    ours = [child for child in multiprocessing.active_children() if child.pid not in no_children_left.before]
+    for child in ours:
         child.join(2.0)
-    return not multiprocessing.active_children()
+    return not any(child.is_alive() for child in ours)
+
+
+no_children_left.before = set()
 
 
 # ---- construction ------------------------------------------------------------------------------

@@ -280,7 +280,6 @@ def scenarios(draw):
 def test_row_bookkeeping_matches_model(scenario):
     E, S, T, ops = scenario
     h = Harness(E, S, T)
-    rng = np.random.default_rng(0)
     for op, arg in ops:
         rng = np.random.default_rng(arg)
         if op == "step":
@@ -334,3 +333,40 @@ def test_release_of_a_row_named_twice_fails_and_changes_nothing():
     h.release([row, row])  # the harness expects SEGVEC_ERR_ROW_STATE and an unchanged core
     h.release([row])
     assert h.step([0], [True]) and h.step([0], [True])
+
+
+def test_a_worker_process_waits_for_a_row_instead_of_failing():
+    """Outside the learner's process, commit_steps waits (backpressure) until the learner releases a row."""
+    import os
+    import time
+
+    h = Harness(E=1, S=2, T=1)
+    assert h.step([0], [True])
+    assert h.flush([0])
+    h.take(1)  # the learner holds row 0; row 1 is the env's and the next step fills it
+    row = sorted(h.model.taken)[0]
+    ids = i32([0])
+    values = np.zeros(1, np.float32)
+    slots, starts = np.empty(1, np.int64), np.empty(1, np.uint8)
+    assert lib.segvec_prepare_send(h.core, 1, ffi.from_buffer("int32_t[]", ids), ffi.from_buffer("float[]", values),
+                                   ffi.NULL, 0, ffi.from_buffer("int64_t[]", slots, require_writable=True),
+                                   ffi.from_buffer("uint8_t[]", starts, require_writable=True)) == 0
+    pid = os.fork()
+    if pid == 0:  # a worker: commits the step that needs a new row
+        outcomes = ffi.new("segvec_outcome_t[]", 1)
+        outcomes[0].valid = 1.0
+        obs_slot, chain = np.empty(1, np.int64), np.empty(1, np.int64)
+        status = lib.segvec_commit_steps(h.core, 1, ffi.from_buffer("int32_t[]", ids), outcomes,
+                                         ffi.from_buffer("int64_t[]", obs_slot, require_writable=True),
+                                         ffi.from_buffer("int64_t[]", chain, require_writable=True))
+        os._exit(0 if status == 0 and obs_slot[0] == row * 2 else 1)
+    deadline = time.monotonic() + 5
+    while h.storage.stats()["starved_workers"] != 1 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert h.storage.stats()["starved_workers"] == 1, "the worker waits for a row"
+    assert os.waitpid(pid, os.WNOHANG) == (0, 0), "it is still waiting"
+    assert lib.segvec_release(h.core, 1, ffi.from_buffer("int32_t[]", i32([row]))) == 0
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, "after the release it gets that row"
+    assert h.storage.stats()["starved_workers"] == 0
+    assert h.storage.row_state[row] == FILLING and h.storage.row_env_id[row] == 0

@@ -284,3 +284,39 @@ def assert_info_same(expected: dict, actual: dict, path: str) -> None:
                 assert_info_same(value, actual[key], f"{path}/{key}")
         else:
             np.testing.assert_array_equal(np.asarray(actual[key]), np.asarray(value), err_msg=f"{path}/{key}")
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name)
+def test_structured_actions_and_tuple_observations(backend, mode, make_envs):
+    from envs import TupleEnv
+
+    num_envs = 2
+    reference = SyncVectorEnv([TupleEnv] * num_envs, autoreset_mode=mode)
+    envs = make_envs(TupleEnv, num_envs, backend, autoreset_mode=mode, horizon=4, num_segments=40)
+    assert envs.single_action_space == reference.single_action_space
+    assert_same(reference.reset(seed=2), envs.reset(seed=2))
+    space = envs.action_space
+    space.seed(8)
+    sent = []
+    for step in range(30):
+        actions = space.sample()
+        sent.append(actions)
+        expected, actual = reference.step(actions), envs.step(actions)
+        assert_same(expected, actual, f"step {step}")
+        if mode == AutoresetMode.DISABLED and (expected[2] | expected[3]).any():
+            ended = expected[2] | expected[3]
+            assert_same(reference.reset(options={"reset_mask": ended.copy()}),
+                        envs.reset(options={"reset_mask": ended.copy()}), f"reset_mask {step}")
+    envs.flush()
+    batch = envs.take_segments()
+    assert set(batch.action) == {"force", "gear", "lights"}
+    for e in range(num_envs):
+        rows = sorted(np.nonzero(batch.env_id == e)[0], key=lambda i: batch.start_step[i])
+        for key in ("force", "gear", "lights"):
+            stored = np.concatenate([batch.action[key][i, :batch.length[i]] for i in rows])
+            assert stored.dtype == envs.single_action_space[key].dtype
+            expected = np.stack([a[key][e] for a in sent])
+            mask = np.concatenate([batch.mask[i, :batch.length[i]] for i in rows])
+            np.testing.assert_array_equal(stored[mask], expected[mask], err_msg=key)
+    batch.release()
+    reference.close()
