@@ -344,6 +344,45 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def _spin(seconds: float, results) -> None:
+    """Counts loops of plain Python work for `seconds` (a process of the capacity probe)."""
+    end = time.perf_counter() + seconds
+    loops = 0
+    while time.perf_counter() < end:
+        total = 0
+        for i in range(1000):
+            total += i
+        loops += 1
+    results.put(loops / seconds)
+
+
+def parallel_capacity(processes: int, seconds: float = 0.5) -> float:
+    """How many single-core speeds `processes` busy processes get together right now (ideal: `processes`).
+
+    Well below the ideal means other programs hold cores, and "2 x raw" is out of reach for everyone.
+    """
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+    rates = []
+    for count in (1, processes):
+        queue = context.Queue()
+        workers = [context.Process(target=_spin, args=(seconds, queue)) for _ in range(count)]
+        for worker in workers:
+            worker.start()
+        total = sum(queue.get() for _ in workers)
+        for worker in workers:
+            worker.join()
+        rates.append(total)
+    return rates[1] / rates[0]
+
+
+def capacity_line(workers: int, at: str, seconds: float) -> str:
+    capacity = parallel_capacity(workers, seconds)
+    return (f"parallel capacity at the {at}: {workers} busy processes run {capacity:.2f}x "
+            f"as fast as one (ideal {workers:.2f}x)")
+
+
 def busy_warning() -> None:
     """Says so when other processes keep the machine busy before we start: the numbers will be noisy."""
     if not hasattr(os, "getloadavg"):
@@ -411,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--num-envs {n}: PufferLib needs n/2 to be a multiple of n/workers")
 
     print(header(args), flush=True)
+    probe_seconds = 0.2 if quick else 0.5
+    print(capacity_line(args.workers, "start", probe_seconds), flush=True)
     busy_warning()
     methods = ["raw"] + [m for m in methods if m != "raw"]  # every ratio needs raw, measured in each group
     results: dict[tuple[str, int, str], tuple[list[float] | None, str | None]] = {}
@@ -463,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
     print(f"\n{passed} PASS, {missed} MISS; load average at the end {load} (this run's processes included)",
           flush=True)
+    print(capacity_line(args.workers, "end", probe_seconds), flush=True)
     return 0
 
 

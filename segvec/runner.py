@@ -61,6 +61,7 @@ class EnvRunner:
         self._obs_out = [np.zeros((n,) + leaf.shape, leaf.dtype) for leaf in self.obs_layout.leaves]
         self._pending_reset = [False] * n  # NEXT_STEP: the env's last step ended an episode
         self._pending_restart: list = [None] * n  # reason: rebuild the env instead of its next step
+        self._restarts_marked = False
         self._flat_obs = self.obs_layout.is_flat
         self._flat_action = self.action_layout.is_flat
         self._obs_checks = [(leaf.shape, leaf.dtype) for leaf in self.obs_layout.leaves]
@@ -98,16 +99,15 @@ class EnvRunner:
         if not count:
             return None
         if self._flat_obs:
-            # Fast path: every observation is an array of the space's dtype (one set build), the first has
-            # the space's shape, and numpy refuses a ragged list for the others.
+            # Fast path: numpy refuses a ragged list, casting="no" refuses an observation of another dtype
+            # (it makes the whole list convert to that dtype), and the first one's shape is checked.
             shape, dtype = self._obs_checks[0]
             first = observations[0]
-            if type(first) is np.ndarray and first.shape == shape and \
-                    {getattr(obs, "dtype", None) for obs in observations} == {dtype}:
+            if type(first) is np.ndarray and first.shape == shape:
                 try:
-                    self._obs_out[0][:count] = observations
+                    np.copyto(self._obs_out[0][:count], observations, casting="no")
                     return None
-                except ValueError:
+                except (ValueError, TypeError):
                     pass
         for position, obs in enumerate(observations):  # slow path: find the culprit, or structured obs
             try:
@@ -192,56 +192,67 @@ class EnvRunner:
         next_step = self.autoreset_mode == AutoresetMode.NEXT_STEP
         infos: dict[int, dict] = {}
         final_infos: dict[int, dict] = {}
-        envs, first, pending = self.envs, self.first_env, self._pending_reset
-        # Per-env results go to plain lists (cheaper than numpy item writes), converted once below.
-        observations, outcomes, stepped, restarted = [], [], [], []
+        envs, first, pending, pending_restart = self.envs, self.first_env, self._pending_reset, self._pending_restart
+        check_restarts = any(reason is not None for reason in pending_restart) if self._restarts_marked else False
+        # Per-env results go to plain lists (cheaper than numpy item writes), converted once below.  Most
+        # steps are real transitions that neither start nor end an episode; the others are noted in
+        # `specials` as (position, valid, episode_started, needs_reset), see segvec_outcome_t.
+        observations, rewards, terminated, truncated, specials = [], [], [], [], []
+        restarted, skipped = [], []  # env indices rebuilt instead of stepped, and their batch positions
         failure = None
-        for env_index, action in zip(env_ids.tolist(), actions):
+        end = count
+        for position, (env_index, action) in enumerate(zip(env_ids.tolist(), actions)):
             local = env_index - first
-            env = envs[local]
-            if self._pending_restart[local] is not None:
-                reason, self._pending_restart[local] = self._pending_restart[local], None
+            if check_restarts and pending_restart[local] is not None:
+                reason, pending_restart[local] = pending_restart[local], None
                 try:
                     infos[env_index] = self._restart(env_index, reason, rebuild=False)
                 except EnvFailure as fatal:
-                    failure = fatal
+                    failure, end = fatal, position
                     break
                 restarted.append(env_index)
+                skipped.append(position)
                 continue
+            env = envs[local]
             try:
                 if next_step and pending[local]:
                     obs, info = env.reset()
-                    reward, term, trunc, real, start = 0.0, False, False, False, True
+                    reward, term, trunc = 0.0, False, False
                     pending[local] = False
+                    specials.append((len(observations), 0.0, 1.0, 0.0))
                 else:
                     obs, reward, term, trunc, info = env.step(action)
-                    real, start = True, False
                     if term or trunc:
                         if same_step:
                             self._stage_final_obs(env_index, obs)
                             final_infos[env_index] = info
                             obs, info = env.reset()
-                            start = True
+                            specials.append((len(observations), 1.0, 1.0, 0.0))
                         elif next_step:
                             pending[local] = True
+                            specials.append((len(observations), 1.0, 0.0, 1.0))
             except Exception as error:  # noqa: BLE001 - reported to the learner with its traceback
                 if self.env_fns is None:
-                    failure = EnvFailure(env_index, "step", error)
+                    failure, end = EnvFailure(env_index, "step", error), position
                     break
                 try:
                     infos[env_index] = self._restart(env_index, error)
                 except EnvFailure as fatal:
-                    failure = fatal
+                    failure, end = fatal, position
                     break
                 restarted.append(env_index)
+                skipped.append(position)
                 continue
-            stepped.append(env_index)
             observations.append(obs)
-            outcomes.append((reward, term, trunc, real, start, pending[local]))
+            rewards.append(reward)
+            terminated.append(term)
+            truncated.append(trunc)
             if info:
                 infos[env_index] = info
         done = len(observations)
-        ids = env_ids if done == count else np.asarray(stepped, np.int32)
+        ids = env_ids[:end]
+        if skipped:
+            ids = np.delete(ids, skipped)
         bad = self._stack_obs(observations, ids)
         if bad is not None:
             index, error = bad
@@ -249,7 +260,14 @@ class EnvRunner:
             done = index
             ids = ids[:done]
         if done:
-            self._outcomes[:done] = outcomes[:done]
+            outcomes = self._outcomes
+            outcomes[:done, 0] = rewards[:done]
+            outcomes[:done, 1] = terminated[:done]
+            outcomes[:done, 2] = truncated[:done]
+            outcomes[:done, 3:] = (1.0, 0.0, 0.0)  # valid, not an episode start, no reset pending
+            for position, valid, started, needs_reset in specials:
+                if position < done:
+                    outcomes[position, 3:] = (valid, started, needs_reset)
             check(lib.segvec_commit_steps(storage.core, done, ffi.from_buffer("int32_t[]", ids),
                                           self._outcomes_ptr, self._obs_slots_ptr, self._chain_slots_ptr))
             self._scatter_obs(done)
@@ -264,6 +282,7 @@ class EnvRunner:
         """The learner holds these envs of a dead worker: restart each instead of its next step."""
         for env_index in env_ids:
             self._pending_restart[int(env_index) - self.first_env] = reason
+            self._restarts_marked = True
 
     def restart_envs(self, env_ids: np.ndarray, reason: str) -> dict[int, dict]:
         """Restarts envs whose step was lost with a dead worker (this replacement built them fresh)."""
