@@ -967,6 +967,24 @@ int segvec_gather_current(segvec_core_t *c, int32_t n, const int32_t *env_ids, c
 
 /* ---- kernels ---------------------------------------------------------------------------------- */
 
+int segvec_scatter_obs(const void *obs, int64_t item_bytes, int32_t n, const int64_t *obs_slots,
+                       const int64_t *chain_slots, void *dst) {
+    const char *s = (const char *)obs;
+    char *d = (char *)dst;
+    for (int32_t i = 0; i < n; ++i) {
+        memcpy(d + obs_slots[i] * item_bytes, s + (int64_t)i * item_bytes, (size_t)item_bytes);
+        if (chain_slots && chain_slots[i] >= 0)
+            memcpy(d + chain_slots[i] * item_bytes, s + (int64_t)i * item_bytes, (size_t)item_bytes);
+    }
+    return SEGVEC_OK;
+}
+
+int64_t segvec_first_out_of_range(const int64_t *values, int64_t n, int64_t low, int64_t high) {
+    for (int64_t i = 0; i < n; ++i)
+        if (values[i] < low || values[i] > high) return i;
+    return -1;
+}
+
 int segvec_gather(const void *src, int64_t item_bytes, const int64_t *indices, int64_t n, void *dst) {
     const char *s = (const char *)src;
     char *d = (char *)dst;

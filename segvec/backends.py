@@ -125,6 +125,8 @@ class SerialBackend:
         self.runner = EnvRunner(self.envs, 0, self.storage, self.autoreset_mode,
                                 self.env_fns if self.restart_failed_envs else None)
         self._ids = np.zeros(geometry.num_envs, np.int32)
+        self._ids_ptr = ffi.from_buffer("int32_t[]", self._ids)
+        self._count = ffi.new("int32_t *")
         return self.storage
 
     def _raise(self, failure: EnvFailure):
@@ -132,10 +134,9 @@ class SerialBackend:
             from failure.error
 
     def after_dispatch(self) -> None:
-        count = ffi.new("int32_t *")
-        check(lib.segvec_worker_pop(self.storage.core, 0, len(self._ids), ffi.from_buffer("int32_t[]", self._ids),
-                                    count))
-        ids = self._ids[:count[0]].copy()
+        count = self._count
+        check(lib.segvec_worker_pop(self.storage.core, 0, len(self._ids), self._ids_ptr, count))
+        ids = self._ids[:count[0]]
         try:
             infos, final_infos = self.runner.step(ids)
         except EnvFailure as failure:

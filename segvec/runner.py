@@ -70,6 +70,8 @@ class EnvRunner:
         self._obs_slots_ptr = ffi.from_buffer("int64_t[]", self._obs_slots)
         self._chain_slots_ptr = ffi.from_buffer("int64_t[]", self._chain_slots)
         self._action_slots_ptr = ffi.from_buffer("int64_t[]", self._action_slots)
+        self._scatter_plan = [(out, ffi.from_buffer(out), ffi.from_buffer(by_slot, require_writable=True), leaf.nbytes)
+                              for out, by_slot, leaf in zip(self._obs_out, storage.obs_by_slot, self.obs_layout.leaves)]
 
     # ---- writing observations ---------------------------------------------------------------------
     def _put_obs(self, i: int, obs: Any, env_index: int) -> None:
@@ -120,13 +122,10 @@ class EnvRunner:
         return None
 
     def _scatter_obs(self, count: int) -> None:
-        slots = self._obs_slots[:count]
-        chain = self._chain_slots[:count]
-        has_chain = chain >= 0
-        for by_slot, out in zip(self.storage.obs_by_slot, self._obs_out):
-            by_slot[slots] = out[:count]
-            if has_chain.any():
-                by_slot[chain[has_chain]] = out[:count][has_chain]
+        """Copies the batch's observations to their slots (and finished rows' obs[horizon]) in C."""
+        for out, out_ptr, by_slot_ptr, item_bytes in self._scatter_plan:
+            lib.segvec_scatter_obs(out_ptr, item_bytes, count, self._obs_slots_ptr, self._chain_slots_ptr,
+                                   by_slot_ptr)
 
     def _publish(self, env_ids: np.ndarray) -> None:
         check(lib.segvec_publish(self.storage.core, len(env_ids), ffi.from_buffer("int32_t[]", env_ids)))

@@ -266,6 +266,15 @@ class SegmentVecEnv(VectorEnv):
         self._episode_cursor = ffi.new("int64_t *")
         self._step_field_names = frozenset(storage.step_fields)
         self._obs_item_bytes = [leaf.nbytes for leaf in self._obs_layout.leaves]
+        # Buffers of the hot path and their C views, made once.
+        self._count_out = ffi.new("int32_t *")
+        self._pop_buffer_ptr = ffi.from_buffer("int32_t[]", self._pop_buffer)
+        self._slots = np.empty(num_envs, np.int64)
+        self._slots_ptr = ffi.from_buffer("int64_t[]", self._slots)
+        self._row_start = np.empty(num_envs, np.uint8)
+        self._row_start_ptr = ffi.from_buffer("uint8_t[]", self._row_start)
+        self._stats_out = ffi.new("segvec_stats_t *")
+        self._flat_action = self._action_layout.is_flat
         self._action_bounds_cache = self._action_bounds()
         self._segment_field_names = frozenset(storage.segment_fields)
         self.closed = False
@@ -291,8 +300,8 @@ class SegmentVecEnv(VectorEnv):
     def _pop(self, count: int, deadline: float | None) -> np.ndarray:
         """Waits for `count` published envs and receives them (HELD)."""
         self._backend.wait(count, deadline)
-        n = ffi.new("int32_t *")
-        check(lib.segvec_pop_ready(self._storage.core, count, ffi.from_buffer("int32_t[]", self._pop_buffer), n))
+        n = self._count_out
+        check(lib.segvec_pop_ready(self._storage.core, count, self._pop_buffer_ptr, n))
         self._outstanding -= n[0]
         return self._pop_buffer[:n[0]].copy()
 
@@ -313,7 +322,7 @@ class SegmentVecEnv(VectorEnv):
         """Infos of `env_ids` (positions 0..len-1 of a batch of `size`), gymnasium layout."""
         infos: dict = {}
         storage = self._storage
-        flags = storage.env_has_info[env_ids]
+        flags = storage.env_has_info if env_ids is self._all_ids else storage.env_has_info[env_ids]
         if not flags.any():
             return infos
         env_infos, final_infos = self._backend.infos_for(env_ids)
@@ -357,16 +366,17 @@ class SegmentVecEnv(VectorEnv):
     def _results(self, env_ids: np.ndarray, size: int):
         storage = self._storage
         obs = self._current_obs(env_ids)
-        rewards = storage.env_last_reward[env_ids].astype(np.float64)
-        terminated = storage.env_last_terminated[env_ids].copy()
-        truncated = storage.env_last_truncated[env_ids].copy()
+        select = slice(None) if env_ids is self._all_ids else env_ids  # every env: plain copies
+        rewards = storage.env_last_reward[select].astype(np.float64)
+        terminated = storage.env_last_terminated[select].copy()
+        truncated = storage.env_last_truncated[select].copy()
         if self.autoreset_mode == AutoresetMode.SAME_STEP:
             self._note_truncations(env_ids)
         infos = self._build_infos(env_ids, size)
         return obs, rewards, terminated, truncated, infos
 
     def _check_actions(self, actions, count: int) -> list[np.ndarray]:
-        leaves = self._action_layout.flatten(actions) if not self._action_layout.is_flat else [actions]
+        leaves = [actions] if self._flat_action else self._action_layout.flatten(actions)
         out = []
         for leaf, space_value in zip(self._action_layout.leaves, leaves):
             array = np.asarray(space_value)
@@ -404,7 +414,10 @@ class SegmentVecEnv(VectorEnv):
                 continue
             space, low, high = bound
             if np.isscalar(low):
-                bad = array.min() < low or array.max() > high
+                values = array if array.dtype == np.int64 and array.flags.c_contiguous else \
+                    np.ascontiguousarray(array, dtype=np.int64)
+                bad = lib.segvec_first_out_of_range(ffi.from_buffer("int64_t[]", values), values.size,
+                                                    int(low), int(high)) >= 0
             else:
                 bad = np.any(array < low) or np.any(array > high)
             if bad:
@@ -420,21 +433,22 @@ class SegmentVecEnv(VectorEnv):
         count = len(env_ids)
         leaves = self._check_actions(actions, count)
         fields = fields or {}
-        unknown = set(fields) - self._step_field_names - self._segment_field_names
+        unknown = fields and set(fields) - self._step_field_names - self._segment_field_names
         if unknown:
             raise TypeError(f"unknown learner fields {sorted(unknown)}; declare them in step_fields/segment_fields")
         values = None if value is None else self._per_env(value, count, "value")
         logprobs = None if logprob is None else self._per_env(logprob, count, "logprob")
         if self.backend_name == "serial":  # the envs step in this process, which cannot wait for a row
-            self._check_rows_for(env_ids, int(np.count_nonzero(storage.env_step[env_ids] == self.horizon - 1)))
-        slots = np.empty(count, np.int64)
-        row_start = np.empty(count, np.uint8)
+            lib.segvec_read_stats(storage.core, self._stats_out)
+            if self._stats_out.free_rows + self._stats_out.complete_rows < count:  # else no need to look
+                self._check_rows_for(env_ids, int(np.count_nonzero(storage.env_step[env_ids] == self.horizon - 1)))
+        ids_ptr = ffi.from_buffer("int32_t[]", env_ids)
+        slots, row_start = self._slots[:count], self._row_start[:count]
         status = lib.segvec_prepare_send(
-            storage.core, count, ffi.from_buffer("int32_t[]", env_ids),
+            storage.core, count, ids_ptr,
             ffi.NULL if values is None else ffi.from_buffer("float[]", values),
             ffi.NULL if logprobs is None else ffi.from_buffer("float[]", logprobs),
-            int(self.policy_version), ffi.from_buffer("int64_t[]", slots, require_writable=True),
-            ffi.from_buffer("uint8_t[]", row_start, require_writable=True))
+            int(self.policy_version), self._slots_ptr, self._row_start_ptr)
         if status == lib.SEGVEC_ERR_NOT_HELD:
             new = (storage.env_state[env_ids] == lib.SEGVEC_ENV_NEW) & ~self._reset_requested[env_ids]
             never_reset = env_ids[new]
@@ -451,7 +465,7 @@ class SegmentVecEnv(VectorEnv):
                 starts = row_start.astype(bool)
                 if starts.any():
                     storage.segment_fields[name][storage.env_row[env_ids[starts]]] = np.asarray(array)[starts]
-        check(lib.segvec_dispatch(storage.core, count, ffi.from_buffer("int32_t[]", env_ids)), "send")
+        check(lib.segvec_dispatch(storage.core, count, ids_ptr), "send")
         self._outstanding += count
         self._backend.after_dispatch()
 
