@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import time
 
 import gymnasium as gym
@@ -133,7 +134,7 @@ def main() -> None:
         ("84x84x4 uint8", FrameEnv, (84, 84, 4), np.uint8),
     ]
     print(f"[B, T] = [{B}, {T}] = {B * T} transitions; best of {options.repeats} runs; "
-          f"torch {torch.__version__}, CPU tensors")
+          f"torch {torch.__version__}, CPU tensors; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     for name, make_env, obs_shape, obs_dtype in cases:
         segvec_times = time_segvec(make_env, B, T, options.repeats, rng)
         gc.collect()

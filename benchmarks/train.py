@@ -228,9 +228,11 @@ def main() -> None:
     ppo = load_ppo()
     defaults = ppo.Args()
     backend = options.backend or defaults.backend
-    print(f"{env_id} (+{options.env_cost_us:g} us per step) PPO to mean return {defaults.solved_return:g} over {defaults.solved_window} episodes: "
+    cost = f" (+{options.env_cost_us:g} us of CPU per step)" if options.env_cost_us else ""
+    print(f"{env_id}{cost} PPO to mean return {defaults.solved_return:g} over {defaults.solved_window} episodes: "
           f"num_envs={defaults.num_envs} horizon={defaults.horizon} lr={defaults.learning_rate:g} "
-          f"epochs={defaults.update_epochs} minibatches={defaults.num_minibatches}; segvec backend={backend}")
+          f"epochs={defaults.update_epochs} minibatches={defaults.num_minibatches}; segvec backend={backend}; "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     print(f"{'seed':>4} {'trainer':>10} {'solved':>6} {'steps':>8} {'seconds':>8} {'steps/s':>8}")
     results: dict[str, list] = {"segvec": [], "sync": []}
     for seed in options.seeds:
@@ -253,8 +255,10 @@ def main() -> None:
     seg_time, seg_steps, seg_sps, seg_solved = summary("segvec")
     base_time, base_steps, base_sps, base_solved = summary("sync")
     n = len(options.seeds)
-    print(f"segvec: solved {seg_solved}/{n}, median {seg_time:.1f} s, median {seg_steps:.0f} steps, {seg_sps:.0f} steps/s")
-    print(f"sync:   solved {base_solved}/{n}, median {base_time:.1f} s, median {base_steps:.0f} steps, {base_sps:.0f} steps/s")
+    for name, (seconds, steps, sps, solved) in (("segvec", (seg_time, seg_steps, seg_sps, seg_solved)),
+                                                ("sync", (base_time, base_steps, base_sps, base_solved))):
+        print(f"{name + ':':7s} solved {solved}/{n}, median {seconds:.1f} s, median {steps:.0f} steps, "
+              f"{sps:.0f} steps/s")
     print(f"wall time to solve, segvec / SyncVectorEnv (medians): {seg_time / base_time:.2f}x (target <= 0.5x)")
     print(f"time per env step, segvec / SyncVectorEnv: {base_sps / seg_sps:.2f}x")
 

@@ -378,6 +378,6 @@ if __name__ == "__main__":
           f"{np.mean(recent) if recent else float('nan'):.1f} after {global_step} steps, {len(episode_returns)} "
           f"episodes, {elapsed:.1f} s ({global_step / elapsed:.0f} steps/s)")
     if args.plot_path:
-        plot_learning_curve(args.plot_path, episode_steps, episode_returns, args.solved_window,
-                            f"{args.exp_name}{' (LSTM)' if args.lstm else ''} on {args.env_id} (segvec, {args.num_envs} envs)")
+        title = f"{args.exp_name}{' (LSTM)' if args.lstm else ''} on {args.env_id} (segvec, {args.num_envs} envs)"
+        plot_learning_curve(args.plot_path, episode_steps, episode_returns, args.solved_window, title)
         print(f"learning curve: {os.path.abspath(args.plot_path)}")

@@ -310,6 +310,31 @@ class Storage:
         self.step_fields_by_slot = {k: a.reshape((S * T,) + a.shape[2:]) for k, a in self.step_fields.items()}
         self._scratch_int64 = {}
 
+    # ---- CUDA ------------------------------------------------------------------------------------
+    def register_with_cuda(self) -> bool:
+        """Page-locks the whole block for CUDA (once), so that host-to-device copies of zero-copy batch
+        views are asynchronous DMA with no staging copy.  Returns False when CUDA is absent or refuses
+        (then callers stage through pinned memory).  `unregister_from_cuda` undoes it."""
+        if getattr(self, "_cuda_registered", None) is None:
+            self._cuda_registered = False
+            try:
+                import torch
+
+                if torch.cuda.is_available():
+                    address = int(ffi.cast("uintptr_t", self.pointer))
+                    status = torch.cuda.cudart().cudaHostRegister(address, self.nbytes, 0)
+                    self._cuda_registered = int(getattr(status, "value", status)) == 0
+            except Exception:  # noqa: BLE001 - any failure means: stage through pinned memory
+                self._cuda_registered = False
+        return self._cuda_registered
+
+    def unregister_from_cuda(self) -> None:
+        if getattr(self, "_cuda_registered", False):
+            self._cuda_registered = None
+            import torch
+
+            torch.cuda.cudart().cudaHostUnregister(int(ffi.cast("uintptr_t", self.pointer)))
+
     # ---- small helpers turning numpy arrays into C pointers --------------------------------------
     @staticmethod
     def ptr(ctype: str, array: np.ndarray):

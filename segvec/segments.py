@@ -44,6 +44,7 @@ class SegmentBatch:
                  release: Callable[[np.ndarray], None]):
         self._released = False
         self._release_rows = release
+        self._storage = storage
         self.rows = rows
         n = len(rows)
         contiguous = n > 0 and int(rows[-1]) - int(rows[0]) + 1 == n

@@ -24,6 +24,15 @@ def _as_tensor(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array))
 
 
+def _inside(array: np.ndarray, pointer, nbytes: int) -> bool:
+    """True when `array`'s memory lies within the block at `pointer` (so it is page-locked already)."""
+    from segvec._core import ffi
+
+    start = int(ffi.cast("uintptr_t", pointer))
+    address = array.__array_interface__["data"][0]
+    return start <= address and address + array.nbytes <= start + nbytes
+
+
 def _map(value: Any, fn):
     """Applies `fn` to every array of a (possibly dict/tuple-nested) value."""
     if isinstance(value, dict):
@@ -38,9 +47,10 @@ def batch_to_torch(batch, device=None, non_blocking: bool = True) -> TorchSegmen
 
     On the CPU (``device`` None or ``"cpu"``) each tensor is a ``torch.from_numpy`` view: it shares memory
     with the batch (with the shared segment buffer itself when ``batch.zero_copy``), so nothing is copied
-    and the tensors are valid until ``batch.release()``.  For a CUDA device, each array is copied once into
-    page-locked host memory and from there to the device, asynchronously when `non_blocking` (the copies
-    are ordered on the current stream, so kernels launched afterwards on it see the data).
+    and the tensors are valid until ``batch.release()``.  For a CUDA device, the shared block is page-locked
+    once (cudaHostRegister) and zero-copy views are copied straight from it to the device; other arrays
+    are staged through pinned memory.  Copies are asynchronous when `non_blocking` (ordered on the current
+    stream, so kernels launched afterwards on it see the data; release the batch only after they ran).
 
     Structured observations and actions (Dict/Tuple spaces) come back as dicts/tuples of tensors.
     ``final_obs`` comes back as ``(observations, positions)`` tensors; the batch's buffer row indices as
@@ -62,14 +72,20 @@ def batch_to_torch(batch, device=None, non_blocking: bool = True) -> TorchSegmen
         convert = _as_tensor
     else:
         pin = device.type == "cuda" and torch.cuda.is_available()
+        # Zero-copy views lie in the shared block: page-lock it once and copy straight from it.
+        storage = getattr(batch, "_storage", None)
+        registered = pin and storage is not None and storage.register_with_cuda()
+        block = (storage.pointer, storage.nbytes) if registered else None
 
         def convert(array: np.ndarray) -> torch.Tensor:
             host = _as_tensor(array)
-            if pin:
+            if pin and not (block is not None and _inside(array, *block)):
                 host = host.pin_memory()
             return host.to(device, non_blocking=non_blocking and pin)
 
-    tensors = {name: _map(getattr(batch, name), convert) for name in batch.fields()}
+    arrays = batch.numpy() if hasattr(batch, "numpy") else {}  # one liveness check, not one per field
+    tensors = {name: _map(arrays[name] if name in arrays else getattr(batch, name), convert)
+               for name in batch.fields()}
     final_obs, positions = batch.final_obs
     tensors["final_obs"] = (_map(final_obs, convert), convert(positions))
     tensors["rows"] = torch.from_numpy(np.asarray(batch.rows))

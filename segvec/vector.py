@@ -877,6 +877,9 @@ class SegmentVecEnv(VectorEnv):
         if not self.closed:
             self.closed = True
         backend, self._backend = self._backend, None
+        storage = getattr(self, "_storage", None)
+        if storage is not None:
+            storage.unregister_from_cuda()
         if backend is not None:
             backend.close(terminate=terminate)
 
