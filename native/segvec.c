@@ -171,6 +171,7 @@ static void compute_offsets(const segvec_config_t *c, segvec_layout_t *L, intern
     PLACE(L->logprob, S * T * 4);
     PLACE(L->policy_version, S * T * 8);
     PLACE(L->truncation_value, S * T * 4);
+    PLACE(L->next_value, S * T * 4);
     PLACE(L->tail_value, S * 4);
     PLACE(L->row_env_id, S * 4);
     PLACE(L->row_length, S * 4);
@@ -699,6 +700,27 @@ int segvec_flush_envs(segvec_core_t *c, int32_t n, const int32_t *env_ids, const
     }
     pool_unlock(c->shared);
     return status;
+}
+
+int segvec_fill_next_values(segvec_core_t *c, int32_t n, const int32_t *rows, int32_t same_step, float *out) {
+    for (int32_t i = 0; i < n; ++i) {
+        int32_t r = rows[i];
+        if (r < 0 || r >= c->S) return SEGVEC_ERR_INVALID;
+        int64_t base = (int64_t)r * c->T;
+        int32_t len = c->row_length[r];
+        float *o = out + (int64_t)i * c->T;
+        for (int32_t t = 0; t < c->T; ++t) {
+            int64_t k = base + t;
+            float nv;
+            if (t >= len) nv = 0.0f;
+            else if (c->terminated[k]) nv = 0.0f;
+            else if (same_step && c->truncated[k]) nv = c->truncation_value[k];
+            else if (t == len - 1) nv = c->tail_value[r];
+            else nv = c->value[k + 1];
+            o[t] = nv;
+        }
+    }
+    return SEGVEC_OK;
 }
 
 int segvec_take(segvec_core_t *c, int32_t n, int32_t *rows_out) {

@@ -106,6 +106,7 @@ typedef struct segvec_layout {
     int64_t logprob;            /* float32 [S, T] sent by the learner, NaN until sent */
     int64_t policy_version;     /* int64   [S, T] stamped at send */
     int64_t truncation_value;   /* float32 [S, T] value of the final obs at SAME_STEP truncations, NaN */
+    int64_t next_value;         /* float32 [S, T] bootstraps, filled by segvec_fill_next_values at take */
     int64_t tail_value;         /* float32 [S]    value of obs[length] (next_value at t = length - 1) */
     int64_t row_env_id;         /* int32   [S] */
     int64_t row_length;         /* int32   [S]    steps written */
@@ -184,6 +185,10 @@ int segvec_prepare_send(segvec_core_t *core, int32_t n, const int32_t *env_ids, 
                         uint8_t *row_start_out);
 /* Hand the envs to their workers (SENDING -> IN_FLIGHT) and wake the workers that got work. */
 int segvec_dispatch(segvec_core_t *core, int32_t n, const int32_t *env_ids);
+/* The bootstrap of every step of taken rows, into out[i * T + t] (out may be the block's own next_value
+ * rows, for zero-copy batches): 0 where terminated; with `same_step`, the truncation value where
+ * truncated; value[t + 1] inside the row; the tail value at t = length - 1; 0 past the length. */
+int segvec_fill_next_values(segvec_core_t *core, int32_t n, const int32_t *rows, int32_t same_step, float *out);
 /* Take `n` rows from the completed FIFO, oldest first (COMPLETE -> TAKEN). */
 int segvec_take(segvec_core_t *core, int32_t n, int32_t *rows_out);
 /* Give taken rows back (TAKEN -> FREE). */

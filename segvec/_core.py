@@ -272,6 +272,7 @@ class Storage:
         self.logprob = view(layout.logprob, ST, np.float32)
         self.policy_version = view(layout.policy_version, ST, np.int64)
         self.truncation_value = view(layout.truncation_value, ST, np.float32)
+        self.next_value = view(layout.next_value, ST, np.float32)
         self.tail_value = view(layout.tail_value, SS, np.float32)
         self.row_env_id = view(layout.row_env_id, SS, np.int32)
         self.row_length = view(layout.row_length, SS, np.int32)

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import numpy as np
 from gymnasium.vector import AutoresetMode
 
-from segvec._core import ffi, lib
+from segvec._core import check, ffi, lib
 
 _ROW_ARRAYS = ("action", "value", "logprob", "reward", "terminated", "truncated", "episode_start", "mask",
                "policy_version")
@@ -69,18 +69,12 @@ class SegmentBatch:
         for name, array in storage.segment_fields.items():
             data[name] = take(array)
 
-        # next_value: value[t + 1] inside the row, the tail value at length - 1, then the overrides.
-        value, length = data["value"], data["length"]
-        next_value = np.empty((n, T), np.float32)
-        next_value[:, :-1] = value[:, 1:]
-        next_value[np.arange(n), np.maximum(length - 1, 0)] = storage.tail_value[rows]
-        if autoreset_mode == AutoresetMode.SAME_STEP:
-            truncation_value = take(storage.truncation_value)
-            swap = data["truncated"] & ~data["terminated"]
-            np.copyto(next_value, truncation_value, where=swap)
-        np.copyto(next_value, np.float32(0), where=data["terminated"])  # no index arrays: cheap at 64k steps
-        for i in np.flatnonzero(length < T):
-            next_value[i, length[i]:] = 0.0
+        # next_value, by the C core: into the block's own rows when they are adjacent (a view), else fresh.
+        next_value = take(storage.next_value) if contiguous else np.empty((n, T), np.float32)
+        if n:
+            check(lib.segvec_fill_next_values(
+                storage.core, n, ffi.from_buffer("int32_t[]", rows), int(autoreset_mode == AutoresetMode.SAME_STEP),
+                ffi.from_buffer("float[]", next_value, require_writable=True)), "next_value")
         data["next_value"] = next_value
         data["final_obs"] = final_obs
         self._data = data
