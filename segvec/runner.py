@@ -65,6 +65,8 @@ class EnvRunner:
         self._flat_obs = self.obs_layout.is_flat
         self._flat_action = self.action_layout.is_flat
         self._obs_checks = [(leaf.shape, leaf.dtype) for leaf in self.obs_layout.leaves]
+        # Observations of 1 KiB and more go straight to their slots (see _write_obs_in_place).
+        self._direct_obs = self._flat_obs and self.obs_layout.leaves[0].nbytes >= 1024
         # C views of the per-batch arrays, made once.
         self._outcomes_ptr = ffi.cast("segvec_outcome_t *", ffi.from_buffer(self._outcomes))
         self._obs_slots_ptr = ffi.from_buffer("int64_t[]", self._obs_slots)
@@ -120,6 +122,38 @@ class EnvRunner:
                         f"env {int(env_ids[position])} returned an observation that does not fit its space: {error!r}")
                 return position, error
         return None
+
+    def _write_obs_in_place(self, observations: list, ids: np.ndarray) -> bool:
+        """Large observations: writes each straight into its next slot, one copy instead of a staging copy
+        plus a scatter.  Envs whose row fills with this step get their new row at commit: those are staged
+        (positions in ``self._staged``) and scattered after it.  Returns False, having written nothing,
+        when an observation is not an array of the space's shape and dtype (the checked path decides)."""
+        shape, dtype = self._obs_checks[0]
+        for obs in observations:
+            if type(obs) is not np.ndarray or obs.shape != shape or obs.dtype != dtype:
+                return False
+        storage, horizon = self.storage, self.horizon
+        steps = storage.env_step[ids]
+        next_slots = storage.env_row[ids].astype(np.int64) * (horizon + 1) + steps + 1
+        by_slot, staging = storage.obs_by_slot[0], self._obs_out[0]
+        staged = []
+        for position, (obs, slot, step) in enumerate(zip(observations, next_slots.tolist(), steps.tolist())):
+            if step + 1 < horizon:
+                by_slot[slot] = obs
+            else:
+                staging[len(staged)] = obs
+                staged.append(position)
+        self._staged = staged
+        return True
+
+    def _scatter_staged(self, positions: list) -> None:
+        """Scatters the staged observations of `positions` (rows that filled) after the commit."""
+        index = np.asarray(positions, np.int64)
+        obs_slots = np.ascontiguousarray(self._obs_slots[index])
+        chain_slots = np.ascontiguousarray(self._chain_slots[index])
+        out, out_ptr, by_slot_ptr, item_bytes = self._scatter_plan[0]
+        lib.segvec_scatter_obs(out_ptr, item_bytes, len(index), ffi.from_buffer("int64_t[]", obs_slots),
+                               ffi.from_buffer("int64_t[]", chain_slots), by_slot_ptr)
 
     def _scatter_obs(self, count: int) -> None:
         """Copies the batch's observations to their slots (and finished rows' obs[horizon]) in C."""
@@ -252,7 +286,12 @@ class EnvRunner:
         ids = env_ids[:end]
         if skipped:
             ids = np.delete(ids, skipped)
-        bad = self._stack_obs(observations, ids)
+        staged = None  # large observations: positions whose observation still waits in the staging buffer
+        if self._direct_obs and done and self._write_obs_in_place(observations, ids):
+            staged = self._staged
+            bad = None
+        else:
+            bad = self._stack_obs(observations, ids)
         if bad is not None:
             index, error = bad
             failure = EnvFailure(int(ids[index]), "step", error)
@@ -269,7 +308,10 @@ class EnvRunner:
                     outcomes[position, 3:] = (valid, started, needs_reset)
             check(lib.segvec_commit_steps(storage.core, done, ffi.from_buffer("int32_t[]", ids),
                                           self._outcomes_ptr, self._obs_slots_ptr, self._chain_slots_ptr))
-            self._scatter_obs(done)
+            if staged is None:
+                self._scatter_obs(done)
+            elif len(staged):
+                self._scatter_staged(staged)
             if infos or final_infos:
                 self._mark_infos(ids, infos, final_infos)
         if failure is not None:
