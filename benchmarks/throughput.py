@@ -167,17 +167,7 @@ def setup_puffer(env_id: str, n: int, workers: int):
 
 
 def _segvec_vector(env_id: str, n: int, **options):
-    envs = segvec.make_vec(EnvFactory(env_id), num_envs=n, **options)
-    envs.reset(seed=0)
-    actions = _batched(envs.single_action_space, n)
-    state = {"i": 0}
-
-    def step() -> int:
-        envs.step(actions[state["i"] % ACTION_BANK])
-        state["i"] += 1
-        return n
-
-    return step, envs.close
+    return _gym_vector(segvec.make_vec(EnvFactory(env_id), num_envs=n, **options), n)
 
 
 def setup_segvec_serial(env_id: str, n: int, workers: int):
