@@ -1007,26 +1007,6 @@ int64_t segvec_first_out_of_range(const int64_t *values, int64_t n, int64_t low,
     return -1;
 }
 
-int segvec_gather(const void *src, int64_t item_bytes, const int64_t *indices, int64_t n, void *dst) {
-    const char *s = (const char *)src;
-    char *d = (char *)dst;
-    if (item_bytes < 0 || n < 0) return SEGVEC_ERR_INVALID;
-    switch (item_bytes) { /* small fixed sizes: let the compiler emit plain moves */
-    case 4:
-        for (int64_t i = 0; i < n; ++i) memcpy(d + i * 4, s + indices[i] * 4, 4);
-        break;
-    case 8:
-        for (int64_t i = 0; i < n; ++i) memcpy(d + i * 8, s + indices[i] * 8, 8);
-        break;
-    case 16:
-        for (int64_t i = 0; i < n; ++i) memcpy(d + i * 16, s + indices[i] * 16, 16);
-        break;
-    default:
-        for (int64_t i = 0; i < n; ++i) memcpy(d + i * item_bytes, s + indices[i] * item_bytes, (size_t)item_bytes);
-    }
-    return SEGVEC_OK;
-}
-
 int segvec_gae(int32_t n, int32_t T, const float *reward, const float *value, const float *next_value,
                const uint8_t *terminated, const uint8_t *truncated, const uint8_t *mask,
                const int32_t *length, float gamma, float lam, float *adv, float *ret) {

@@ -255,8 +255,6 @@ int segvec_scatter_obs(const void *obs, int64_t item_bytes, int32_t n, const int
                        const int64_t *chain_slots, void *dst);
 /* Index of the first value outside [low, high] (a discrete action out of its space), or -1. */
 int64_t segvec_first_out_of_range(const int64_t *values, int64_t n, int64_t low, int64_t high);
-/* dst[i] = src[indices[i]] for items of `item_bytes` bytes. */
-int segvec_gather(const void *src, int64_t item_bytes, const int64_t *indices, int64_t n, void *dst);
 /* GAE over rows of length T (contiguous [n, T] arrays).  delta = r + gamma * next_value * (1 - term) - v;
  * the recursion stops at terminated or truncated steps, at t = length - 1, and skips masked-out steps
  * (advantage 0).  returns = advantages + value. */

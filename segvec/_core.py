@@ -262,7 +262,7 @@ class Storage:
             count = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
             return raw[offset:offset + count].view(dtype).reshape(shape)
 
-        ST, SS, EE, K = (S, T), (S,), (E,), (g.episode_capacity,)
+        ST, SS, EE = (S, T), (S,), (E,)
         self.reward = view(layout.reward, ST, np.float32)
         self.terminated = view(layout.terminated, ST, np.bool_)
         self.truncated = view(layout.truncated, ST, np.bool_)
@@ -309,7 +309,6 @@ class Storage:
         self.obs_by_slot = [a.reshape((S * (T + 1),) + a.shape[2:]) for a in self.obs]
         self.action_by_slot = [a.reshape((S * T,) + a.shape[2:]) for a in self.action]
         self.step_fields_by_slot = {k: a.reshape((S * T,) + a.shape[2:]) for k, a in self.step_fields.items()}
-        self._scratch_int64 = {}
 
     # ---- CUDA ------------------------------------------------------------------------------------
     def register_with_cuda(self) -> bool:
@@ -336,24 +335,9 @@ class Storage:
 
             torch.cuda.cudart().cudaHostUnregister(int(ffi.cast("uintptr_t", self.pointer)))
 
-    # ---- small helpers turning numpy arrays into C pointers --------------------------------------
-    @staticmethod
-    def ptr(ctype: str, array: np.ndarray):
-        return ffi.from_buffer(ctype, array)
-
     def stats(self) -> dict:
         out = ffi.new("segvec_stats_t *")
         check(lib.segvec_read_stats(self.core, out))
         return {name: int(getattr(out, name)) for name in (
             "steps", "episodes", "segments_completed", "segments_recycled", "segments_taken", "nan_rewards",
             "episodes_written", "restarts", "complete_rows", "free_rows", "starved_workers")}
-
-
-def gather_slots(by_slot: np.ndarray, slots: np.ndarray) -> np.ndarray:
-    """Returns ``by_slot[slots]`` as one contiguous array, copied by the C gather."""
-    out = np.empty((len(slots),) + by_slot.shape[1:], dtype=by_slot.dtype)
-    if len(slots):
-        item = int(np.prod(by_slot.shape[1:], dtype=np.int64)) * by_slot.dtype.itemsize
-        lib.segvec_gather(ffi.from_buffer(by_slot), item, ffi.from_buffer("int64_t[]", slots), len(slots),
-                          ffi.from_buffer(out, require_writable=True))
-    return out

@@ -7,7 +7,7 @@ an ordinary strided numpy array and a structured observation comes back as a dic
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from gymnasium import spaces
@@ -90,10 +90,6 @@ class SpaceLayout:
         if self.is_flat:
             return arrays[0]
         return _build(self.space, iter(arrays))
-
-    def map_structure(self, fn: Callable[[Leaf, int], Any]) -> Any:
-        """Returns ``structure([fn(leaf, i) for i, leaf in enumerate(leaves)])``."""
-        return self.structure([fn(leaf, i) for i, leaf in enumerate(self.leaves)])
 
 
 def _build(space: spaces.Space, arrays) -> Any:
