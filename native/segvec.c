@@ -29,6 +29,10 @@
 #define CACHE_LINE 64
 #define WAIT_SLICE_MS 100
 #define SPIN_CHECKS 64
+/* After the spin, a waiter keeps checking for this long, yielding the core between checks, before it
+ * sleeps on its futex: a hand-over that comes soon (the learner's turn-around, a worker's batch) then needs
+ * no wake-up, while a process that has work runs whenever it wants the core. */
+#define YIELD_WINDOW_NS 50000
 
 /* ---- the shared block ------------------------------------------------------------------------- */
 
@@ -459,6 +463,12 @@ static void futex_wake_all(atomic_uint *word) {
 #endif
 }
 
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
 static int64_t now_ms(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -498,8 +508,9 @@ int segvec_wait_ready(segvec_core_t *c, int32_t min_count, int32_t timeout_ms, i
     shared_t *sh = c->shared;
     int64_t deadline = now_ms() + (timeout_ms < 0 ? WAIT_SLICE_MS : timeout_ms);
     if (min_count > c->E) min_count = c->E;
-    for (;;) {
-        for (int spin = 0; spin < SPIN_CHECKS; ++spin) {
+    int64_t yield_until = now_ns() + YIELD_WINDOW_NS;
+    for (int pass = 0;; ++pass) {
+        for (int spin = 0;; ++spin) {
             int32_t ready = ready_available(c, c->E);
             if (ready >= min_count) { *ready_out = ready; return SEGVEC_OK; }
             if (atomic_load_explicit(&sh->alert_seq, memory_order_acquire) != c->alert_seen) {
@@ -507,7 +518,9 @@ int segvec_wait_ready(segvec_core_t *c, int32_t min_count, int32_t timeout_ms, i
                 *ready_out = ready;
                 return SEGVEC_ERR_ALERT;
             }
-            cpu_relax();
+            if (spin < SPIN_CHECKS) cpu_relax();
+            else if (pass == 0 && now_ns() < yield_until) sched_yield();
+            else break;
         }
         int64_t left = deadline - now_ms();
         if (left <= 0) { *ready_out = ready_available(c, c->E); return SEGVEC_ERR_TIMEOUT; }
@@ -796,8 +809,9 @@ int segvec_worker_wait(segvec_core_t *c, int32_t w, int32_t timeout_ms) {
     shared_t *sh = c->shared;
     int64_t deadline = now_ms() + (timeout_ms < 0 ? WAIT_SLICE_MS : timeout_ms);
     unsigned seen = ws->seen_seq;
-    for (;;) {
-        for (int spin = 0; spin < SPIN_CHECKS; ++spin) {
+    int64_t yield_until = now_ns() + YIELD_WINDOW_NS;
+    for (int pass = 0;; ++pass) {
+        for (int spin = 0;; ++spin) {
             if (atomic_load_explicit(&sh->shutdown, memory_order_acquire)) return SEGVEC_ERR_SHUTDOWN;
             unsigned now = atomic_load_explicit(&ws->seq, memory_order_acquire);
             if (now != seen || /* kicked (or pushed) since the last return */
@@ -806,7 +820,9 @@ int segvec_worker_wait(segvec_core_t *c, int32_t w, int32_t timeout_ms) {
                 ws->seen_seq = now;
                 return SEGVEC_OK;
             }
-            cpu_relax();
+            if (spin < SPIN_CHECKS) cpu_relax();
+            else if (pass == 0 && now_ns() < yield_until) sched_yield();
+            else break;
         }
         int64_t left = deadline - now_ms();
         if (left <= 0) return SEGVEC_ERR_TIMEOUT;
