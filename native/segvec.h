@@ -34,8 +34,10 @@
  *     or awaiting, a worker that needs a new row waits for a release (backpressure, `starved_workers`);
  *     the learner's waits see it and raise instead of hanging.
  *
- * Waiting: a short spin, then a futex on a 32-bit sequence word (Linux; elsewhere a short sleep), always
- * with a timeout so the caller can look after dead processes and Ctrl-C.  Nobody burns a core while idle.
+ * Waiting: a short spin, then up to 50 us of checks that yield the core between them (a hand-over that
+ * comes soon needs no wake-up), then a futex on a 32-bit sequence word (Linux; elsewhere a short sleep),
+ * always with a timeout so the caller can look after dead processes and Ctrl-C.  Nobody burns a core while
+ * idle.
  *
  * Every function returns an int status (SEGVEC_OK or a negative code, see segvec_strerror); out
  * parameters come last.  "learner only" / "worker w only" / "any process" say who may call a function.
