@@ -96,9 +96,8 @@ def setup_raw(env_id: str, n: int, workers: int):
     return step, env.close
 
 
-def _gym_vector(envs, n: int):
-    envs.reset(seed=0)
-    actions = _batched(envs.single_action_space, n)
+def _cycling_steps(envs, actions, n: int):
+    """(step, close) for a vector env stepped with a bank of pre-sampled action batches."""
     state = {"i": 0}
 
     def step() -> int:
@@ -107,6 +106,11 @@ def _gym_vector(envs, n: int):
         return n
 
     return step, envs.close
+
+
+def _gym_vector(envs, n: int):
+    envs.reset(seed=0)
+    return _cycling_steps(envs, _batched(envs.single_action_space, n), n)
 
 
 def setup_gym_sync(env_id: str, n: int, workers: int):
@@ -123,15 +127,7 @@ def setup_sb3(env_id: str, n: int, workers: int):
     envs = SubprocVecEnv([EnvFactory(env_id)] * n, start_method="fork")
     envs.seed(0)
     envs.reset()
-    actions = _batched(envs.action_space, n)
-    state = {"i": 0}
-
-    def step() -> int:
-        envs.step(actions[state["i"] % ACTION_BANK])
-        state["i"] += 1
-        return n
-
-    return step, envs.close
+    return _cycling_steps(envs, _batched(envs.action_space, n), n)
 
 
 def _puffer_env(env_id: str, buf=None, seed: int = 0):
