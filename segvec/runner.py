@@ -238,12 +238,10 @@ class EnvRunner:
             local = env_index - first
             if check_restarts and pending_restart[local] is not None:
                 reason, pending_restart[local] = pending_restart[local], None
-                try:
-                    infos[env_index] = self._restart(env_index, reason, rebuild=False)
-                except EnvFailure as fatal:
-                    failure, end = fatal, position
+                failure = self._restart_in_batch(env_index, reason, False, infos, restarted)
+                if failure is not None:
+                    end = position
                     break
-                restarted.append(env_index)
                 skipped.append(position)
                 continue
             env = envs[local]
@@ -265,15 +263,11 @@ class EnvRunner:
                             pending[local] = True
                             specials.append((len(observations), 1.0, 0.0, 1.0))
             except Exception as error:  # noqa: BLE001 - reported to the learner with its traceback
-                if self.env_fns is None:
-                    failure, end = EnvFailure(env_index, "step", error), position
+                failure = EnvFailure(env_index, "step", error) if self.env_fns is None else \
+                    self._restart_in_batch(env_index, error, True, infos, restarted)
+                if failure is not None:
+                    end = position
                     break
-                try:
-                    infos[env_index] = self._restart(env_index, error)
-                except EnvFailure as fatal:
-                    failure, end = fatal, position
-                    break
-                restarted.append(env_index)
                 skipped.append(position)
                 continue
             observations.append(obs)
@@ -318,6 +312,15 @@ class EnvRunner:
             failure.finished = np.asarray(list(ids[:done]) + restarted, np.int32)
             raise failure
         return infos, final_infos
+
+    def _restart_in_batch(self, env_index: int, error, rebuild: bool, infos: dict, restarted: list):
+        """Restarts `env_index` in the middle of a batch; returns the EnvFailure if that fails too."""
+        try:
+            infos[env_index] = self._restart(env_index, error, rebuild=rebuild)
+        except EnvFailure as fatal:
+            return fatal
+        restarted.append(env_index)
+        return None
 
     def mark_for_restart(self, env_ids, reason: str) -> None:
         """The learner holds these envs of a dead worker: restart each instead of its next step."""
