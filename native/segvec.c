@@ -4,6 +4,7 @@
 
 #include <errno.h>
 #include <math.h>
+#include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
 #include <stddef.h>
@@ -15,7 +16,6 @@
 #if defined(__linux__)
 #include <linux/futex.h>
 #include <sys/syscall.h>
-#include <unistd.h>
 #endif
 
 #ifdef SEGVEC_DEBUG
@@ -25,7 +25,7 @@
 #define SEGVEC_ASSERT(cond) ((void)0)
 #endif
 
-#define SEGVEC_MAGIC 0x5345475645433031ull /* "SEGVEC01" */
+#define SEGVEC_MAGIC 0x5345475645433032ull /* "SEGVEC02" */
 #define CACHE_LINE 64
 #define WAIT_SLICE_MS 100
 #define SPIN_CHECKS 64
@@ -38,26 +38,38 @@
 
 /* Offsets of the arrays only C touches. */
 typedef struct {
-    int64_t free_ring;        /* int32 [S]  free FIFO, indexed by counter % S (pool lock) */
-    int64_t complete_ring;    /* int32 [S]  completed FIFO (pool lock) */
-    int64_t ready_ring;       /* atomic int32 [E]  env_id + 1 once published, 0 when empty */
+    int64_t free_ring;        /* int32 [S]  free FIFO, indexed by counter % S (learner only) */
+    int64_t complete_ring;    /* int32 [S]  completed FIFO (learner only) */
     int64_t workers;          /* worker_slot_t [W] */
     int64_t action_rings;     /* int32 [W, E / W]  per-worker action queue */
+    int64_t ready_rings;      /* ready_entry_t [W, E / W]  per-worker ready queue */
     int64_t awaiting_row;     /* int32 [E]  row waiting for its tail bootstrap, -1 if none */
+    int64_t env_spare;        /* int32 [E]  RESERVED row the env moves to when its row fills, -1 if none */
+    int64_t env_sent_slot;    /* int64 [E]  step slot the env was last sent (or reset) at: where a dead
+                               *             worker's env is rolled back to */
     int64_t env_steps_done;   /* int64 [E]  slots filled by the env so far */
     int64_t env_return;       /* float64 [E] running episode return */
     int64_t env_length;       /* int64 [E]  running episode length */
     int64_t episode_seq;      /* atomic uint64 [K] ticket + 1 once the entry is written */
 } internal_offsets_t;
 
+/* One entry of a worker's ready queue; `stamp` orders entries across the queues. */
+typedef struct {
+    int32_t env;
+    int32_t unused;
+    uint64_t stamp;
+} ready_entry_t;
+
+/* Everything one worker shares with the learner.  Each counter has exactly one writer. */
 typedef struct {
     _Alignas(CACHE_LINE) atomic_uint seq;   /* futex word: bumped on every push, kick and shutdown */
     atomic_uint waiting;                    /* 1 while the worker sleeps on `seq` */
     unsigned seen_seq;                      /* worker w only: `seq` when its last wait returned, so a
                                              * kick that lands between two waits is not lost */
-    atomic_int starved;                     /* 1 while worker w waits for a row (its share of `starved`) */
-    atomic_uint_fast64_t queue_tail;        /* written by the learner */
-    _Alignas(CACHE_LINE) atomic_uint_fast64_t queue_head; /* written by worker w */
+    atomic_uint_fast64_t queue_tail;        /* action queue; written by the learner */
+    _Alignas(CACHE_LINE) atomic_uint_fast64_t queue_head; /* action queue; written by worker w */
+    atomic_uint_fast64_t ready_tail;        /* ready queue; written by worker w */
+    _Alignas(CACHE_LINE) atomic_uint_fast64_t ready_head; /* ready queue; written by the learner */
 } worker_slot_t;
 
 typedef struct {
@@ -67,30 +79,19 @@ typedef struct {
     segvec_layout_t layout;
     internal_offsets_t internal;
 
-    /* Row pool: free FIFO and completed FIFO, both under `pool_lock`.  Counters grow forever; the ring
-     * index is counter % S.  A FIFO (not a stack) for free rows keeps rows of one round adjacent, so a
-     * synchronous rollout is usually taken as one contiguous slab (zero-copy). */
-    _Alignas(CACHE_LINE) atomic_int pool_lock;
-    int64_t free_head, free_tail;
+    /* Row pool (learner only, under the learner's pool mutex): free FIFO and completed FIFO.  Counters
+     * grow forever; the ring index is counter % S.  A FIFO (not a stack) for free rows keeps rows of one
+     * round adjacent, so a synchronous rollout is usually taken as one contiguous slab (zero-copy). */
+    _Alignas(CACHE_LINE) int64_t free_head, free_tail;
     int64_t complete_head, complete_tail;
 
-    /* Ready queue (MPSC): a producer claims ticket = ready_tail++, writes env_id + 1 into
-     * ready_ring[ticket % E]; the learner consumes in ticket order.  Each env is in the queue at most once,
-     * so E slots never overflow. */
-    _Alignas(CACHE_LINE) atomic_uint_fast64_t ready_tail;
-    _Alignas(CACHE_LINE) atomic_uint_fast64_t ready_head;    /* written by the learner only */
+    /* Ready queues: stamps come from one counter, so the learner can receive the oldest first. */
+    _Alignas(CACHE_LINE) atomic_uint_fast64_t publish_stamp;
     _Alignas(CACHE_LINE) atomic_uint ready_seq;              /* futex word of the learner */
     atomic_uint learner_waiting;
     atomic_int learner_wanted;                               /* wake when this many are ready */
     atomic_uint alert_seq;                                   /* bumped by segvec_post_alert */
     atomic_uint shutdown;
-    /* Backpressure: a worker that needs a row while every row is held (filling, awaiting its bootstrap,
-     * or taken by the learner) waits on `pool_seq` (bumped whenever a row completes or is released) and
-     * counts itself in `starved`, which the learner's waits read so that they never hang on it. */
-    atomic_uint pool_seq;
-    atomic_int starved;
-    int64_t learner_pid;                                     /* the process that formatted the block */
-    uint64_t outstanding;                                    /* learner only: dispatched - popped */
 
     _Alignas(CACHE_LINE) atomic_int_fast64_t steps;
     atomic_int_fast64_t episodes;
@@ -101,6 +102,7 @@ typedef struct {
     atomic_int_fast64_t restarts;
     atomic_int_fast64_t complete_rows;
     atomic_int_fast64_t free_rows;
+    atomic_int_fast64_t rolled_back;
     atomic_uint_fast64_t episode_ticket;
 } shared_t;
 
@@ -108,13 +110,15 @@ struct segvec_core {
     shared_t *shared;
     char *base;
     int32_t E, W, S, T, K, envs_per_worker;
+    pthread_mutex_t pool_mutex;   /* the learner's threads take turns on the row pool */
     /* public arrays */
     float *reward, *value, *logprob, *truncation_value, *tail_value;
     uint8_t *terminated, *truncated, *mask, *episode_start;
     int64_t *policy_version;
     int32_t *row_env_id, *row_length, *row_state;
     int64_t *row_start_step, *row_episode_id;
-    int32_t *env_row, *env_step, *env_state;
+    int32_t *env_row, *env_step;
+    atomic_int *env_state;
     uint8_t *env_needs_reset, *env_last_terminated, *env_last_truncated;
     double *env_last_reward;
     int64_t *env_episode_id, *env_last_slot;
@@ -122,10 +126,10 @@ struct segvec_core {
     double *episode_return;
     int64_t *episode_length;
     /* internal arrays */
-    int32_t *free_ring, *complete_ring, *action_rings, *awaiting_row;
-    atomic_int *ready_ring;
+    int32_t *free_ring, *complete_ring, *action_rings, *awaiting_row, *env_spare;
+    ready_entry_t *ready_rings;
     worker_slot_t *workers;
-    int64_t *env_steps_done, *env_length;
+    int64_t *env_sent_slot, *env_steps_done, *env_length;
     double *env_return;
     atomic_uint_fast64_t *episode_seq;
     uint32_t alert_seen;
@@ -138,7 +142,7 @@ const char *segvec_strerror(int status) {
     case SEGVEC_ERR_LAYOUT: return "memory block is too small or is not a segvec core";
     case SEGVEC_ERR_NO_FREE_ROW:
         return "no free segment row: every row is taken and not released (release batches, or raise num_segments)";
-    case SEGVEC_ERR_NOT_HELD: return "env was not received by the learner (or appears twice in one send)";
+    case SEGVEC_ERR_NOT_HELD: return "env is not the learner's now (not received, failed, or named twice)";
     case SEGVEC_ERR_NOT_ENOUGH: return "fewer complete segments than asked for";
     case SEGVEC_ERR_ROW_STATE: return "row is not taken (released twice?)";
     case SEGVEC_ERR_TIMEOUT: return "timed out";
@@ -184,7 +188,7 @@ static void compute_offsets(const segvec_config_t *c, segvec_layout_t *L, intern
     PLACE(L->row_episode_id, S * 8);
     PLACE(L->env_row, E * 4);
     PLACE(L->env_step, E * 4);
-    PLACE(L->env_state, E * 4);
+    PLACE(L->env_state, E * sizeof(atomic_int));
     PLACE(L->env_needs_reset, E);
     PLACE(L->env_last_reward, E * 8);
     PLACE(L->env_last_terminated, E);
@@ -196,10 +200,12 @@ static void compute_offsets(const segvec_config_t *c, segvec_layout_t *L, intern
     PLACE(L->episode_length, K * 8);
     PLACE(I->free_ring, S * 4);
     PLACE(I->complete_ring, S * 4);
-    PLACE(I->ready_ring, E * sizeof(atomic_int));
     PLACE(I->workers, W * sizeof(worker_slot_t));
     PLACE(I->action_rings, E * 4);
+    PLACE(I->ready_rings, E * sizeof(ready_entry_t));
     PLACE(I->awaiting_row, E * 4);
+    PLACE(I->env_spare, E * 4);
+    PLACE(I->env_sent_slot, E * 8);
     PLACE(I->env_steps_done, E * 8);
     PLACE(I->env_return, E * 8);
     PLACE(I->env_length, E * 8);
@@ -244,7 +250,7 @@ static void bind(segvec_core_t *c, shared_t *sh) {
     c->row_episode_id = (int64_t *)(b + L->row_episode_id);
     c->env_row = (int32_t *)(b + L->env_row);
     c->env_step = (int32_t *)(b + L->env_step);
-    c->env_state = (int32_t *)(b + L->env_state);
+    c->env_state = (atomic_int *)(b + L->env_state);
     c->env_needs_reset = (uint8_t *)(b + L->env_needs_reset);
     c->env_last_reward = (double *)(b + L->env_last_reward);
     c->env_last_terminated = (uint8_t *)(b + L->env_last_terminated);
@@ -256,10 +262,12 @@ static void bind(segvec_core_t *c, shared_t *sh) {
     c->episode_length = (int64_t *)(b + L->episode_length);
     c->free_ring = (int32_t *)(b + I->free_ring);
     c->complete_ring = (int32_t *)(b + I->complete_ring);
-    c->ready_ring = (atomic_int *)(b + I->ready_ring);
     c->workers = (worker_slot_t *)(b + I->workers);
     c->action_rings = (int32_t *)(b + I->action_rings);
+    c->ready_rings = (ready_entry_t *)(b + I->ready_rings);
     c->awaiting_row = (int32_t *)(b + I->awaiting_row);
+    c->env_spare = (int32_t *)(b + I->env_spare);
+    c->env_sent_slot = (int64_t *)(b + I->env_sent_slot);
     c->env_steps_done = (int64_t *)(b + I->env_steps_done);
     c->env_return = (double *)(b + I->env_return);
     c->env_length = (int64_t *)(b + I->env_length);
@@ -267,19 +275,38 @@ static void bind(segvec_core_t *c, shared_t *sh) {
     c->alert_seen = atomic_load(&sh->alert_seq);
 }
 
-/* ---- pool lock: a test-and-set spinlock held for a handful of instructions ---------------------- */
+/* ---- env states ------------------------------------------------------------------------------- */
 
-static void pool_lock(shared_t *sh) {
-    int spins = 0;
-    while (atomic_exchange_explicit(&sh->pool_lock, 1, memory_order_acquire)) {
-        if (++spins > 100) { sched_yield(); spins = 0; }
-    }
+/* An env's state is the hand-over flag between its owners: the new owner reads it with acquire, the old
+ * one writes it with release after its last write to the env's cursor and slots. */
+static inline int env_state(const segvec_core_t *c, int32_t e) {
+    return atomic_load_explicit(&c->env_state[e], memory_order_acquire);
 }
 
-static void pool_unlock(shared_t *sh) { atomic_store_explicit(&sh->pool_lock, 0, memory_order_release); }
+static inline void set_env_state(segvec_core_t *c, int32_t e, int state) {
+    atomic_store_explicit(&c->env_state[e], state, memory_order_release);
+}
 
-/* ---- rows (callers hold the pool lock) -------------------------------------------------------- */
+static inline int learner_owns(int state) {
+    return state == SEGVEC_ENV_NEW || state == SEGVEC_ENV_HELD || state == SEGVEC_ENV_FAILED;
+}
 
+static inline int valid_env(const segvec_core_t *c, int32_t e) { return e >= 0 && e < c->E; }
+
+int segvec_count_envs(segvec_core_t *c, int32_t state_mask, int32_t *count_out) {
+    int32_t n = 0;
+    for (int32_t e = 0; e < c->E; ++e)
+        if (state_mask & (1 << atomic_load_explicit(&c->env_state[e], memory_order_relaxed))) ++n;
+    *count_out = n;
+    return SEGVEC_OK;
+}
+
+/* ---- row pool (learner only; callers hold the pool mutex unless noted) ------------------------- */
+
+static void pool_lock(segvec_core_t *c) { pthread_mutex_lock(&c->pool_mutex); }
+static void pool_unlock(segvec_core_t *c) { pthread_mutex_unlock(&c->pool_mutex); }
+
+/* Fresh contents of a row about to be filled (no lock needed: the caller owns the row). */
 static void reset_row_data(segvec_core_t *c, int32_t row) {
     int64_t base = (int64_t)row * c->T;
     float fresh_reward = c->shared->config.poison ? (float)SEGVEC_POISON_REWARD_MILLI / 1000.0f : 0.0f;
@@ -298,38 +325,41 @@ static void reset_row_data(segvec_core_t *c, int32_t row) {
     c->row_length[row] = 0;
 }
 
-/* Next row for env `env`: the oldest free row, else the oldest complete row nobody took. */
-static int allocate_row_locked(segvec_core_t *c, int32_t env, int32_t *row_out) {
+static int64_t rows_available_locked(const segvec_core_t *c) {
+    const shared_t *sh = c->shared;
+    return (sh->free_tail - sh->free_head) + (sh->complete_tail - sh->complete_head);
+}
+
+/* A row for env `env`, RESERVED with fresh contents: the oldest free row, else the oldest complete row
+ * nobody took (recycled).  Callers check rows_available_locked first. */
+static int32_t reserve_row_locked(segvec_core_t *c, int32_t env) {
     shared_t *sh = c->shared;
     int32_t row;
     if (sh->free_head < sh->free_tail) {
         row = c->free_ring[sh->free_head % c->S];
         sh->free_head++;
         atomic_fetch_sub(&sh->free_rows, 1);
-    } else if (sh->complete_head < sh->complete_tail) {
+    } else {
+        SEGVEC_ASSERT(sh->complete_head < sh->complete_tail);
         row = c->complete_ring[sh->complete_head % c->S];
         sh->complete_head++;
         atomic_fetch_sub(&sh->complete_rows, 1);
         atomic_fetch_add(&sh->segments_recycled, 1);
-    } else {
-        return SEGVEC_ERR_NO_FREE_ROW;
     }
     SEGVEC_ASSERT(c->row_state[row] == SEGVEC_ROW_FREE || c->row_state[row] == SEGVEC_ROW_COMPLETE);
     reset_row_data(c, row);
-    c->row_state[row] = SEGVEC_ROW_FILLING;
+    c->row_state[row] = SEGVEC_ROW_RESERVED;
     c->row_env_id[row] = env;
-    c->row_start_step[row] = c->env_steps_done[env];
-    c->row_episode_id[row] = c->env_episode_id[env];
-    *row_out = row;
-    return SEGVEC_OK;
+    return row;
 }
 
-static void futex_wake_all(atomic_uint *word);
-
-/* A row became available to allocation (complete or free): wake workers waiting for one. */
-static void row_available_locked(shared_t *sh) {
-    atomic_fetch_add_explicit(&sh->pool_seq, 1, memory_order_seq_cst);
-    if (atomic_load_explicit(&sh->starved, memory_order_seq_cst)) futex_wake_all(&sh->pool_seq);
+/* Env `env` starts filling its RESERVED row `row` at the env's current counts (no lock: the row is the
+ * env's owner's). */
+static void start_row(segvec_core_t *c, int32_t env, int32_t row) {
+    SEGVEC_ASSERT(c->row_state[row] == SEGVEC_ROW_RESERVED && c->row_env_id[row] == env);
+    c->row_start_step[row] = c->env_steps_done[env];
+    c->row_episode_id[row] = c->env_episode_id[env];
+    c->row_state[row] = SEGVEC_ROW_FILLING;
 }
 
 static void complete_row_locked(segvec_core_t *c, int32_t row) {
@@ -340,7 +370,6 @@ static void complete_row_locked(segvec_core_t *c, int32_t row) {
     sh->complete_tail++;
     atomic_fetch_add(&sh->complete_rows, 1);
     atomic_fetch_add(&sh->segments_completed, 1);
-    row_available_locked(sh);
 }
 
 static void free_row_locked(segvec_core_t *c, int32_t row) {
@@ -349,10 +378,14 @@ static void free_row_locked(segvec_core_t *c, int32_t row) {
     c->free_ring[sh->free_tail % c->S] = row;
     sh->free_tail++;
     atomic_fetch_add(&sh->free_rows, 1);
-    row_available_locked(sh);
 }
 
 /* ---- set-up ----------------------------------------------------------------------------------- */
+
+static int init_handle(segvec_core_t *c, shared_t *sh) {
+    bind(c, sh);
+    return pthread_mutex_init(&c->pool_mutex, NULL) == 0 ? SEGVEC_OK : SEGVEC_ERR_INVALID;
+}
 
 int segvec_format(void *block, int64_t block_bytes, const segvec_config_t *config) {
     segvec_layout_t layout;
@@ -379,16 +412,17 @@ int segvec_format(void *block, int64_t block_bytes, const segvec_config_t *confi
     atomic_store(&sh->free_rows, core.S);
     /* Env e starts in row e: the first round of a synchronous rollout is rows [0, E). */
     for (int32_t e = 0; e < core.E; ++e) {
-        int32_t row;
-        allocate_row_locked(&core, e, &row);
+        int32_t row = reserve_row_locked(&core, e);
+        start_row(&core, e, row);
         core.env_row[e] = row;
         core.env_step[e] = 0;
-        core.env_state[e] = SEGVEC_ENV_NEW;
+        atomic_store(&core.env_state[e], SEGVEC_ENV_NEW);
         core.awaiting_row[e] = -1;
+        core.env_spare[e] = -1;
+        core.env_sent_slot[e] = (int64_t)row * core.T;
         core.env_last_slot[e] = -1;
     }
     atomic_thread_fence(memory_order_release);
-    sh->learner_pid = (int64_t)getpid();
     sh->magic = SEGVEC_MAGIC;
     return SEGVEC_OK;
 }
@@ -401,12 +435,16 @@ int segvec_attach(void *block, int64_t block_bytes, segvec_core_t **core_out) {
     if (block_bytes < sh->layout.total_bytes) return SEGVEC_ERR_LAYOUT;
     segvec_core_t *core = (segvec_core_t *)calloc(1, sizeof(segvec_core_t));
     if (!core) return SEGVEC_ERR_INVALID;
-    bind(core, sh);
+    if (init_handle(core, sh) != SEGVEC_OK) {
+        free(core);
+        return SEGVEC_ERR_INVALID;
+    }
     *core_out = core;
     return SEGVEC_OK;
 }
 
 int segvec_detach(segvec_core_t *core) {
+    if (core) pthread_mutex_destroy(&core->pool_mutex);
     free(core);
     return SEGVEC_OK;
 }
@@ -423,7 +461,7 @@ int segvec_read_stats(segvec_core_t *core, segvec_stats_t *out) {
     out->restarts = atomic_load(&sh->restarts);
     out->complete_rows = atomic_load(&sh->complete_rows);
     out->free_rows = atomic_load(&sh->free_rows);
-    out->starved_workers = atomic_load(&sh->starved);
+    out->rolled_back = atomic_load(&sh->rolled_back);
     return SEGVEC_OK;
 }
 
@@ -475,32 +513,42 @@ static int64_t now_ms(void) {
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-/* ---- ready queue (MPSC) ----------------------------------------------------------------------- */
+/* ---- ready queues (one SPSC queue per worker, merged by stamp) -------------------------------- */
 
-/* Envs published and not yet popped, counting only those whose slot is written. */
-static int32_t ready_available(segvec_core_t *c, int32_t limit) {
-    shared_t *sh = c->shared;
-    uint64_t head = atomic_load_explicit(&sh->ready_head, memory_order_relaxed);
-    int32_t n = 0;
-    while (n < limit && atomic_load_explicit(&c->ready_ring[(head + n) % c->E], memory_order_acquire) != 0) ++n;
-    return n;
+static inline ready_entry_t *ready_entry(segvec_core_t *c, int32_t w, uint64_t index) {
+    return &c->ready_rings[(int64_t)w * c->envs_per_worker + (int64_t)(index % (uint64_t)c->envs_per_worker)];
+}
+
+/* Envs published and not yet received, over every worker's queue. */
+static int32_t ready_available(segvec_core_t *c) {
+    int64_t n = 0;
+    for (int32_t w = 0; w < c->W; ++w) {
+        worker_slot_t *ws = &c->workers[w];
+        n += (int64_t)(atomic_load_explicit(&ws->ready_tail, memory_order_acquire) -
+                       atomic_load_explicit(&ws->ready_head, memory_order_relaxed));
+    }
+    return (int32_t)n;
 }
 
 int segvec_publish(segvec_core_t *c, int32_t n, const int32_t *env_ids) {
     shared_t *sh = c->shared;
     for (int32_t i = 0; i < n; ++i) {
         int32_t e = env_ids[i];
-        if (e < 0 || e >= c->E) return SEGVEC_ERR_INVALID;
-        c->env_state[e] = SEGVEC_ENV_READY;
-        uint64_t ticket = atomic_fetch_add_explicit(&sh->ready_tail, 1, memory_order_relaxed);
-        atomic_store_explicit(&c->ready_ring[ticket % c->E], e + 1, memory_order_release);
+        if (!valid_env(c, e)) return SEGVEC_ERR_INVALID;
+        int32_t w = e / c->envs_per_worker;
+        worker_slot_t *ws = &c->workers[w];
+        atomic_store_explicit(&c->env_state[e], SEGVEC_ENV_READY, memory_order_relaxed);
+        uint64_t tail = atomic_load_explicit(&ws->ready_tail, memory_order_relaxed);
+        ready_entry_t *entry = ready_entry(c, w, tail);
+        entry->env = e;
+        entry->stamp = atomic_fetch_add_explicit(&sh->publish_stamp, 1, memory_order_relaxed);
+        /* The entry, the env's slots and its state become the learner's with this store. */
+        atomic_store_explicit(&ws->ready_tail, tail + 1, memory_order_release);
     }
     atomic_fetch_add_explicit(&sh->ready_seq, 1, memory_order_seq_cst);
-    if (atomic_load_explicit(&sh->learner_waiting, memory_order_seq_cst)) {
-        uint64_t head = atomic_load(&sh->ready_head);
-        uint64_t tail = atomic_load(&sh->ready_tail);
-        if ((int64_t)(tail - head) >= atomic_load(&sh->learner_wanted)) futex_wake_all(&sh->ready_seq);
-    }
+    if (atomic_load_explicit(&sh->learner_waiting, memory_order_seq_cst) &&
+        ready_available(c) >= atomic_load(&sh->learner_wanted))
+        futex_wake_all(&sh->ready_seq);
     return SEGVEC_OK;
 }
 
@@ -511,7 +559,7 @@ int segvec_wait_ready(segvec_core_t *c, int32_t min_count, int32_t timeout_ms, i
     int64_t yield_until = now_ns() + YIELD_WINDOW_NS;
     for (int pass = 0;; ++pass) {
         for (int spin = 0;; ++spin) {
-            int32_t ready = ready_available(c, c->E);
+            int32_t ready = ready_available(c);
             if (ready >= min_count) { *ready_out = ready; return SEGVEC_OK; }
             if (atomic_load_explicit(&sh->alert_seq, memory_order_acquire) != c->alert_seen) {
                 c->alert_seen = atomic_load(&sh->alert_seq);
@@ -523,52 +571,45 @@ int segvec_wait_ready(segvec_core_t *c, int32_t min_count, int32_t timeout_ms, i
             else break;
         }
         int64_t left = deadline - now_ms();
-        if (left <= 0) { *ready_out = ready_available(c, c->E); return SEGVEC_ERR_TIMEOUT; }
+        if (left <= 0) { *ready_out = ready_available(c); return SEGVEC_ERR_TIMEOUT; }
         atomic_store(&sh->learner_wanted, min_count);
         atomic_store_explicit(&sh->learner_waiting, 1, memory_order_seq_cst);
         unsigned seq = atomic_load_explicit(&sh->ready_seq, memory_order_seq_cst);
-        int32_t ready = ready_available(c, c->E);
         int rc = 0;
-        if (ready < min_count && atomic_load(&sh->alert_seq) == c->alert_seen)
+        if (ready_available(c) < min_count && atomic_load(&sh->alert_seq) == c->alert_seen)
             rc = futex_wait(&sh->ready_seq, seq, (int)(left < WAIT_SLICE_MS ? left : WAIT_SLICE_MS));
         atomic_store_explicit(&sh->learner_waiting, 0, memory_order_relaxed);
-        if (rc == EINTR) { *ready_out = ready_available(c, c->E); return SEGVEC_ERR_INTERRUPTED; }
+        if (rc == EINTR) { *ready_out = ready_available(c); return SEGVEC_ERR_INTERRUPTED; }
     }
 }
 
 int segvec_pop_ready(segvec_core_t *c, int32_t max_n, int32_t *env_ids_out, int32_t *n_out) {
-    shared_t *sh = c->shared;
-    uint64_t head = atomic_load_explicit(&sh->ready_head, memory_order_relaxed);
-    int32_t n = 0;
-    while (n < max_n) {
-        atomic_int *slot = &c->ready_ring[head % c->E];
-        int32_t v = atomic_load_explicit(slot, memory_order_acquire);
-        if (v == 0) break;
-        atomic_store_explicit(slot, 0, memory_order_relaxed);
-        int32_t e = v - 1;
-        SEGVEC_ASSERT(c->env_state[e] == SEGVEC_ENV_READY);
-        c->env_state[e] = SEGVEC_ENV_HELD;
+    /* The workers whose queues have entries (at most W); each step takes the entry with the smallest
+     * stamp among their heads, so envs come out in publication order. */
+    int32_t active[SEGVEC_MAX_WORKERS];
+    uint64_t head[SEGVEC_MAX_WORKERS], tail[SEGVEC_MAX_WORKERS];
+    int32_t n_active = 0, n = 0;
+    for (int32_t w = 0; w < c->W; ++w) {
+        worker_slot_t *ws = &c->workers[w];
+        head[w] = atomic_load_explicit(&ws->ready_head, memory_order_relaxed);
+        tail[w] = atomic_load_explicit(&ws->ready_tail, memory_order_acquire);
+        if (head[w] < tail[w]) active[n_active++] = w;
+    }
+    while (n < max_n && n_active > 0) {
+        int32_t best = 0;
+        for (int32_t i = 1; i < n_active; ++i)
+            if (ready_entry(c, active[i], head[active[i]])->stamp < ready_entry(c, active[best], head[active[best]])->stamp)
+                best = i;
+        int32_t w = active[best];
+        int32_t e = ready_entry(c, w, head[w])->env;
+        SEGVEC_ASSERT(valid_env(c, e) && env_state(c, e) == SEGVEC_ENV_READY);
+        set_env_state(c, e, SEGVEC_ENV_HELD);
         env_ids_out[n++] = e;
-        ++head;
+        if (++head[w] == tail[w]) active[best] = active[--n_active];
     }
-    atomic_store_explicit(&sh->ready_head, head, memory_order_release);
+    for (int32_t w = 0; w < c->W; ++w)
+        atomic_store_explicit(&c->workers[w].ready_head, head[w], memory_order_release);
     *n_out = n;
-    return SEGVEC_OK;
-}
-
-int segvec_note_restart(segvec_core_t *c, int32_t e) {
-    if (e < 0 || e >= c->E) return SEGVEC_ERR_INVALID;
-    int64_t slot = c->env_last_slot[e];
-    if (slot >= 0) {
-        int32_t row = (int32_t)(slot / c->T);
-        int32_t state = c->row_state[row];
-        if (c->row_env_id[row] == e && (state == SEGVEC_ROW_FILLING || state == SEGVEC_ROW_AWAITING_BOOTSTRAP) &&
-            !c->terminated[slot])
-            c->truncated[slot] = 1;
-    }
-    c->env_length[e] = 0;
-    c->env_return[e] = 0.0;
-    atomic_fetch_add(&c->shared->restarts, 1);
     return SEGVEC_OK;
 }
 
@@ -582,18 +623,39 @@ int segvec_post_alert(segvec_core_t *c) {
 
 /* ---- learner: send ---------------------------------------------------------------------------- */
 
+/* Marks env_ids SENDING if each is HELD and named once; else restores them and returns NOT_HELD. */
+static int claim_for_send(segvec_core_t *c, int32_t n, const int32_t *env_ids) {
+    for (int32_t i = 0; i < n; ++i) {
+        int32_t e = env_ids[i];
+        if (!valid_env(c, e) || env_state(c, e) != SEGVEC_ENV_HELD) {
+            for (int32_t j = 0; j < i; ++j) set_env_state(c, env_ids[j], SEGVEC_ENV_HELD);
+            return SEGVEC_ERR_NOT_HELD;
+        }
+        set_env_state(c, e, SEGVEC_ENV_SENDING); /* so a second mention fails its check */
+    }
+    return SEGVEC_OK;
+}
+
 int segvec_prepare_send(segvec_core_t *c, int32_t n, const int32_t *env_ids, const float *values,
                         const float *logprobs, int64_t policy_version, int64_t *slot_out,
                         uint8_t *row_start_out) {
+    int status = claim_for_send(c, n, env_ids);
+    if (status != SEGVEC_OK) return status;
+    int32_t spares_needed = 0, awaiting = 0;
     for (int32_t i = 0; i < n; ++i) {
         int32_t e = env_ids[i];
-        if (e < 0 || e >= c->E || c->env_state[e] != SEGVEC_ENV_HELD) {
-            for (int32_t j = 0; j < i; ++j) c->env_state[env_ids[j]] = SEGVEC_ENV_HELD; /* undo */
-            return SEGVEC_ERR_NOT_HELD;
-        }
-        c->env_state[e] = SEGVEC_ENV_SENDING;
+        spares_needed += c->env_step[e] == c->T - 1 && c->env_spare[e] < 0;
+        awaiting += c->awaiting_row[e] >= 0;
     }
-    int any_awaiting = 0;
+    int locked = spares_needed || awaiting;
+    if (locked) {
+        pool_lock(c);
+        if (spares_needed > rows_available_locked(c) + awaiting) {
+            pool_unlock(c);
+            for (int32_t i = 0; i < n; ++i) set_env_state(c, env_ids[i], SEGVEC_ENV_HELD);
+            return SEGVEC_ERR_NO_FREE_ROW;
+        }
+    }
     for (int32_t i = 0; i < n; ++i) {
         int32_t e = env_ids[i];
         int64_t slot = (int64_t)c->env_row[e] * c->T + c->env_step[e];
@@ -601,49 +663,54 @@ int segvec_prepare_send(segvec_core_t *c, int32_t n, const int32_t *env_ids, con
         c->value[slot] = v;
         c->logprob[slot] = logprobs ? logprobs[i] : NAN;
         c->policy_version[slot] = policy_version;
+        c->env_sent_slot[e] = slot;
         slot_out[i] = slot;
         row_start_out[i] = c->env_step[e] == 0;
         if (c->awaiting_row[e] >= 0) {
             c->tail_value[c->awaiting_row[e]] = v;
-            any_awaiting = 1;
+            complete_row_locked(c, c->awaiting_row[e]);
+            c->awaiting_row[e] = -1;
         }
     }
-    if (any_awaiting) {
-        pool_lock(c->shared);
+    if (spares_needed)
         for (int32_t i = 0; i < n; ++i) {
             int32_t e = env_ids[i];
-            if (c->awaiting_row[e] >= 0) {
-                complete_row_locked(c, c->awaiting_row[e]);
-                c->awaiting_row[e] = -1;
-            }
+            if (c->env_step[e] == c->T - 1 && c->env_spare[e] < 0) c->env_spare[e] = reserve_row_locked(c, e);
         }
-        pool_unlock(c->shared);
-    }
+    if (locked) pool_unlock(c);
     return SEGVEC_OK;
 }
 
+int segvec_cancel_send(segvec_core_t *c, int32_t n, const int32_t *env_ids) {
+    for (int32_t i = 0; i < n; ++i)
+        if (!valid_env(c, env_ids[i]) || env_state(c, env_ids[i]) != SEGVEC_ENV_SENDING) return SEGVEC_ERR_NOT_HELD;
+    for (int32_t i = 0; i < n; ++i) set_env_state(c, env_ids[i], SEGVEC_ENV_HELD);
+    return SEGVEC_OK;
+}
+
+static void wake_worker(worker_slot_t *ws) {
+    atomic_fetch_add_explicit(&ws->seq, 1, memory_order_seq_cst);
+    if (atomic_load_explicit(&ws->waiting, memory_order_seq_cst)) futex_wake_all(&ws->seq);
+}
+
 int segvec_dispatch(segvec_core_t *c, int32_t n, const int32_t *env_ids) {
-    shared_t *sh = c->shared;
     uint64_t touched[(SEGVEC_MAX_WORKERS + 63) / 64];
     memset(touched, 0, sizeof(touched));
+    for (int32_t i = 0; i < n; ++i)
+        if (!valid_env(c, env_ids[i]) || env_state(c, env_ids[i]) != SEGVEC_ENV_SENDING) return SEGVEC_ERR_NOT_HELD;
     for (int32_t i = 0; i < n; ++i) {
         int32_t e = env_ids[i];
-        if (e < 0 || e >= c->E || c->env_state[e] != SEGVEC_ENV_SENDING) return SEGVEC_ERR_NOT_HELD;
         int32_t w = e / c->envs_per_worker;
         worker_slot_t *ws = &c->workers[w];
-        c->env_state[e] = SEGVEC_ENV_IN_FLIGHT;
+        atomic_store_explicit(&c->env_state[e], SEGVEC_ENV_IN_FLIGHT, memory_order_relaxed);
         uint64_t tail = atomic_load_explicit(&ws->queue_tail, memory_order_relaxed);
         c->action_rings[(int64_t)w * c->envs_per_worker + (int64_t)(tail % c->envs_per_worker)] = e;
+        /* The action, the env's slots and its state become worker w's with this store. */
         atomic_store_explicit(&ws->queue_tail, tail + 1, memory_order_release);
         touched[w / 64] |= 1ull << (w % 64);
     }
-    for (int32_t w = 0; w < c->W; ++w) {
-        if (!(touched[w / 64] & (1ull << (w % 64)))) continue;
-        worker_slot_t *ws = &c->workers[w];
-        atomic_fetch_add_explicit(&ws->seq, 1, memory_order_seq_cst);
-        if (atomic_load_explicit(&ws->waiting, memory_order_seq_cst)) futex_wake_all(&ws->seq);
-    }
-    (void)sh;
+    for (int32_t w = 0; w < c->W; ++w)
+        if (touched[w / 64] & (1ull << (w % 64))) wake_worker(&c->workers[w]);
     return SEGVEC_OK;
 }
 
@@ -654,38 +721,85 @@ int segvec_kick_worker(segvec_core_t *c, int32_t w) {
     return SEGVEC_OK;
 }
 
-int segvec_reset_worker(segvec_core_t *c, int32_t w) {
-    if (w < 0 || w >= c->W) return SEGVEC_ERR_INVALID;
-    worker_slot_t *ws = &c->workers[w];
-    atomic_store(&ws->queue_head, atomic_load(&ws->queue_tail));
-    ws->seen_seq = atomic_load(&ws->seq);
-    atomic_store(&ws->waiting, 0);
-    atomic_fetch_sub(&c->shared->starved, atomic_exchange(&ws->starved, 0)); /* it died waiting for a row */
-    return SEGVEC_OK;
-}
-
 int segvec_shutdown(segvec_core_t *c) {
     atomic_store(&c->shared->shutdown, 1);
     for (int32_t w = 0; w < c->W; ++w) segvec_kick_worker(c, w);
     return SEGVEC_OK;
 }
 
-/* ---- learner: flush, take, release ------------------------------------------------------------ */
+/* ---- learner: a dead worker's envs ------------------------------------------------------------ */
+
+/* Undo whatever a dead worker committed of env e's step since it was sent at env_sent_slot[e]: the
+ * cursor goes back to that slot, a row it filled reopens, the spare it moved onto is reserved again,
+ * and the slot's outcome is cleared.  The counts of the slots filled follow the cursor. */
+static void roll_back(segvec_core_t *c, int32_t e) {
+    int64_t slot = c->env_sent_slot[e];
+    int32_t r = (int32_t)(slot / c->T), t = (int32_t)(slot % c->T);
+    int32_t current = c->env_row[e];
+    int32_t spare = current != r ? current : c->env_spare[e];
+    if (spare >= 0 && spare != r) {
+        reset_row_data(c, spare);
+        c->row_state[spare] = SEGVEC_ROW_RESERVED;
+        c->row_env_id[spare] = e;
+        c->env_spare[e] = spare;
+    }
+    if (c->awaiting_row[e] == r) c->awaiting_row[e] = -1;
+    c->row_state[r] = SEGVEC_ROW_FILLING;
+    c->row_length[r] = 0;
+    c->reward[slot] = c->shared->config.poison ? (float)SEGVEC_POISON_REWARD_MILLI / 1000.0f : 0.0f;
+    c->terminated[slot] = c->truncated[slot] = c->mask[slot] = 0;
+    c->env_row[e] = r;
+    c->env_step[e] = t;
+    c->env_steps_done[e] = c->row_start_step[r] + t;
+}
+
+int segvec_recover_worker(segvec_core_t *c, int32_t w, int32_t *lost_out, int32_t *n_lost_out) {
+    if (w < 0 || w >= c->W) return SEGVEC_ERR_INVALID;
+    worker_slot_t *ws = &c->workers[w];
+    int32_t k = c->envs_per_worker, first = w * k, n_lost = 0;
+    atomic_store(&ws->queue_head, atomic_load(&ws->queue_tail));
+    ws->seen_seq = atomic_load(&ws->seq);
+    atomic_store(&ws->waiting, 0);
+    /* Envs in the ready queue were published whole; a READY env that is not there died mid-publish. */
+    uint64_t head = atomic_load_explicit(&ws->ready_head, memory_order_relaxed);
+    uint64_t tail = atomic_load_explicit(&ws->ready_tail, memory_order_acquire);
+    for (int32_t e = first; e < first + k; ++e) {
+        int state = env_state(c, e);
+        int published = 0;
+        if (state == SEGVEC_ENV_READY)
+            for (uint64_t i = head; i < tail && !published; ++i) published = ready_entry(c, w, i)->env == e;
+        if (state == SEGVEC_ENV_IN_FLIGHT || (state == SEGVEC_ENV_READY && !published)) {
+            roll_back(c, e);
+            set_env_state(c, e, SEGVEC_ENV_IN_FLIGHT);
+            atomic_fetch_add(&c->shared->rolled_back, 1);
+            lost_out[n_lost++] = e;
+        }
+    }
+    *n_lost_out = n_lost;
+    return SEGVEC_OK;
+}
+
+/* ---- learner: flush, reset, take, release ----------------------------------------------------- */
 
 int segvec_flush_envs(segvec_core_t *c, int32_t n, const int32_t *env_ids, const float *tail_values,
                       int64_t *copy_from_out, int64_t *copy_to_out) {
+    int32_t needed = 0, awaiting = 0;
     for (int32_t i = 0; i < n; ++i) {
         int32_t e = env_ids[i];
-        if (e < 0 || e >= c->E) return SEGVEC_ERR_INVALID;
-        int32_t state = c->env_state[e];
-        if (state == SEGVEC_ENV_SENDING) return SEGVEC_ERR_NOT_HELD;
+        if (!valid_env(c, e)) return SEGVEC_ERR_INVALID;
+        int state = env_state(c, e);
+        if (!learner_owns(state) && state != SEGVEC_ENV_READY) return SEGVEC_ERR_NOT_HELD;
+        needed += c->env_step[e] > 0 && c->env_spare[e] < 0;
+        awaiting += c->awaiting_row[e] >= 0;
     }
-    int status = SEGVEC_OK;
-    pool_lock(c->shared);
+    pool_lock(c);
+    if (needed > rows_available_locked(c) + awaiting) {
+        pool_unlock(c);
+        return SEGVEC_ERR_NO_FREE_ROW;
+    }
     for (int32_t i = 0; i < n; ++i) {
         int32_t e = env_ids[i];
-        float tail = tail_values ? tail_values[i]
-                                 : c->value[(int64_t)c->env_row[e] * c->T + c->env_step[e]];
+        float tail = tail_values ? tail_values[i] : c->value[(int64_t)c->env_row[e] * c->T + c->env_step[e]];
         copy_from_out[i] = -1;
         copy_to_out[i] = -1;
         if (c->awaiting_row[e] >= 0) {
@@ -698,12 +812,9 @@ int segvec_flush_envs(segvec_core_t *c, int32_t n, const int32_t *env_ids, const
         c->row_length[row] = t;
         c->tail_value[row] = tail;
         complete_row_locked(c, row);
-        int32_t fresh;
-        status = allocate_row_locked(c, e, &fresh);
-        if (status != SEGVEC_OK) {
-            c->env_row[e] = -1;
-            break;
-        }
+        int32_t fresh = c->env_spare[e] >= 0 ? c->env_spare[e] : reserve_row_locked(c, e);
+        c->env_spare[e] = -1;
+        start_row(c, e, fresh);
         /* the current observation moves to slot 0 of the fresh row, its episode_start flag with it */
         c->episode_start[(int64_t)fresh * c->T] = c->episode_start[(int64_t)row * c->T + t];
         c->env_row[e] = fresh;
@@ -711,8 +822,23 @@ int segvec_flush_envs(segvec_core_t *c, int32_t n, const int32_t *env_ids, const
         copy_from_out[i] = (int64_t)row * (c->T + 1) + t;
         copy_to_out[i] = (int64_t)fresh * (c->T + 1);
     }
-    pool_unlock(c->shared);
-    return status;
+    pool_unlock(c);
+    return SEGVEC_OK;
+}
+
+int segvec_begin_resets(segvec_core_t *c, int32_t n, const int32_t *env_ids) {
+    for (int32_t i = 0; i < n; ++i) {
+        int32_t e = env_ids[i];
+        if (!valid_env(c, e)) return SEGVEC_ERR_INVALID;
+        if (!learner_owns(env_state(c, e))) return SEGVEC_ERR_NOT_HELD;
+        if (c->env_step[e] != 0) return SEGVEC_ERR_INVALID;
+    }
+    for (int32_t i = 0; i < n; ++i) {
+        int32_t e = env_ids[i];
+        c->env_sent_slot[e] = (int64_t)c->env_row[e] * c->T;
+        set_env_state(c, e, SEGVEC_ENV_RESETTING);
+    }
+    return SEGVEC_OK;
 }
 
 int segvec_fill_next_values(segvec_core_t *c, int32_t n, const int32_t *rows, int32_t same_step, float *out) {
@@ -727,7 +853,7 @@ int segvec_fill_next_values(segvec_core_t *c, int32_t n, const int32_t *rows, in
             float nv;
             if (t >= len) nv = 0.0f;
             else if (c->terminated[k]) nv = 0.0f;
-            else if (same_step && c->truncated[k]) nv = c->truncation_value[k];
+            else if (c->truncated[k] && (same_step || !isnan(c->truncation_value[k]))) nv = c->truncation_value[k];
             else if (t == len - 1) nv = c->tail_value[r];
             else nv = c->value[k + 1];
             o[t] = nv;
@@ -739,9 +865,9 @@ int segvec_fill_next_values(segvec_core_t *c, int32_t n, const int32_t *rows, in
 int segvec_take(segvec_core_t *c, int32_t n, int32_t *rows_out) {
     shared_t *sh = c->shared;
     if (n < 0) return SEGVEC_ERR_INVALID;
-    pool_lock(sh);
+    pool_lock(c);
     if (sh->complete_tail - sh->complete_head < n) {
-        pool_unlock(sh);
+        pool_unlock(c);
         return SEGVEC_ERR_NOT_ENOUGH;
     }
     for (int32_t i = 0; i < n; ++i) {
@@ -753,26 +879,29 @@ int segvec_take(segvec_core_t *c, int32_t n, int32_t *rows_out) {
     }
     atomic_fetch_sub(&sh->complete_rows, n);
     atomic_fetch_add(&sh->segments_taken, n);
-    pool_unlock(sh);
+    pool_unlock(c);
     return SEGVEC_OK;
 }
 
 int segvec_release(segvec_core_t *c, int32_t n, const int32_t *rows) {
-    shared_t *sh = c->shared;
-    pool_lock(sh);
+    pool_lock(c);
     for (int32_t i = 0; i < n; ++i) {
         if (rows[i] < 0 || rows[i] >= c->S || c->row_state[rows[i]] != SEGVEC_ROW_TAKEN) {
             for (int32_t j = 0; j < i; ++j) c->row_state[rows[j]] = SEGVEC_ROW_TAKEN; /* undo */
-            pool_unlock(sh);
+            pool_unlock(c);
             return SEGVEC_ERR_ROW_STATE;
         }
         c->row_state[rows[i]] = SEGVEC_ROW_FREE; /* so a row named twice fails its second check */
     }
     for (int32_t i = 0; i < n; ++i) free_row_locked(c, rows[i]);
-    pool_unlock(sh);
+    pool_unlock(c);
     return SEGVEC_OK;
 }
 
+/* The finished-episode ring is a seqlock per entry: the writer zeroes the entry's sequence word, writes
+ * the fields, then stores ticket + 1; a reader copies the fields between two reads of the word and keeps
+ * the copy only if both read ticket + 1.  The fields are read and written as relaxed atomics, and an
+ * acquire fence keeps the copy before the second read. */
 int segvec_read_episodes(segvec_core_t *c, int64_t *cursor, int32_t max_n, int32_t *env_ids_out,
                          double *returns_out, int64_t *lengths_out, int32_t *n_out, int64_t *lost_out) {
     shared_t *sh = c->shared;
@@ -783,15 +912,16 @@ int segvec_read_episodes(segvec_core_t *c, int64_t *cursor, int32_t max_n, int32
     if (end > at + (uint64_t)c->K) { lost += (int64_t)(end - (uint64_t)c->K - at); at = end - (uint64_t)c->K; }
     while (at < end && n < max_n) {
         uint64_t k = at % (uint64_t)c->K;
-        if (atomic_load_explicit(&c->episode_seq[k], memory_order_acquire) != at + 1) {
-            /* not written yet (still being written): stop here, read it next time */
-            if (atomic_load_explicit(&c->episode_seq[k], memory_order_acquire) > at + 1) { ++lost; ++at; continue; }
-            break;
+        uint64_t seq = atomic_load_explicit(&c->episode_seq[k], memory_order_acquire);
+        if (seq != at + 1) {
+            if (seq > at + 1) { ++lost; ++at; continue; } /* overwritten by a later episode */
+            break;                                      /* not written yet: read it next time */
         }
-        env_ids_out[n] = c->episode_env_id[k];
-        returns_out[n] = c->episode_return[k];
-        lengths_out[n] = c->episode_length[k];
-        if (atomic_load_explicit(&c->episode_seq[k], memory_order_acquire) != at + 1) { ++lost; ++at; continue; }
+        __atomic_load(&c->episode_env_id[k], &env_ids_out[n], __ATOMIC_RELAXED);
+        __atomic_load(&c->episode_return[k], &returns_out[n], __ATOMIC_RELAXED);
+        __atomic_load(&c->episode_length[k], &lengths_out[n], __ATOMIC_RELAXED);
+        atomic_thread_fence(memory_order_acquire);
+        if (atomic_load_explicit(&c->episode_seq[k], memory_order_relaxed) != at + 1) { ++lost; ++at; continue; }
         ++n;
         ++at;
     }
@@ -851,39 +981,15 @@ int segvec_worker_pop(segvec_core_t *c, int32_t w, int32_t max_n, int32_t *env_i
     return SEGVEC_OK;
 }
 
-/* Every row is held: wait until the learner completes or releases one (backpressure), then allocate it.
- * Only worker processes wait; in the learner's process (serial backend) nobody else could free a row,
- * so the learner gets SEGVEC_ERR_NO_FREE_ROW at once.  SEGVEC_ERR_SHUTDOWN when the envs are closing. */
-static int wait_for_row(segvec_core_t *c, int32_t e, int32_t *row_out) {
-    shared_t *sh = c->shared;
-    if ((int64_t)getpid() == sh->learner_pid) return SEGVEC_ERR_NO_FREE_ROW;
-    int status;
-    worker_slot_t *ws = &c->workers[e / c->envs_per_worker];
-    atomic_fetch_add_explicit(&ws->starved, 1, memory_order_seq_cst);
-    atomic_fetch_add_explicit(&sh->starved, 1, memory_order_seq_cst);
-    for (;;) {
-        unsigned seen = atomic_load_explicit(&sh->pool_seq, memory_order_seq_cst);
-        pool_lock(sh);
-        status = allocate_row_locked(c, e, row_out);
-        pool_unlock(sh);
-        if (status != SEGVEC_ERR_NO_FREE_ROW) break;
-        if (atomic_load_explicit(&sh->shutdown, memory_order_acquire)) { status = SEGVEC_ERR_SHUTDOWN; break; }
-        futex_wait(&sh->pool_seq, seen, WAIT_SLICE_MS);
-    }
-    atomic_fetch_sub_explicit(&sh->starved, 1, memory_order_seq_cst);
-    atomic_fetch_sub_explicit(&ws->starved, 1, memory_order_seq_cst);
-    return status;
-}
-
 static void record_episode(segvec_core_t *c, int32_t e) {
     shared_t *sh = c->shared;
     uint64_t ticket = atomic_fetch_add_explicit(&sh->episode_ticket, 1, memory_order_relaxed);
     uint64_t k = ticket % (uint64_t)c->K;
     atomic_store_explicit(&c->episode_seq[k], 0, memory_order_relaxed);
     atomic_thread_fence(memory_order_release);
-    c->episode_env_id[k] = e;
-    c->episode_return[k] = c->env_return[e];
-    c->episode_length[k] = c->env_length[e];
+    __atomic_store(&c->episode_env_id[k], &e, __ATOMIC_RELAXED);
+    __atomic_store(&c->episode_return[k], &c->env_return[e], __ATOMIC_RELAXED);
+    __atomic_store(&c->episode_length[k], &c->env_length[e], __ATOMIC_RELAXED);
     atomic_store_explicit(&c->episode_seq[k], ticket + 1, memory_order_release);
     atomic_fetch_add_explicit(&sh->episodes, 1, memory_order_relaxed);
 }
@@ -894,9 +1000,11 @@ int segvec_commit_steps(segvec_core_t *c, int32_t n, const int32_t *env_ids, con
     int64_t real_steps = 0, nan_rewards = 0;
     for (int32_t i = 0; i < n; ++i) {
         int32_t e = env_ids[i];
-        if (e < 0 || e >= c->E) return SEGVEC_ERR_INVALID;
+        if (!valid_env(c, e) || atomic_load_explicit(&c->env_state[e], memory_order_relaxed) != SEGVEC_ENV_IN_FLIGHT)
+            return SEGVEC_ERR_NOT_HELD;
         int32_t row = c->env_row[e], t = c->env_step[e];
-        SEGVEC_ASSERT(row >= 0 && t < c->T && c->row_env_id[row] == e);
+        SEGVEC_ASSERT(row >= 0 && t < c->T && c->row_env_id[row] == e && c->row_state[row] == SEGVEC_ROW_FILLING);
+        if (t == c->T - 1 && c->env_spare[e] < 0) return SEGVEC_ERR_NO_FREE_ROW; /* the send reserves it */
         int64_t slot = (int64_t)row * c->T + t;
         const segvec_outcome_t *o = &outcomes[i];
         double r = o->reward;
@@ -931,19 +1039,17 @@ int segvec_commit_steps(segvec_core_t *c, int32_t n, const int32_t *env_ids, con
         ++t;
         chain_slot_out[i] = -1;
         if (t == c->T) {
-            int32_t fresh;
-            pool_lock(sh);
+            /* The row awaits its bootstrap; the env moves onto its spare.  The cursor is written last, so
+             * segvec_recover_worker can tell how far a worker killed here got. */
+            int32_t fresh = c->env_spare[e];
             c->row_length[row] = c->T;
             c->row_state[row] = SEGVEC_ROW_AWAITING_BOOTSTRAP;
-            SEGVEC_ASSERT(c->awaiting_row[e] < 0);
             c->awaiting_row[e] = row;
-            int status = allocate_row_locked(c, e, &fresh);
-            pool_unlock(sh);
-            if (status == SEGVEC_ERR_NO_FREE_ROW) status = wait_for_row(c, e, &fresh);
-            if (status != SEGVEC_OK) return status;
+            start_row(c, e, fresh);
             chain_slot_out[i] = (int64_t)row * (c->T + 1) + c->T;
             c->env_row[e] = fresh;
             c->env_step[e] = 0;
+            c->env_spare[e] = -1;
             row = fresh;
             t = 0;
         } else {
@@ -957,24 +1063,66 @@ int segvec_commit_steps(segvec_core_t *c, int32_t n, const int32_t *env_ids, con
     return SEGVEC_OK;
 }
 
+/* A new episode starts at env e's cursor (shared by resets and restarts). */
+static void begin_episode(segvec_core_t *c, int32_t e, int64_t *obs_slot_out) {
+    int32_t row = c->env_row[e], t = c->env_step[e];
+    c->episode_start[(int64_t)row * c->T + t] = 1;
+    c->env_last_reward[e] = 0.0;
+    c->env_last_slot[e] = -1;
+    c->env_last_terminated[e] = 0;
+    c->env_last_truncated[e] = 0;
+    c->env_needs_reset[e] = 0;
+    c->env_episode_id[e] += 1;
+    if (t == 0) c->row_episode_id[row] = c->env_episode_id[e];
+    c->env_return[e] = 0.0;
+    c->env_length[e] = 0;
+    *obs_slot_out = (int64_t)row * (c->T + 1) + t;
+}
+
 int segvec_commit_resets(segvec_core_t *c, int32_t n, const int32_t *env_ids, int64_t *obs_slot_out) {
     for (int32_t i = 0; i < n; ++i) {
         int32_t e = env_ids[i];
-        if (e < 0 || e >= c->E) return SEGVEC_ERR_INVALID;
-        int32_t row = c->env_row[e];
-        if (row < 0 || c->env_step[e] != 0) return SEGVEC_ERR_INVALID;
-        c->episode_start[(int64_t)row * c->T] = 1;
-        c->env_last_reward[e] = 0.0;
-        c->env_last_slot[e] = -1;
-        c->env_last_terminated[e] = 0;
-        c->env_last_truncated[e] = 0;
-        c->env_needs_reset[e] = 0;
-        c->env_episode_id[e] += 1;
-        c->row_episode_id[row] = c->env_episode_id[e];
-        c->env_return[e] = 0.0;
-        c->env_length[e] = 0;
-        obs_slot_out[i] = (int64_t)row * (c->T + 1);
+        if (!valid_env(c, e) || atomic_load_explicit(&c->env_state[e], memory_order_relaxed) != SEGVEC_ENV_RESETTING)
+            return SEGVEC_ERR_NOT_HELD;
+        if (c->env_step[e] != 0) return SEGVEC_ERR_INVALID;
     }
+    for (int32_t i = 0; i < n; ++i) begin_episode(c, env_ids[i], &obs_slot_out[i]);
+    return SEGVEC_OK;
+}
+
+int segvec_restart_env(segvec_core_t *c, int32_t e, int64_t *obs_slot_out) {
+    if (!valid_env(c, e) || atomic_load_explicit(&c->env_state[e], memory_order_relaxed) != SEGVEC_ENV_IN_FLIGHT)
+        return SEGVEC_ERR_NOT_HELD;
+    int64_t slot = (int64_t)c->env_row[e] * c->T + c->env_step[e];
+    if (c->env_step[e] > 0 && c->mask[slot - 1] && !c->terminated[slot - 1]) {
+        c->truncated[slot - 1] = 1;
+        c->truncation_value[slot - 1] = c->value[slot];
+    }
+    c->value[slot] = NAN;
+    c->logprob[slot] = NAN;
+    begin_episode(c, e, obs_slot_out);
+    c->env_last_truncated[e] = 1;
+    atomic_fetch_add(&c->shared->restarts, 1);
+    return SEGVEC_OK;
+}
+
+int segvec_fail_envs(segvec_core_t *c, int32_t n, const int32_t *env_ids) {
+    for (int32_t i = 0; i < n; ++i) {
+        int32_t e = env_ids[i];
+        if (!valid_env(c, e)) return SEGVEC_ERR_INVALID;
+        int state = atomic_load_explicit(&c->env_state[e], memory_order_relaxed);
+        if (state != SEGVEC_ENV_IN_FLIGHT && state != SEGVEC_ENV_RESETTING) return SEGVEC_ERR_NOT_HELD;
+    }
+    for (int32_t i = 0; i < n; ++i) set_env_state(c, env_ids[i], SEGVEC_ENV_FAILED);
+    return SEGVEC_OK;
+}
+
+int segvec_return_envs(segvec_core_t *c, int32_t n, const int32_t *env_ids) {
+    for (int32_t i = 0; i < n; ++i)
+        if (!valid_env(c, env_ids[i]) ||
+            atomic_load_explicit(&c->env_state[env_ids[i]], memory_order_relaxed) != SEGVEC_ENV_IN_FLIGHT)
+            return SEGVEC_ERR_NOT_HELD;
+    for (int32_t i = 0; i < n; ++i) set_env_state(c, env_ids[i], SEGVEC_ENV_HELD);
     return SEGVEC_OK;
 }
 

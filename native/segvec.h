@@ -16,28 +16,42 @@
  *   tail_value, row_env_id, row_length, row_start_step  [num_segments]
  *   observations (Python)                                [num_segments, horizon + 1, *obs_shape]
  *
- * Ownership is handed over, never shared: an env is either HELD by the learner (it may read and write that
- * env's cursor and current slot) or IN_FLIGHT at its worker (only that worker may).  The hand-over goes
- * through two queues with release/acquire ordering, so the cursor itself needs no atomics:
+ * Ownership is handed over, never shared: an env is owned by the learner (NEW, HELD, SENDING, FAILED) or
+ * by its worker (RESETTING, IN_FLIGHT) until the worker publishes it (READY), and only the owner touches
+ * the env's cursor and current slot.  The hand-over goes through per-worker queues with release/acquire
+ * ordering, so the cursor itself needs no atomics:
  *   - the action queue of worker w (single producer: learner, single consumer: worker w),
- *   - the ready queue (producers: all workers, single consumer: learner).
- * Rows move between the free FIFO, the env that fills them, and the completed FIFO under one small
- * spinlock (`pool lock`), taken once per `horizon` steps of an env, never per step.
+ *   - the ready queue of worker w (single producer: worker w, single consumer: learner); each entry has
+ *     a stamp from one global counter, and the learner receives envs in stamp order across the queues.
  *
- * A row's life:  FREE -> FILLING -> (AWAITING_BOOTSTRAP) -> COMPLETE -> TAKEN -> FREE
+ * Rows: only the learner allocates, completes, takes and releases rows (the row pool, its FIFOs and
+ * counters are the learner's, guarded by a mutex of the learner's process for learners with threads).
+ * Workers never wait for a row and never hold a lock: when a send hands an env its action for the last
+ * slot of its row, the learner reserves the env's next row first (a spare), and the worker that fills the
+ * row moves the env's cursor onto that spare.  A worker that dies, at any instruction, therefore leaves
+ * nothing locked; the learner rolls its envs back to the slot they were sent at (see
+ * segvec_recover_worker) and a replacement restarts them.  A send that needs spare rows when every row is
+ * held by the learner fails (SEGVEC_ERR_NO_FREE_ROW) before it changes anything.
+ *
+ * A row's life:  FREE -> RESERVED -> FILLING -> AWAITING_BOOTSTRAP -> COMPLETE -> TAKEN -> FREE
+ *   - RESERVED: the spare of an env that is about to fill its current row.
  *   - FILLING: an env writes step after step into it.
  *   - AWAITING_BOOTSTRAP: all `horizon` steps are written; the tail bootstrap (the value the learner sends
  *     for the env's next observation) is not known yet.  The learner's next send for that env completes it.
- *   - COMPLETE: in the completed FIFO; `take` hands it out, or a worker that finds no free row recycles the
- *     oldest one (counted in `segments_recycled`), so a learner that never takes never blocks the envs.
- *   - TAKEN: the learner holds it until `release`.  When the learner holds every row that is not filling
- *     or awaiting, a worker that needs a new row waits for a release (backpressure, `starved_workers`);
- *     the learner's waits see it and raise instead of hanging.
+ *   - COMPLETE: in the completed FIFO; `take` hands it out, or an allocation that finds no free row
+ *     recycles the oldest one (counted in `segments_recycled`), so a learner that never takes never
+ *     blocks the envs.
+ *   - TAKEN: the learner holds it until `release`.
+ * A flush (and every reset) closes a FILLING row early as a partial segment (FILLING -> COMPLETE).
+ *
+ * An env's life:  NEW -> RESETTING -> READY -> HELD -> SENDING -> IN_FLIGHT -> READY -> HELD ...
+ *   - an env whose reset or step raises becomes FAILED (its cursor untouched); only a reset revives it;
+ *   - a step the serial backend could not run (Ctrl-C) returns the env to HELD, its action unapplied.
  *
  * Waiting: a short spin, then up to 50 us of checks that yield the core between them (a hand-over that
  * comes soon needs no wake-up), then a futex on a 32-bit sequence word (Linux; elsewhere a short sleep),
- * always with a timeout so the caller can look after dead processes and Ctrl-C.  Nobody burns a core while
- * idle.
+ * always in slices of at most ~100 ms so the caller can look after dead processes and Ctrl-C.  Nobody
+ * burns a core while idle.
  *
  * Every function returns an int status (SEGVEC_OK or a negative code, see segvec_strerror); out
  * parameters come last.  "learner only" / "worker w only" / "any process" say who may call a function.
@@ -50,7 +64,7 @@
 /* SEGVEC_CDEF_BEGIN */
 
 enum {
-    SEGVEC_VERSION = 1,
+    SEGVEC_VERSION = 2,
     SEGVEC_MAX_WORKERS = 1024,
     SEGVEC_POISON_REWARD_MILLI = -42420   /* debug builds fill fresh rewards with -42.42 */
 };
@@ -60,7 +74,7 @@ enum segvec_status {
     SEGVEC_ERR_INVALID = -1,         /* a size or argument out of range */
     SEGVEC_ERR_LAYOUT = -2,          /* the memory block is too small or not a segvec block */
     SEGVEC_ERR_NO_FREE_ROW = -3,     /* every row is held (taken by the learner and not released) */
-    SEGVEC_ERR_NOT_HELD = -4,        /* send for an env the learner did not receive (or twice) */
+    SEGVEC_ERR_NOT_HELD = -4,        /* the env is not the caller's now (not received, failed, or named twice) */
     SEGVEC_ERR_NOT_ENOUGH = -5,      /* take asked for more complete rows than there are */
     SEGVEC_ERR_ROW_STATE = -6,       /* release of a row that is not taken */
     SEGVEC_ERR_TIMEOUT = -7,         /* a wait ran out of time */
@@ -74,15 +88,24 @@ enum segvec_row_state {
     SEGVEC_ROW_FILLING = 1,
     SEGVEC_ROW_AWAITING_BOOTSTRAP = 2,
     SEGVEC_ROW_COMPLETE = 3,
-    SEGVEC_ROW_TAKEN = 4
+    SEGVEC_ROW_TAKEN = 4,
+    SEGVEC_ROW_RESERVED = 5
 };
 
 enum segvec_env_state {
-    SEGVEC_ENV_NEW = 0,        /* never reset */
-    SEGVEC_ENV_HELD = 1,       /* received by the learner, waiting for its action */
-    SEGVEC_ENV_SENDING = 2,    /* action being written by the learner (between prepare and dispatch) */
-    SEGVEC_ENV_IN_FLIGHT = 3,  /* owned by its worker until published */
-    SEGVEC_ENV_READY = 4       /* published in the ready queue, not yet received */
+    SEGVEC_ENV_NEW = 0,        /* never reset (learner) */
+    SEGVEC_ENV_HELD = 1,       /* received by the learner, waiting for its action (learner) */
+    SEGVEC_ENV_SENDING = 2,    /* action being written by the learner, between prepare and dispatch */
+    SEGVEC_ENV_IN_FLIGHT = 3,  /* its worker steps it (worker) */
+    SEGVEC_ENV_READY = 4,      /* published in its worker's ready queue, not yet received */
+    SEGVEC_ENV_RESETTING = 5,  /* its worker resets it (worker) */
+    SEGVEC_ENV_FAILED = 6      /* its reset or step raised; the learner owns it until it resets it */
+};
+
+/* Bit masks of env states, for segvec_count_envs: 1 << state. */
+enum segvec_env_mask {
+    SEGVEC_MASK_OUTSTANDING = (1 << 3) | (1 << 4) | (1 << 5),  /* IN_FLIGHT | READY | RESETTING */
+    SEGVEC_MASK_AT_WORKER = (1 << 3) | (1 << 5)                /* IN_FLIGHT | RESETTING */
 };
 
 /* Sizes of one core; fixed for its life. */
@@ -107,7 +130,8 @@ typedef struct segvec_layout {
     int64_t value;              /* float32 [S, T] sent by the learner, NaN until sent */
     int64_t logprob;            /* float32 [S, T] sent by the learner, NaN until sent */
     int64_t policy_version;     /* int64   [S, T] stamped at send */
-    int64_t truncation_value;   /* float32 [S, T] value of the final obs at SAME_STEP truncations, NaN */
+    int64_t truncation_value;   /* float32 [S, T] value of the final obs of a truncation whose next slot does
+                                 *                not hold it (SAME_STEP autoreset, restarted envs), else NaN */
     int64_t next_value;         /* float32 [S, T] bootstraps, filled by segvec_fill_next_values at take */
     int64_t tail_value;         /* float32 [S]    value of obs[length] (next_value at t = length - 1) */
     int64_t row_env_id;         /* int32   [S] */
@@ -129,7 +153,9 @@ typedef struct segvec_layout {
     int64_t episode_length;     /* int64   [K] */
 } segvec_layout_t;
 
-/* Counters of a core, read with segvec_read_stats (any process). */
+/* Counters of a core, read with segvec_read_stats (any process).  A worker killed by a signal between
+ * committing a step and publishing it may leave that step counted in `steps`/`episodes` although its
+ * transition is rolled back (the rows never hold it). */
 typedef struct segvec_stats {
     int64_t steps;                /* real transitions committed */
     int64_t episodes;             /* episodes finished (terminated or truncated) */
@@ -141,10 +167,11 @@ typedef struct segvec_stats {
     int64_t restarts;             /* envs rebuilt after a failure (restart_failed_envs) */
     int64_t complete_rows;        /* rows COMPLETE now (segments_ready) */
     int64_t free_rows;            /* rows FREE now */
-    int64_t starved_workers;      /* workers waiting for a row (every row held; the learner must release) */
+    int64_t rolled_back;          /* steps of dead workers undone by segvec_recover_worker */
 } segvec_stats_t;
 
-/* A process-local handle: pointers into one mapped block.  Owned by the process that opened it. */
+/* A process-local handle: pointers into one mapped block, and the learner's pool mutex.  Owned by the
+ * process that opened it. */
 typedef struct segvec_core segvec_core_t;
 
 /* ---- set-up (any process) ---------------------------------------------------------------------- */
@@ -156,54 +183,65 @@ int segvec_format(void *block, int64_t block_bytes, const segvec_config_t *confi
 int segvec_attach(void *block, int64_t block_bytes, segvec_core_t **core_out);
 int segvec_detach(segvec_core_t *core);
 int segvec_read_stats(segvec_core_t *core, segvec_stats_t *stats_out);
+/* *count_out = number of envs whose state bit (1 << state) is in `state_mask` (a snapshot). */
+int segvec_count_envs(segvec_core_t *core, int32_t state_mask, int32_t *count_out);
 
-/* ---- learner side (learner only) -------------------------------------------------------------- */
+/* ---- learner only ------------------------------------------------------------------------------- */
 /* Close each env's filling row at its cursor (rows of length 0 are kept, not closed), complete its row
- * that awaits a bootstrap, and start a new row.  The tail bootstrap (the value of the env's current
- * observation) is `tail_values[i]`, or with `tail_values` NULL the value the learner already sent for
- * that observation (NaN if none).  The caller must own the env: the learner for envs that are not at
- * their worker (HELD, NEW or READY), worker w for its IN_FLIGHT envs (restarts).  For each env,
- * `copy_from_out[i]` and `copy_to_out[i]` are observation slots (r * (T + 1) + t): copy the current
- * observation from one to the other (-1 when there is nothing to copy).  Used by flush(), before every
- * reset, and when a failed env is rebuilt. */
+ * that awaits a bootstrap, and start a new row.  The envs must be the learner's (NEW, HELD or FAILED) or
+ * landed (READY), else SEGVEC_ERR_NOT_HELD; when the new rows cannot all be had, SEGVEC_ERR_NO_FREE_ROW; in both cases
+ * nothing changed.  The tail bootstrap (the value of the env's current observation) is `tail_values[i]`,
+ * or with `tail_values` NULL the value the learner already sent for that observation (NaN if none).  For
+ * each env, `copy_from_out[i]` and `copy_to_out[i]` are observation slots (r * (T + 1) + t): copy the
+ * current observation from one to the other (-1 when there is nothing to copy).  Used by flush() and
+ * before every reset. */
 int segvec_flush_envs(segvec_core_t *core, int32_t n, const int32_t *env_ids, const float *tail_values,
                       int64_t *copy_from_out, int64_t *copy_to_out);
-/* Record a reset of each env at its cursor (which must be a row's slot 0, i.e. after segvec_flush_envs):
- * episode_start = 1, previous-action outcome = 0, episode id + 1.  `obs_slot_out[i]` is where the reset
- * observation goes.  Called by whoever runs the env, before publishing it. */
-int segvec_commit_resets(segvec_core_t *core, int32_t n, const int32_t *env_ids, int64_t *obs_slot_out);
-/* Wait until at least `min_count` envs are published in the ready queue (or fewer if fewer are still
- * outstanding), at most `timeout_ms` (< 0: up to a slice of ~100 ms, then SEGVEC_ERR_TIMEOUT so the caller
- * can check its workers and signals).  Returns SEGVEC_ERR_ALERT when a worker posted an error. */
+/* Hand flushed envs (cursor at a row's slot 0; NEW, HELD or FAILED) to their workers for a reset:
+ * state -> RESETTING. */
+int segvec_begin_resets(segvec_core_t *core, int32_t n, const int32_t *env_ids);
+/* Wait until at least `min_count` envs are published (or fewer if fewer are still outstanding), at most
+ * `timeout_ms` (< 0: up to a slice of ~100 ms, then SEGVEC_ERR_TIMEOUT so the caller can check its
+ * workers and signals).  Returns SEGVEC_ERR_ALERT when a worker posted an error. */
 int segvec_wait_ready(segvec_core_t *core, int32_t min_count, int32_t timeout_ms, int32_t *ready_out);
-/* Pop up to `max_n` published envs (state READY -> HELD) in publication order. */
+/* Pop up to `max_n` published envs (READY -> HELD), oldest publication first. */
 int segvec_pop_ready(segvec_core_t *core, int32_t max_n, int32_t *env_ids_out, int32_t *n_out);
-/* Validate and stamp a send: each env must be HELD (not twice in one call).  Writes value, logprob
- * (NULL: NaN) and policy_version into the env's current slot and completes its row awaiting a bootstrap
- * with that value.  `slot_out[i]` = r * T + t, the step slot where the caller writes the action and step
- * fields; `row_start_out[i]` = 1 when t == 0 (the caller writes segment fields).  State HELD -> SENDING. */
+/* Validate and stamp a send: each env must be HELD (not twice in one call), else SEGVEC_ERR_NOT_HELD;
+ * when the spare rows it needs cannot all be had, SEGVEC_ERR_NO_FREE_ROW; in both cases nothing changed.
+ * Writes value, logprob (NULL: NaN) and policy_version into the env's current slot, completes its row
+ * awaiting a bootstrap with that value, and reserves a spare row for each env that is at its row's last
+ * slot.  `slot_out[i]` = r * T + t, the step slot where the caller writes the action and step fields;
+ * `row_start_out[i]` = 1 when t == 0 (the caller writes segment fields).  State HELD -> SENDING. */
 int segvec_prepare_send(segvec_core_t *core, int32_t n, const int32_t *env_ids, const float *values,
                         const float *logprobs, int64_t policy_version, int64_t *slot_out,
                         uint8_t *row_start_out);
+/* Undo the state change of a prepared send that will not be dispatched (SENDING -> HELD).  What it wrote
+ * stays: the value of the current observation, the completed rows and the spares. */
+int segvec_cancel_send(segvec_core_t *core, int32_t n, const int32_t *env_ids);
 /* Hand the envs to their workers (SENDING -> IN_FLIGHT) and wake the workers that got work. */
 int segvec_dispatch(segvec_core_t *core, int32_t n, const int32_t *env_ids);
 /* The bootstrap of every step of taken rows, into out[i * T + t] (out may be the block's own next_value
- * rows, for zero-copy batches): 0 where terminated; with `same_step`, the truncation value where
- * truncated; value[t + 1] inside the row; the tail value at t = length - 1; 0 past the length. */
+ * rows, for zero-copy batches): 0 where terminated; where truncated, the truncation value (always with
+ * `same_step`, else when it is known); value[t + 1] inside the row; the tail value at t = length - 1;
+ * 0 past the length. */
 int segvec_fill_next_values(segvec_core_t *core, int32_t n, const int32_t *rows, int32_t same_step, float *out);
 /* Take `n` rows from the completed FIFO, oldest first (COMPLETE -> TAKEN). */
 int segvec_take(segvec_core_t *core, int32_t n, int32_t *rows_out);
-/* Give taken rows back (TAKEN -> FREE). */
+/* Give taken rows back (TAKEN -> FREE); all or nothing. */
 int segvec_release(segvec_core_t *core, int32_t n, const int32_t *rows);
 /* Ask every worker to stop, and wake them all. */
 int segvec_shutdown(segvec_core_t *core);
-/* Forget worker w's queued actions after it died (its envs are restarted by its replacement). */
-int segvec_reset_worker(segvec_core_t *core, int32_t worker);
 /* Wake worker w so that it looks at its command pipe. */
 int segvec_kick_worker(segvec_core_t *core, int32_t worker);
-/* A failed env is being rebuilt (restart_failed_envs): mark its last committed step truncated (when
- * that row is still its own) and count the restart.  Worker w only, for its IN_FLIGHT env. */
-int segvec_note_restart(segvec_core_t *core, int32_t env_id);
+/* Worker w died (the caller has seen the process gone).  Forgets its queued actions and takes back its
+ * envs that it held: each env that was IN_FLIGHT, or READY but never fully published, is rolled back to
+ * the slot it was sent at (whatever the dead worker committed of that step is undone, the row it filled
+ * reopened, its spare reserved again) and stays IN_FLIGHT for the replacement to restart; RESETTING envs
+ * stay RESETTING for the replacement to reset.  `lost_out[i]` (capacity: envs per worker) lists the
+ * IN_FLIGHT ones.  Envs fully published stay in the ready queue. */
+int segvec_recover_worker(segvec_core_t *core, int32_t worker, int32_t *lost_out, int32_t *n_lost_out);
+
+/* ---- any process -------------------------------------------------------------------------------- */
 /* Wake the learner from another process or thread: it returns SEGVEC_ERR_ALERT from its wait. */
 int segvec_post_alert(segvec_core_t *core);
 /* Copy finished episodes with tickets >= *cursor (at most max_n) and advance the cursor; entries that
@@ -228,18 +266,33 @@ typedef struct segvec_outcome {
     double needs_reset;      /* 1: NEXT_STEP, the episode ended and the env's next action will be ignored */
 } segvec_outcome_t;
 
-/* Record each env's outcome at its cursor slot (r, t): reward, terminated, truncated, mask = valid,
- * episode statistics; advance the cursor, moving to a new row when this one is full.  When no row is free
- * or complete (the learner holds the rest), a worker process waits until one is (counted in
- * `starved_workers`); in the learner's own process this returns SEGVEC_ERR_NO_FREE_ROW instead.
- * `obs_slot_out[i]` is the slot of the new observation; `chain_slot_out[i]` is the finished row's
- * obs[horizon] slot that must hold the same observation, else -1. */
+/* Record each IN_FLIGHT env's outcome at its cursor slot (r, t): reward, terminated, truncated,
+ * mask = valid, episode statistics; advance the cursor, onto the env's spare row when this one is full
+ * (the row then awaits its bootstrap).  Never waits.  `obs_slot_out[i]` is the slot of the new
+ * observation; `chain_slot_out[i]` is the finished row's obs[horizon] slot that must hold the same
+ * observation, else -1. */
 int segvec_commit_steps(segvec_core_t *core, int32_t n, const int32_t *env_ids, const segvec_outcome_t *outcomes,
                         int64_t *obs_slot_out, int64_t *chain_slot_out);
+/* Record a reset of each RESETTING env at its cursor (a row's slot 0, after segvec_flush_envs):
+ * episode_start = 1, previous-action outcome = 0, episode id + 1.  `obs_slot_out[i]` is where the reset
+ * observation goes. */
+int segvec_commit_resets(segvec_core_t *core, int32_t n, const int32_t *env_ids, int64_t *obs_slot_out);
+/* A rebuilt env (restart_failed_envs) starts a new episode at its cursor slot t, in the same row: the
+ * transition before it (slot t - 1, when it is a real one in this row and not terminated) becomes
+ * truncated with the value already sent for slot t as its truncation value; slot t gets episode_start
+ * and its value is cleared (the learner sends the value of the new observation).  The learner sees the
+ * env with truncated = 1.  `obs_slot_out` is where the new observation goes.  The env is IN_FLIGHT. */
+int segvec_restart_env(segvec_core_t *core, int32_t env_id, int64_t *obs_slot_out);
+/* Envs whose reset or step raised (not restarted): IN_FLIGHT / RESETTING -> FAILED, cursor untouched.
+ * The caller reports the error to the learner. */
+int segvec_fail_envs(segvec_core_t *core, int32_t n, const int32_t *env_ids);
+/* Envs the caller will not step after all (the serial backend interrupted by Ctrl-C): IN_FLIGHT -> HELD,
+ * their actions unapplied.  In the learner's process only. */
+int segvec_return_envs(segvec_core_t *core, int32_t n, const int32_t *env_ids);
 /* Publish envs to the learner (-> READY) after their observations are written; wakes it if it waits. */
 int segvec_publish(segvec_core_t *core, int32_t n, const int32_t *env_ids);
 
-/* ---- cursors (the process that owns the envs: learner for HELD envs, worker w for its IN_FLIGHT ones) -- */
+/* ---- cursors (the process that owns the envs) ----------------------------------------------------- */
 enum segvec_slot_kind {
     SEGVEC_STEP_SLOT = 0,   /* r * T + t: index into [S, T] arrays (actions, values, step fields) */
     SEGVEC_OBS_SLOT = 1     /* r * (T + 1) + t: index into [S, T + 1] observation arrays */
@@ -257,9 +310,9 @@ int segvec_scatter_obs(const void *obs, int64_t item_bytes, int32_t n, const int
                        const int64_t *chain_slots, void *dst);
 /* Index of the first value outside [low, high] (a discrete action out of its space), or -1. */
 int64_t segvec_first_out_of_range(const int64_t *values, int64_t n, int64_t low, int64_t high);
-/* GAE over rows of length T (contiguous [n, T] arrays).  delta = r + gamma * next_value * (1 - term) - v;
- * the recursion stops at terminated or truncated steps, at t = length - 1, and skips masked-out steps
- * (advantage 0).  returns = advantages + value. */
+/* GAE over rows of length T (contiguous [n, T] arrays; the caller checks the shapes).
+ * delta = r + gamma * next_value * (1 - term) - v; the recursion stops at terminated or truncated steps,
+ * at t = length - 1, and skips masked-out steps (advantage 0).  returns = advantages + value. */
 int segvec_gae(int32_t n, int32_t horizon, const float *reward, const float *value, const float *next_value,
                const uint8_t *terminated, const uint8_t *truncated, const uint8_t *mask,
                const int32_t *length, float gamma, float lam, float *advantages_out, float *returns_out);

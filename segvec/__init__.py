@@ -1,6 +1,7 @@
 """segvec: vectorized gymnasium environments whose workers write straight into shared segment memory.
 
-Start with `make_vec`; the design of the core is in ``native/segvec.h``.
+Start with `make_vec`; the design of the core is in ``native/segvec.h``.  torch is optional:
+``segvec.TorchSegments`` (from `segvec.torch_utils`) is imported on first use.
 """
 from gymnasium.vector import AutoresetMode
 
@@ -16,7 +17,7 @@ from segvec.errors import (
     SpaceMismatchError,
     WorkerDied,
 )
-from segvec.segments import SegmentBatch, TorchSegments, gae
+from segvec.segments import SegmentBatch, gae
 from segvec.vector import SegmentVecEnv, make_vec
 
 __version__ = "0.1.0"
@@ -34,8 +35,15 @@ __all__ = [
     "SegmentVecEnv",
     "SegvecError",
     "SpaceMismatchError",
-    "TorchSegments",
     "WorkerDied",
     "gae",
     "make_vec",
 ]
+
+
+def __getattr__(name: str):
+    if name == "TorchSegments":  # needs torch: imported when first asked for
+        from segvec.torch_utils import TorchSegments
+
+        return TorchSegments
+    raise AttributeError(f"module 'segvec' has no attribute {name!r}")

@@ -7,6 +7,7 @@ core's own part.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import mmap
 import os
 import secrets
@@ -36,6 +37,7 @@ from segvec.spaces import SpaceLayout
 
 ALIGN = 64
 SHM_PREFIX = "/segvec-"
+SHM_DIR = "/dev/shm"
 
 
 def check(status: int, context: str = "") -> int:
@@ -54,6 +56,32 @@ def check(status: int, context: str = "") -> int:
     if status in (lib.SEGVEC_ERR_INVALID, lib.SEGVEC_ERR_ROW_STATE):
         raise ValueError(message)
     raise SegvecError(message)
+
+
+def _reserve(fd: int, nbytes: int) -> None:
+    """Sizes a new shared-memory object and reserves its pages now.
+
+    ``ftruncate`` alone succeeds on a /dev/shm that is too small (the pages are allocated on first touch),
+    and a worker would then die of SIGBUS in the middle of a step.  Raises OSError (ENOSPC) naming the
+    size and the free space instead.
+    """
+    os.ftruncate(fd, nbytes)
+    try:
+        free = os.statvfs(SHM_DIR).f_bavail * os.statvfs(SHM_DIR).f_frsize
+    except OSError:  # pragma: no cover - no /dev/shm to look at
+        free = None
+    try:
+        if free is not None and nbytes > free:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
+            raise
+        free_text = "unknown" if free is None else f"{free / 2**20:.1f} MiB"
+        raise OSError(error.errno, (
+            f"cannot reserve {nbytes / 2**20:.1f} MiB of shared memory in {SHM_DIR} ({free_text} free): "
+            f"lower num_segments, horizon or num_envs, or give {SHM_DIR} more room (e.g. docker run "
+            f"--shm-size=...)")) from error
 
 
 def _align(offset: int) -> int:
@@ -93,7 +121,7 @@ class MemoryBlock:
             fd = _posixshmem.shm_open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
             self.name = name
             try:
-                os.ftruncate(fd, nbytes)
+                _reserve(fd, nbytes)
                 self.buffer = mmap.mmap(fd, nbytes)
                 self.fd = os.dup(fd)
             except BaseException:
@@ -340,4 +368,10 @@ class Storage:
         check(lib.segvec_read_stats(self.core, out))
         return {name: int(getattr(out, name)) for name in (
             "steps", "episodes", "segments_completed", "segments_recycled", "segments_taken", "nan_rewards",
-            "episodes_written", "restarts", "complete_rows", "free_rows", "starved_workers")}
+            "episodes_written", "restarts", "complete_rows", "free_rows", "rolled_back")}
+
+    def count_envs(self, state_mask: int) -> int:
+        """Number of envs whose state bit ``1 << state`` is in `state_mask` (a snapshot)."""
+        out = ffi.new("int32_t *")
+        check(lib.segvec_count_envs(self.core, state_mask, out))
+        return int(out[0])

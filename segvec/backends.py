@@ -30,8 +30,8 @@ import cloudpickle
 import numpy as np
 
 from segvec._core import Geometry, MemoryBlock, Storage, check, ffi, lib
-from segvec.errors import EnvError, SegmentBufferExhausted, SegvecError, WorkerDied, make_env_error
-from segvec.runner import EnvFailure, EnvRunner
+from segvec.errors import EnvError, SegvecError, WorkerDied, make_env_error
+from segvec.runner import BatchResult, EnvFailure, EnvRunner
 
 WAIT_SLICE_MS = 100
 LIVENESS_CHECK_S = 0.2  # how often a learner that never waits still checks that its workers live
@@ -106,9 +106,9 @@ class SerialBackend:
         self.autoreset_mode = autoreset_mode
         self.restart_failed_envs = restart_failed_envs
         self.envs: list = []
-        self.num_workers = 1
         self._infos: dict[int, dict] = {}
         self._final_infos: dict[int, dict] = {}
+        self._errors: list[BaseException] = []  # env errors waiting for the learner's next wait
 
     def create_envs(self) -> list[tuple]:
         for index, fn in enumerate(self.env_fns):
@@ -128,38 +128,37 @@ class SerialBackend:
         self._count = ffi.new("int32_t *")
         return self.storage
 
-    def _raise(self, failure: EnvFailure):
-        raise make_env_error(failure.error, failure.env_index, failure.action, failure.worker_traceback) \
-            from failure.error
+    def _take(self, result: BatchResult) -> None:
+        """Keeps a batch's infos and errors, publishes its finished envs, re-raises an interrupt."""
+        self._infos.update(result.infos)
+        self._final_infos.update(result.final_infos)
+        self.runner.publish(result.finished)
+        for failure in result.failures:
+            if failure.error is not result.interrupt:
+                error = make_env_error(failure.error, failure.env_index, failure.action, failure.worker_traceback)
+                error.__cause__ = failure.error
+                self._errors.append(error)
+        if result.interrupt is not None:
+            raise result.interrupt
 
     def after_dispatch(self) -> None:
         count = self._count
         check(lib.segvec_worker_pop(self.storage.core, 0, len(self._ids), self._ids_ptr, count))
-        ids = self._ids[:count[0]]
-        try:
-            infos, final_infos = self.runner.step(ids)
-        except EnvFailure as failure:
-            self.runner.publish(failure.finished)
-            self._raise(failure)
-        self._infos.update(infos)
-        self._final_infos.update(final_infos)
-        self.runner.publish(ids)
+        self._take(self.runner.step(self._ids[:count[0]]))
 
     def reset(self, env_ids: np.ndarray, seeds: list, options) -> None:
-        try:
-            infos = self.runner.reset(env_ids, seeds, options)
-        except EnvFailure as failure:
-            self._raise(failure)
-        self._infos.update(infos)
-        self.runner.publish(env_ids)
+        self._take(self.runner.reset(env_ids, seeds, options))
 
     def wait(self, min_count: int, deadline: float | None) -> None:
+        """Envs step at dispatch here: raises the oldest env error not raised yet, else returns."""
+        if self._errors:
+            raise self._errors.pop(0)
         ready = ffi.new("int32_t *")
         status = lib.segvec_wait_ready(self.storage.core, min_count, 0, ready)
         if status != lib.SEGVEC_OK:  # every dispatched env was stepped at dispatch: nothing to wait for
             raise SegvecError(f"only {ready[0]} of {min_count} envs are ready in the serial backend")
 
-    def infos_for(self, env_ids: np.ndarray) -> tuple[dict, dict]:
+    def infos_for(self, env_ids: np.ndarray, deadline: float | None = None) -> tuple[dict, dict]:
         wanted = [int(e) for e in env_ids[self.storage.env_has_info[env_ids] != 0]]
         return ({e: self._infos.pop(e) for e in wanted if e in self._infos},
                 {e: self._final_infos.pop(e) for e in wanted if e in self._final_infos})
@@ -190,7 +189,7 @@ class SerialBackend:
 
 
 # ---------------------------------------------------------------------------------------------------
-def _worker_main(worker_index: int, first_env: int, payload: bytes, conn, parent_pid: int, autoreset_mode,
+def _worker_main(worker_index: int, first_env: int, payload: bytes, conn, autoreset_mode,
                  restart_failed_envs: bool = False):
     """Entry point of a worker process: build envs, attach to the block, serve until shutdown."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the learner's to handle; it closes us
@@ -217,7 +216,7 @@ def _worker_main(worker_index: int, first_env: int, payload: bytes, conn, parent
         storage = Storage(geometry, block=block, format_block=False)
         runner = EnvRunner(envs, first_env, storage, autoreset_mode, env_fns if restart_failed_envs else None)
         conn.send((Reply.ATTACHED, None))
-        _serve(worker_index, runner, storage, conn, parent_pid)
+        _serve(worker_index, runner, storage, conn)
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         pass
     except Exception as error:  # noqa: BLE001 - anything else goes to the learner with its traceback
@@ -244,14 +243,27 @@ def _exit_with_parent(parent: int) -> None:
             os._exit(0)
 
 
-def _serve(worker_index: int, runner: EnvRunner, storage: Storage, conn, parent_pid: int) -> None:
+def _report(conn, core, result: BatchResult) -> None:
+    """Hands a batch to the learner: infos first, then one ERROR per failed env, then the envs themselves
+    (so that infos and errors are in the pipe before the learner can see the envs), then the alert."""
+    if result.infos or result.final_infos:
+        conn.send((Reply.INFOS, (result.infos, result.final_infos)))
+    for failure in result.failures:
+        conn.send((Reply.ERROR, _error_payload(failure.env_index, failure.action, failure.error,
+                                               failure.worker_traceback)))
+    if len(result.finished):
+        check(lib.segvec_publish(core, len(result.finished), ffi.from_buffer("int32_t[]", result.finished)))
+    if result.failures:
+        lib.segvec_post_alert(core)
+
+
+def _serve(worker_index: int, runner: EnvRunner, storage: Storage, conn) -> None:
     core = storage.core
     ids = np.zeros(len(runner.envs), np.int32)
     ids_ptr = ffi.from_buffer("int32_t[]", ids)
     count = ffi.new("int32_t *")
     # Our parent is the learner (fork, spawn) or the forkserver, which exits when the learner does; either
-    # way a new parent means the learner is gone.  (`parent_pid`, the learner, is not our parent under
-    # forkserver: comparing with it made idle forkserver workers quit after a second.)
+    # way a new parent means the learner is gone.
     watched_pid = os.getppid()
     # One poll object for the command pipe: conn.poll() builds a selector on every call, which costs more
     # than a whole CartPole step; a readable or hung-up pipe both count as "look at it", as with conn.poll().
@@ -270,28 +282,13 @@ def _serve(worker_index: int, runner: EnvRunner, storage: Storage, conn, parent_
                 return
             if command == Command.RESET:
                 _, env_ids, seeds, options = message
-                try:
-                    infos = runner.reset(env_ids, seeds, options)
-                except EnvFailure as failure:
-                    conn.send((Reply.ERROR, _error_payload(failure.env_index, "reset", failure.error,
-                                                           failure.worker_traceback)))
-                    lib.segvec_post_alert(core)
-                    continue
-                if infos:
-                    conn.send((Reply.INFOS, (infos, {})))
-                runner.publish(env_ids)
+                _report(conn, core, runner.reset(env_ids, seeds, options))
             elif command == Command.RESTART_ENVS:
-                _, in_flight, pending, reason = message
-                runner.mark_for_restart(pending, reason)
-                try:
-                    infos = runner.restart_envs(in_flight, reason)
-                except EnvFailure as failure:
-                    conn.send((Reply.ERROR, _error_payload(failure.env_index, "restart", failure.error,
-                                                           failure.worker_traceback)))
-                    lib.segvec_post_alert(core)
-                    continue
-                conn.send((Reply.INFOS, (infos, {})))
-                runner.publish(in_flight)
+                _, lost, held, reason, resetting, seeds, options = message
+                runner.mark_for_restart(held, reason)
+                _report(conn, core, runner.restart_envs(lost, reason))
+                if len(resetting):
+                    _report(conn, core, runner.reset(resetting, seeds, options))
             elif command == Command.CALL:
                 _, name, args, kwargs, offsets = message
                 results = []
@@ -301,7 +298,6 @@ def _serve(worker_index: int, runner: EnvRunner, storage: Storage, conn, parent_
                     conn.send((Reply.RESULT, results))
                 except Exception as error:  # noqa: BLE001
                     conn.send((Reply.ERROR, _error_payload(runner.first_env + offset, f"call({name!r})", error)))
-                    lib.segvec_post_alert(core)
             elif command == Command.SET_ATTR:
                 _, name, values = message
                 try:
@@ -310,23 +306,9 @@ def _serve(worker_index: int, runner: EnvRunner, storage: Storage, conn, parent_
                     conn.send((Reply.RESULT, None))
                 except Exception as error:  # noqa: BLE001
                     conn.send((Reply.ERROR, _error_payload(runner.first_env + offset, f"set_attr({name!r})", error)))
-                    lib.segvec_post_alert(core)
         check(lib.segvec_worker_pop(core, worker_index, len(ids), ids_ptr, count))
-        n = count[0]
-        if not n:
-            continue
-        batch = ids[:n]
-        try:
-            infos, final_infos = runner.step(batch)
-        except EnvFailure as failure:
-            runner.publish(failure.finished)
-            conn.send((Reply.ERROR, _error_payload(failure.env_index, "step", failure.error,
-                                                   failure.worker_traceback)))
-            lib.segvec_post_alert(core)
-            continue
-        if infos or final_infos:
-            conn.send((Reply.INFOS, (infos, final_infos)))
-        runner.publish(batch)
+        if count[0]:
+            _report(conn, core, runner.step(ids[:count[0]]))
 
 
 class MultiprocessingBackend:
@@ -337,7 +319,8 @@ class MultiprocessingBackend:
         self.env_fns = env_fns
         self.autoreset_mode = autoreset_mode
         self.restart_failed_envs = restart_failed_envs
-        self.respawned = 0
+        self._reset_seeds: dict[int, Any] = {}  # the last reset's seed of each env, for replacements
+        self._reset_options = None
         self._last_liveness_check = time.monotonic()
         self._payloads: list[bytes] = []
         self.num_workers = num_workers
@@ -385,7 +368,7 @@ class MultiprocessingBackend:
         parent, child = self.context.Pipe(duplex=True)
         process = self.context.Process(
             target=_worker_main, name=f"segvec-worker-{w}",
-            args=(w, w * self.envs_per_worker, self._payloads[w], child, os.getpid(), self.autoreset_mode,
+            args=(w, w * self.envs_per_worker, self._payloads[w], child, self.autoreset_mode,
                   self.restart_failed_envs),
             daemon=True)
         process.start()
@@ -395,17 +378,24 @@ class MultiprocessingBackend:
     def _respawn(self, w: int) -> None:
         """Replaces dead worker w (restart_failed_envs): its envs are rebuilt and restarted.
 
-        Envs whose step was lost with it come back at once as restarted (truncated) envs; envs the learner
-        holds are restarted in place of their next step, so no action meets an env it was not meant for.
+        The core first takes back the envs the dead worker held (segvec_recover_worker rolls each back to
+        the slot it was sent at, so nothing it half-wrote survives).  Those come back at once as restarted
+        (truncated) envs; envs it was resetting are reset again with the same seed; envs the learner holds
+        or has yet to receive are restarted in place of their next step, so no action meets an env it was
+        not meant for.
         """
         old, storage = self.processes[w], self.storage
         old.join(0.1)
         reason = f"worker {w} died (exit code {old.exitcode})"
+        lost = np.empty(self.envs_per_worker, np.int32)
+        n_lost = ffi.new("int32_t *")
+        check(lib.segvec_recover_worker(storage.core, w, ffi.from_buffer("int32_t[]", lost), n_lost))
+        lost = lost[:n_lost[0]].copy()
         envs = np.asarray(self._env_range(w), np.int32)
         states = storage.env_state[envs]
-        lost = envs[(states == lib.SEGVEC_ENV_IN_FLIGHT) | (states == lib.SEGVEC_ENV_SENDING)]
-        held = envs[(states != lib.SEGVEC_ENV_IN_FLIGHT) & (states != lib.SEGVEC_ENV_SENDING)]
-        check(lib.segvec_reset_worker(storage.core, w))
+        resetting = envs[states == lib.SEGVEC_ENV_RESETTING]
+        held = envs[(states != lib.SEGVEC_ENV_RESETTING) & ~np.isin(envs, lost)]
+        seeds = [self._reset_seeds.get(int(e)) for e in resetting]
         try:
             self.pipes[w].close()
         except OSError:
@@ -420,9 +410,8 @@ class MultiprocessingBackend:
         kind, body = self._recv_startup(w)
         if kind == Reply.ERROR:
             raise env_error_from(body)
-        pipe.send((Command.RESTART_ENVS, lost, held, reason))
+        pipe.send((Command.RESTART_ENVS, lost, held, reason, resetting, seeds, self._reset_options))
         lib.segvec_kick_worker(storage.core, w)
-        self.respawned += 1
 
     def _recv_startup(self, w: int, timeout: float = 120.0):
         pipe, process = self.pipes[w], self.processes[w]
@@ -462,6 +451,8 @@ class MultiprocessingBackend:
     def reset(self, env_ids: np.ndarray, seeds: list, options) -> None:
         k = self.envs_per_worker
         workers = env_ids // k
+        self._reset_seeds.update(zip(env_ids.tolist(), seeds))
+        self._reset_options = options
         for w in np.unique(workers):
             mine = env_ids[workers == w]
             self._send(w, (Command.RESET, mine, [seeds[i] for i in np.nonzero(workers == w)[0]], options))
@@ -482,17 +473,10 @@ class MultiprocessingBackend:
                     self._last_liveness_check = now
                     self._check_alive()
                 return
+            self._drain()  # raises the env error a worker reported (SEGVEC_ERR_ALERT)
             if status == lib.SEGVEC_ERR_ALERT:
-                self._drain()
                 continue
-            self._drain()
             self._check_alive()
-            starved = self.storage.stats()["starved_workers"]
-            if starved:
-                raise SegmentBufferExhausted(
-                    f"{starved} worker(s) wait for a free segment row: every row is filling, awaiting its "
-                    "bootstrap or taken by the learner. Release the batches you hold (batch.release()) before "
-                    "waiting for envs, or raise num_segments; the envs resume where they stopped.")
             if deadline is not None and time.monotonic() >= deadline:
                 raise multiprocessing.TimeoutError(
                     f"timed out waiting for {min_count} envs ({ready[0]} ready)")
@@ -534,44 +518,48 @@ class MultiprocessingBackend:
             except (EOFError, ConnectionResetError, BrokenPipeError):
                 continue
 
-    def infos_for(self, env_ids: np.ndarray) -> tuple[dict, dict]:
+    def infos_for(self, env_ids: np.ndarray, deadline: float | None = None) -> tuple[dict, dict]:
         flags = self.storage.env_has_info
         wanted = [int(e) for e in env_ids[flags[env_ids] != 0]]
         for e in wanted:
             w = e // self.envs_per_worker
             while e not in self._infos and e not in self._final_infos:
-                result = self._handle(w, self._recv(w))
+                result = self._handle(w, self._recv(w, deadline))
                 if result is not None:
                     raise SegvecError(f"unexpected message from worker {w}: {result[0]!r}")
         return ({e: self._infos.pop(e) for e in wanted if e in self._infos},
                 {e: self._final_infos.pop(e) for e in wanted if e in self._final_infos})
 
     def _recv(self, w: int, deadline: float | None = None):
+        """The next message of worker w.  Raises WorkerDied when it died first (with restart_failed_envs,
+        after replacing it: what it was asked is lost), TimeoutError past `deadline`."""
         pipe, process = self.pipes[w], self.processes[w]
-        while not pipe.poll(WAIT_SLICE_MS / 1000):
-            if not process.is_alive() and not pipe.poll():
-                self._check_alive()
-            if deadline is not None and time.monotonic() >= deadline:
-                raise multiprocessing.TimeoutError(f"worker {w} did not answer in time")
         try:
+            while not pipe.poll(WAIT_SLICE_MS / 1000):
+                if not process.is_alive() and not pipe.poll():
+                    raise EOFError
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise multiprocessing.TimeoutError(f"worker {w} did not answer in time")
             return pipe.recv()
         except (EOFError, OSError):  # a killed worker's pipe can also be reset
             self._worker_gone(w)
-            raise
 
     def _send(self, w: int, message) -> None:
-        """Sends a command to worker w; a dead worker's broken pipe raises WorkerDied (or, with
-        restart_failed_envs, the command goes to its replacement)."""
+        """Sends a command to worker w; a dead worker's broken pipe raises WorkerDied (with
+        restart_failed_envs, after replacing it)."""
         try:
             self.pipes[w].send(message)
         except OSError:
             self._worker_gone(w)
-            self.pipes[w].send(message)
 
     def _worker_gone(self, w: int) -> None:
         """Worker w's pipe broke: raises WorkerDied once its death is seen (the pipe closes just before)."""
-        self.processes[w].join(1.0)
-        self._check_alive()
+        process = self.processes[w]
+        process.join(1.0)
+        self._check_alive()  # raises WorkerDied, or (restart_failed_envs) replaces the worker
+        raise WorkerDied(f"worker {w} (pid {process.pid}, envs {list(self._env_range(w))}) died with exit code "
+                         f"{process.exitcode} while answering; it was replaced and its envs restarted",
+                         w, self._env_range(w), process.exitcode)
 
     def _gather_results(self, deadline=None, workers=None) -> list:
         """One reply per worker asked.  Reads every worker's reply before raising the first env error,
@@ -581,7 +569,7 @@ class MultiprocessingBackend:
             while True:
                 try:
                     result = self._handle(w, self._recv(w, deadline))
-                except EnvError as error:  # this worker's reply: the command failed on one of its envs
+                except (EnvError, WorkerDied) as error:  # this worker's reply: the command failed
                     first_error = first_error or error
                     break
                 if result is not None:

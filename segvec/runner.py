@@ -7,6 +7,7 @@ scatters the new observations into their slots (and the finished row's ``obs[hor
 """
 from __future__ import annotations
 
+import dataclasses
 import traceback
 from typing import Any
 
@@ -29,6 +30,26 @@ class EnvFailure(Exception):
 
 class ObservationMismatch(ValueError):
     """An env returned an observation that does not fit its space's shape/dtype."""
+
+
+@dataclasses.dataclass
+class BatchResult:
+    """What a runner did with a batch of envs.
+
+    Attributes:
+        finished: the envs to publish (stepped, reset or restarted), int32.
+        infos: non-empty step/reset infos by env index.
+        final_infos: SAME_STEP envs whose episode ended: the info of the ending step (their final
+            observation is in ``storage.final_obs``).
+        failures: envs that raised and were not restarted (FAILED in the core).
+        interrupt: a KeyboardInterrupt (or other BaseException) that stopped the batch, to re-raise.
+    """
+
+    finished: np.ndarray
+    infos: dict
+    final_infos: dict
+    failures: list
+    interrupt: BaseException | None = None
 
 
 class EnvRunner:
@@ -59,7 +80,6 @@ class EnvRunner:
         self._chain_slots = np.zeros(n, np.int64)
         self._action_slots = np.zeros(n, np.int64)
         self._obs_out = [np.zeros((n,) + leaf.shape, leaf.dtype) for leaf in self.obs_layout.leaves]
-        self._pending_reset = [False] * n  # NEXT_STEP: the env's last step ended an episode
         self._pending_restart: list = [None] * n  # reason: rebuild the env instead of its next step
         self._restarts_marked = False
         self._flat_obs = self.obs_layout.is_flat
@@ -94,7 +114,7 @@ class EnvRunner:
         for staging, value in zip(self.storage.final_obs, values):
             staging[env_index] = value
 
-    def _stack_obs(self, observations: list, env_ids: np.ndarray):
+    def _stack_obs(self, observations: list, env_ids):
         """Stacks observations into the per-batch leaf buffers, checking shapes and dtypes.
 
         Returns None, or ``(position, ObservationMismatch)`` for the first observation that does not fit.
@@ -165,51 +185,47 @@ class EnvRunner:
         check(lib.segvec_publish(self.storage.core, len(env_ids), ffi.from_buffer("int32_t[]", env_ids)))
 
     # ---- reset ------------------------------------------------------------------------------------
-    def reset(self, env_ids: np.ndarray, seeds: list, options: dict | None) -> dict[int, dict]:
-        """Resets `env_ids` (whose rows the learner has flushed), writes and publishes their observations.
+    def reset(self, env_ids: np.ndarray, seeds: list, options: dict | None) -> BatchResult:
+        """Resets `env_ids` (RESETTING: the learner has flushed their rows) and writes their observations.
 
-        Returns:
-            ``{env_index: info}`` for the envs whose reset info is not empty.
-        Raises:
-            EnvFailure: an env raised; the envs reset before it are published, it and later ones are not.
+        An env that raises is marked FAILED in the core and reported in ``failures``; the others go on.
+        The caller sends the infos and failures to the learner, then publishes ``finished``.
         """
         infos: dict[int, dict] = {}
-        done = 0
-        failure = None
-        for i, env_index in enumerate(env_ids):
+        failures: list[EnvFailure] = []
+        done: list[int] = []
+        for i, env_index in enumerate(env_ids.tolist()):
             local = env_index - self.first_env
+            self._pending_restart[local] = None  # a reset supersedes a restart owed by a dead worker
             try:
                 obs, info = self.envs[local].reset(seed=seeds[i], options=options)
-                self._put_obs(i, obs, int(env_index))
+                self._put_obs(len(done), obs, env_index)
             except Exception as error:  # noqa: BLE001 - reported to the learner with its traceback
-                failure = EnvFailure(int(env_index), "reset", error)
-                break
-            self._pending_reset[local] = False
+                failures.append(EnvFailure(env_index, "reset", error))
+                continue
             if info:
-                infos[int(env_index)] = info
-            done += 1
-        ids = np.ascontiguousarray(env_ids[:done], dtype=np.int32)
+                infos[env_index] = info
+            done.append(env_index)
+        ids = np.asarray(done, np.int32)
         if done:
-            check(lib.segvec_commit_resets(self.storage.core, done, ffi.from_buffer("int32_t[]", ids),
+            check(lib.segvec_commit_resets(self.storage.core, len(ids), ffi.from_buffer("int32_t[]", ids),
                                            ffi.from_buffer("int64_t[]", self._obs_slots)))
-            self._chain_slots[:done] = -1
-            self._scatter_obs(done)
-            self._mark_infos(ids, infos)
-        if failure is not None:
-            raise failure
-        return infos
+            self._chain_slots[:len(ids)] = -1
+            self._scatter_obs(len(ids))
+            self._mark_infos(infos)
+        self._fail(failures)
+        return BatchResult(ids, infos, {}, failures)
 
     # ---- step -------------------------------------------------------------------------------------
-    def step(self, env_ids: np.ndarray) -> tuple[dict[int, dict], dict[int, dict]]:
-        """Steps `env_ids` with the actions stored at their current slots, and records the results.
+    def step(self, env_ids: np.ndarray) -> BatchResult:
+        """Steps `env_ids` (IN_FLIGHT) with the actions stored at their current slots, and records the results.
 
-        The caller publishes them (after sending infos) with `publish`.
-
-        Returns:
-            ``(infos, final_infos)``: non-empty step/reset infos, and for SAME_STEP envs whose episode
-            ended, the info of the ending step (their final observation is in ``storage.final_obs``).
-        Raises:
-            EnvFailure: an env raised; the envs stepped before it are committed (not published).
+        An env that raises (or returns an observation or reward that does not fit) is restarted when the
+        runner has the factories, else marked FAILED in the core and reported in ``failures``; the other
+        envs of the batch go on.  A KeyboardInterrupt (or any BaseException) inside an env stops the batch:
+        the envs stepped so far are recorded, the interrupted env is FAILED, the envs not stepped yet go
+        back to the learner (HELD, actions unapplied), and the interrupt is returned in ``interrupt`` for
+        the caller to re-raise once it has published ``finished``.
         """
         storage = self.storage
         count = len(env_ids)
@@ -223,104 +239,139 @@ class EnvRunner:
             actions = [self.action_layout.structure([leaf[i] for leaf in leaves]) for i in range(count)]
         same_step = self.autoreset_mode == AutoresetMode.SAME_STEP
         next_step = self.autoreset_mode == AutoresetMode.NEXT_STEP
+        needs_reset = storage.env_needs_reset[env_ids].tolist() if next_step else None
         infos: dict[int, dict] = {}
         final_infos: dict[int, dict] = {}
-        envs, first, pending, pending_restart = self.envs, self.first_env, self._pending_reset, self._pending_restart
+        envs, first, pending_restart = self.envs, self.first_env, self._pending_restart
         check_restarts = any(reason is not None for reason in pending_restart) if self._restarts_marked else False
         # Per-env results go to plain lists (cheaper than numpy item writes), converted once below.  Most
-        # steps are real transitions that neither start nor end an episode; the others are noted in
-        # `specials` as (position, valid, episode_started, needs_reset), see segvec_outcome_t.
-        observations, rewards, terminated, truncated, specials = [], [], [], [], []
-        restarted, skipped = [], []  # env indices rebuilt instead of stepped, and their batch positions
-        failure = None
-        end = count
-        for position, (env_index, action) in enumerate(zip(env_ids.tolist(), actions)):
+        # steps are real transitions that neither start nor end an episode; `specials` holds the others'
+        # (valid, episode_started, needs_reset), see segvec_outcome_t.
+        ids, observations, rewards, terminated, truncated, specials = [], [], [], [], [], []
+        restarted: list[int] = []
+        failures: list[EnvFailure] = []
+        interrupt = None
+        ids_list = env_ids.tolist()
+        for position, (env_index, action) in enumerate(zip(ids_list, actions)):
             local = env_index - first
             if check_restarts and pending_restart[local] is not None:
                 reason, pending_restart[local] = pending_restart[local], None
-                failure = self._restart_in_batch(env_index, reason, False, infos, restarted)
-                if failure is not None:
-                    end = position
-                    break
-                skipped.append(position)
+                self._restart_in_batch(env_index, reason, False, infos, restarted, failures)
                 continue
             env = envs[local]
+            special = None
             try:
-                if next_step and pending[local]:
+                if next_step and needs_reset[position]:
                     obs, info = env.reset()
                     reward, term, trunc = 0.0, False, False
-                    pending[local] = False
-                    specials.append((len(observations), 0.0, 1.0, 0.0))
+                    special = (0.0, 1.0, 0.0)
                 else:
                     obs, reward, term, trunc, info = env.step(action)
+                    if type(reward) is not float:
+                        reward = _scalar_reward(reward, env_index)
                     if term or trunc:
                         if same_step:
                             self._stage_final_obs(env_index, obs)
                             final_infos[env_index] = info
                             obs, info = env.reset()
-                            specials.append((len(observations), 1.0, 1.0, 0.0))
+                            special = (1.0, 1.0, 0.0)
                         elif next_step:
-                            pending[local] = True
-                            specials.append((len(observations), 1.0, 0.0, 1.0))
+                            special = (1.0, 0.0, 1.0)
             except Exception as error:  # noqa: BLE001 - reported to the learner with its traceback
-                failure = EnvFailure(env_index, "step", error) if self.env_fns is None else \
-                    self._restart_in_batch(env_index, error, True, infos, restarted)
-                if failure is not None:
-                    end = position
-                    break
-                skipped.append(position)
+                final_infos.pop(env_index, None)
+                self._env_failed(env_index, error, infos, restarted, failures)
                 continue
+            except BaseException as error:  # KeyboardInterrupt: stop here, hand everything back
+                final_infos.pop(env_index, None)
+                interrupt = error
+                failures.append(EnvFailure(env_index, "step (interrupted)", error))
+                unstepped = np.asarray(ids_list[position + 1:], np.int32)
+                if len(unstepped):
+                    check(lib.segvec_return_envs(storage.core, len(unstepped), ffi.from_buffer("int32_t[]", unstepped)))
+                break
+            ids.append(env_index)
             observations.append(obs)
             rewards.append(reward)
             terminated.append(term)
             truncated.append(trunc)
+            specials.append(special)
             if info:
                 infos[env_index] = info
-        done = len(observations)
-        ids = env_ids[:end]
-        if skipped:
-            ids = np.delete(ids, skipped)
         staged = None  # large observations: positions whose observation still waits in the staging buffer
-        if self._direct_obs and done and self._write_obs_in_place(observations, ids):
+        if self._direct_obs and ids and self._write_obs_in_place(observations, ids):
             staged = self._staged
-            bad = None
         else:
-            bad = self._stack_obs(observations, ids)
-        if bad is not None:
-            index, error = bad
-            failure = EnvFailure(int(ids[index]), "step", error)
-            done = index
-            ids = ids[:done]
+            for position, error in self._misfits(observations, ids):
+                env_index = ids[position]
+                final_infos.pop(env_index, None)
+                infos.pop(env_index, None)
+                self._env_failed(env_index, error, infos, restarted, failures)
+                ids[position] = None
+            if None in ids:
+                keep = [i for i, env_index in enumerate(ids) if env_index is not None]
+                ids, observations, rewards, terminated, truncated, specials = (
+                    [column[i] for i in keep] for column in (ids, observations, rewards, terminated, truncated, specials))
+                self._stack_obs(observations, ids)
+        done = len(ids)
+        id_array = np.asarray(ids, np.int32)
         if done:
             outcomes = self._outcomes
-            outcomes[:done, 0] = rewards[:done]
-            outcomes[:done, 1] = terminated[:done]
-            outcomes[:done, 2] = truncated[:done]
+            outcomes[:done, 0] = rewards
+            outcomes[:done, 1] = terminated
+            outcomes[:done, 2] = truncated
             outcomes[:done, 3:] = (1.0, 0.0, 0.0)  # valid, not an episode start, no reset pending
-            for position, valid, started, needs_reset in specials:
-                if position < done:
-                    outcomes[position, 3:] = (valid, started, needs_reset)
-            check(lib.segvec_commit_steps(storage.core, done, ffi.from_buffer("int32_t[]", ids),
+            for position, special in enumerate(specials):
+                if special is not None:
+                    outcomes[position, 3:] = special
+            check(lib.segvec_commit_steps(storage.core, done, ffi.from_buffer("int32_t[]", id_array),
                                           self._outcomes_ptr, self._obs_slots_ptr, self._chain_slots_ptr))
             if staged is None:
                 self._scatter_obs(done)
             elif len(staged):
                 self._scatter_staged(staged)
-            if infos or final_infos:
-                self._mark_infos(ids, infos, final_infos)
-        if failure is not None:
-            failure.finished = np.asarray(list(ids[:done]) + restarted, np.int32)
-            raise failure
-        return infos, final_infos
+        if infos or final_infos:
+            self._mark_infos(infos, final_infos)
+        self._fail(failures)
+        finished = np.concatenate([id_array, np.asarray(restarted, np.int32)]) if restarted else id_array
+        return BatchResult(finished, infos, final_infos, failures, interrupt)
 
-    def _restart_in_batch(self, env_index: int, error, rebuild: bool, infos: dict, restarted: list):
-        """Restarts `env_index` in the middle of a batch; returns the EnvFailure if that fails too."""
+    def _misfits(self, observations: list, ids: list) -> list[tuple[int, ObservationMismatch]]:
+        """Stacks the observations into the per-batch buffers; returns ``(position, error)`` of each one
+        that does not fit the space (empty when all fit)."""
+        if self._stack_obs(observations, ids) is None:
+            return []
+        misfits = []
+        for position, obs in enumerate(observations):
+            try:
+                self._put_obs(position, obs, ids[position])
+            except (ObservationMismatch, KeyError, IndexError, TypeError, ValueError) as error:
+                if not isinstance(error, ObservationMismatch):
+                    error = ObservationMismatch(
+                        f"env {ids[position]} returned an observation that does not fit its space: {error!r}")
+                misfits.append((position, error))
+        return misfits
+
+    def _env_failed(self, env_index: int, error, infos: dict, restarted: list, failures: list) -> None:
+        """An env raised in the middle of a batch: restart it (restart_failed_envs) or report it."""
+        if self.env_fns is None:
+            failures.append(EnvFailure(env_index, "step", error))
+        else:
+            self._restart_in_batch(env_index, error, True, infos, restarted, failures)
+
+    def _restart_in_batch(self, env_index: int, error, rebuild: bool, infos: dict, restarted: list,
+                          failures: list) -> None:
         try:
             infos[env_index] = self._restart(env_index, error, rebuild=rebuild)
         except EnvFailure as fatal:
-            return fatal
+            failures.append(fatal)
+            return
         restarted.append(env_index)
-        return None
+
+    def _fail(self, failures: list) -> None:
+        """Marks the envs of `failures` FAILED in the core (the learner owns them until it resets them)."""
+        if failures:
+            ids = np.asarray([f.env_index for f in failures], np.int32)
+            check(lib.segvec_fail_envs(self.storage.core, len(ids), ffi.from_buffer("int32_t[]", ids)))
 
     def mark_for_restart(self, env_ids, reason: str) -> None:
         """The learner holds these envs of a dead worker: restart each instead of its next step."""
@@ -328,16 +379,26 @@ class EnvRunner:
             self._pending_restart[int(env_index) - self.first_env] = reason
             self._restarts_marked = True
 
-    def restart_envs(self, env_ids: np.ndarray, reason: str) -> dict[int, dict]:
-        """Restarts envs whose step was lost with a dead worker (this replacement built them fresh)."""
-        return {int(e): self._restart(int(e), reason, rebuild=False) for e in env_ids}
+    def restart_envs(self, env_ids: np.ndarray, reason: str) -> BatchResult:
+        """Restarts envs whose step was lost with a dead worker (rolled back; this replacement built them)."""
+        infos: dict[int, dict] = {}
+        restarted: list[int] = []
+        failures: list[EnvFailure] = []
+        for env_index in env_ids.tolist():
+            self._restart_in_batch(env_index, reason, False, infos, restarted, failures)
+        self._fail(failures)
+        return BatchResult(np.asarray(restarted, np.int32), infos, {}, failures)
 
     def _restart(self, env_index: int, error, rebuild: bool = True) -> dict:
-        """Rebuilds env `env_index` after it raised `error` in step; returns the info to report.
+        """Rebuilds env `env_index` (when `rebuild`) and resets it in place of its step; returns its info.
 
-        Its last transition is marked truncated and its row closed as a partial segment (tail bootstrap:
-        the value already sent for its current observation); the fresh env's first observation starts a
-        new row.  The learner sees ``truncated=True`` with that observation and ``info["env_restarted"]``.
+        The new episode starts at the env's current slot, in the same row: the transition before it is
+        marked truncated, bootstrapped by the value already sent for the observation the env failed on
+        (see segvec_restart_env).  The learner sees ``truncated=True`` with the new observation and
+        ``info["env_restarted"]``.
+
+        Raises:
+            EnvFailure: rebuilding or resetting the env failed too.
         """
         storage, local = self.storage, env_index - self.first_env
         if rebuild:
@@ -345,33 +406,26 @@ class EnvRunner:
                 self.envs[local].close()
             except Exception:  # noqa: BLE001 - the env is broken already
                 pass
-        ids = np.array([env_index], np.int32)
-        check(lib.segvec_note_restart(storage.core, env_index))
-        copy_from, copy_to = np.empty(1, np.int64), np.empty(1, np.int64)
-        check(lib.segvec_flush_envs(storage.core, 1, ffi.from_buffer("int32_t[]", ids), ffi.NULL,
-                                    ffi.from_buffer("int64_t[]", copy_from), ffi.from_buffer("int64_t[]", copy_to)))
         try:
             env = self.env_fns[local]() if rebuild else self.envs[local]
             obs, info = env.reset()
             self.envs[local] = env
             self._put_obs(0, obs, env_index)
         except Exception as rebuild_error:  # noqa: BLE001
-            raise EnvFailure(env_index, "step (and rebuilding it after that)", rebuild_error) \
-                from (error if isinstance(error, BaseException) else None)
-        self._pending_reset[local] = False
+            failure = EnvFailure(env_index, "step (and rebuilding it after that)", rebuild_error)
+            failure.__cause__ = error if isinstance(error, BaseException) else None
+            raise failure from None
         slot = np.empty(1, np.int64)
-        check(lib.segvec_commit_resets(storage.core, 1, ffi.from_buffer("int32_t[]", ids),
-                                       ffi.from_buffer("int64_t[]", slot)))
+        check(lib.segvec_restart_env(storage.core, env_index, ffi.from_buffer("int64_t[]", slot)))
         for by_slot, out in zip(storage.obs_by_slot, self._obs_out):
             by_slot[slot[0]] = out[0]
-        storage.env_last_truncated[env_index] = True
         storage.env_has_info[env_index] = 1
         info = dict(info)
         info["env_restarted"] = True
         info["env_error"] = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
         return info
 
-    def _mark_infos(self, env_ids, infos, final_infos=None) -> None:
+    def _mark_infos(self, infos: dict, final_infos: dict | None = None) -> None:
         flags = self.storage.env_has_info
         for env_index in infos:
             flags[env_index] = 1
@@ -390,3 +444,14 @@ class EnvRunner:
                 env.close()
             except Exception:  # noqa: BLE001 - closing must go on for the other envs
                 pass
+
+
+def _scalar_reward(reward, env_index: int) -> float:
+    """A reward as a float; ValueError when the env returned something that is not one real number."""
+    if type(reward) in (int, bool) or (np.ndim(reward) == 0 and np.isrealobj(reward)):
+        try:
+            return float(reward)
+        except (TypeError, ValueError):
+            pass
+    raise ValueError(f"env {env_index} returned a reward of type {type(reward).__name__} and shape "
+                     f"{np.shape(reward)}; a reward must be one real number")

@@ -1,4 +1,4 @@
-"""Completed segments as the learner sees them: `SegmentBatch`, and `gae` over it.
+"""Completed segments as the learner sees them: `SegmentBatch`, and `gae` over it (numpy or torch).
 
 A batch is a set of rows of the segment buffer, each ``horizon`` consecutive steps of one env.  When the
 taken rows sit next to each other in the buffer (the usual case for synchronous rollouts taken in
@@ -7,12 +7,16 @@ memory; otherwise each array is one gather of whole row slabs.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 from gymnasium.vector import AutoresetMode
 
 from segvec._core import check, ffi, lib
+from segvec.advantages import gae_numpy
+
+if TYPE_CHECKING:
+    from segvec.torch_utils import TorchSegments
 
 _ROW_ARRAYS = ("action", "value", "logprob", "reward", "terminated", "truncated", "episode_start", "mask",
                "policy_version")
@@ -145,64 +149,40 @@ class SegmentBatch:
         return dict(self._data)
 
 
-class TorchSegments:
-    """Torch tensors of a SegmentBatch, attribute per field."""
-
-    def __init__(self, tensors: dict):
-        self.__dict__.update(tensors)
-
-    def __repr__(self) -> str:
-        return f"TorchSegments({', '.join(sorted(self.__dict__))})"
-
-
 def gae(batch, gamma: float, lam: float, rho_clip: float | None = None, c_clip: float | None = None,
         behaviour_logprob=None, target_logprob=None):
     """Generalized advantage estimation within each row, bootstrapped by ``next_value``.
 
     ``delta[t] = reward[t] + gamma * next_value[t] - value[t]`` (``next_value`` is 0 where terminated);
     ``A[t] = delta[t] + gamma * lam * A[t + 1]``, the recursion stopping at terminated or truncated steps
-    and at the row's last step; masked-out steps get 0.
+    and at the row's last step; masked-out steps get 0.  A NaN (an unknown bootstrap) reaches back to the
+    step after the previous stop, no further.  Numpy batches never need torch.
 
     Args:
-        batch: a SegmentBatch (numpy; computed by the C kernel) or TorchSegments (torch; vectorized,
-            runs on the tensors' device).
-        gamma, lam: discount and GAE lambda.
+        batch: a `SegmentBatch` or any object with ``reward, value, next_value, terminated, truncated, mask``
+            ``(n, T)`` and ``length`` ``(n,)`` (numpy: `segvec.advantages.gae_numpy`, the C kernel), or a
+            `TorchSegments` / torch tensors (`segvec.torch_utils.gae_torch`, on the tensors' device).
+        gamma, lam: discount and GAE lambda, finite.
         rho_clip, c_clip: with `target_logprob` given, V-trace-style clipped importance weights
             ``rho = min(rho_clip, pi/mu)`` on delta and ``c = lam * min(c_clip, pi/mu)`` in the recursion,
             where ``mu`` is ``batch.logprob`` (or `behaviour_logprob`) — for data from older policy versions.
-        behaviour_logprob, target_logprob: ``[n, T]`` log-probabilities.
+        behaviour_logprob, target_logprob: ``(n, T)`` log-probabilities.
 
     Returns:
-        ``(advantages, returns)``, each ``[n, T]`` float32; ``returns = advantages + value``.
+        ``(advantages, returns)``, each ``(n, T)`` float32 (arrays or tensors, as the batch);
+        ``returns = advantages + value`` on real steps, 0 elsewhere.
+
+    Raises:
+        TypeError: a field is missing or of the wrong kind, or a scalar is not a real number.
+        ValueError: a field's shape differs from ``reward``'s ``(n, T)`` (``length``: ``(n,)``), ``length``
+            lies outside ``[0, T]``, `gamma` or `lam` is not finite, a clip is not > 0, or a clip is given
+            without `target_logprob` (see `segvec.advantages.check_gae_inputs`).
     """
-    if isinstance(batch, TorchSegments) or _is_torch(getattr(batch, "reward", None)):
+    if _is_torch(getattr(batch, "reward", None)):
         from segvec.torch_utils import gae_torch
 
         return gae_torch(batch, gamma, lam, rho_clip, c_clip, behaviour_logprob, target_logprob)
-    if target_logprob is not None:
-        from segvec.torch_utils import gae_numpy_clipped
-
-        return gae_numpy_clipped(batch, gamma, lam, rho_clip, c_clip, behaviour_logprob, target_logprob)
-    reward = np.ascontiguousarray(batch.reward, np.float32)
-    value = np.ascontiguousarray(batch.value, np.float32)
-    next_value = np.ascontiguousarray(batch.next_value, np.float32)
-    terminated = np.ascontiguousarray(batch.terminated).view(np.uint8)
-    truncated = np.ascontiguousarray(batch.truncated).view(np.uint8)
-    mask = np.ascontiguousarray(batch.mask).view(np.uint8)
-    length = np.ascontiguousarray(batch.length, np.int32)
-    n, T = reward.shape
-    advantages = np.empty((n, T), np.float32)
-    returns = np.empty((n, T), np.float32)
-    status = lib.segvec_gae(
-        n, T, ffi.from_buffer("float[]", reward), ffi.from_buffer("float[]", value),
-        ffi.from_buffer("float[]", next_value), ffi.from_buffer("uint8_t[]", terminated),
-        ffi.from_buffer("uint8_t[]", truncated), ffi.from_buffer("uint8_t[]", mask),
-        ffi.from_buffer("int32_t[]", length), float(gamma), float(lam),
-        ffi.from_buffer("float[]", advantages, require_writable=True),
-        ffi.from_buffer("float[]", returns, require_writable=True))
-    if status != 0:
-        raise ValueError("gae: invalid batch shape")
-    return advantages, returns
+    return gae_numpy(batch, gamma, lam, rho_clip, c_clip, behaviour_logprob, target_logprob)
 
 
 def _is_torch(x) -> bool:

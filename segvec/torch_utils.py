@@ -1,7 +1,9 @@
-"""Torch hand-off of segment batches, and GAE over torch tensors or with clipped importance weights.
+"""Everything of segvec that needs torch: the hand-off of segment batches (`TorchSegments`) and GAE over
+torch tensors.
 
-torch is optional for segvec: this module is imported only by ``SegmentBatch.to_torch`` and by `segvec.gae`
-when it is given torch tensors or target log-probabilities.
+torch is optional for segvec: this module is the only one that imports it at module level, and it is imported
+only by ``SegmentBatch.to_torch``, by `segvec.gae` when it is given torch tensors, and by
+``segvec.TorchSegments``.
 
 Layouts are the batch's own, segment-major: ``obs`` ``[n, T + 1, *obs_shape]``, per-step fields ``[n, T]``,
 per-row fields ``[n]``.  A trainer that wants time-major data views them with ``.transpose(0, 1)``.
@@ -13,7 +15,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from segvec.segments import TorchSegments
+from segvec.advantages import check_gae_inputs
+
+
+class TorchSegments:
+    """Torch tensors of a `SegmentBatch`, one attribute per field (see `batch_to_torch`)."""
+
+    def __init__(self, tensors: dict):
+        self.__dict__.update(tensors)
+
+    def __repr__(self) -> str:
+        return f"TorchSegments({', '.join(sorted(self.__dict__))})"
 
 
 def _as_tensor(array: np.ndarray) -> torch.Tensor:
@@ -92,21 +104,22 @@ def batch_to_torch(batch, device=None, non_blocking: bool = True) -> TorchSegmen
     return TorchSegments(tensors)
 
 
-def _clipped_ratios(ratio, rho_clip, c_clip, clip):
-    """``(rho, c)`` = ``(min(rho_clip, ratio), min(c_clip, ratio))``; no clip where a clip is None."""
-    rho = ratio if rho_clip is None else clip(ratio, rho_clip)
-    c = ratio if c_clip is None else clip(ratio, c_clip)
-    return rho, c
+def _kind(tensor: torch.Tensor) -> str:
+    """The numpy dtype kind character of a tensor's dtype (``"u"`` and ``"i"`` both read ``"i"``)."""
+    dtype = tensor.dtype
+    return "b" if dtype == torch.bool else "c" if dtype.is_complex else "f" if dtype.is_floating_point else "i"
 
 
 def gae_torch(batch, gamma: float, lam: float, rho_clip: float | None = None, c_clip: float | None = None,
               behaviour_logprob=None, target_logprob=None):
-    """GAE over ``[n, T]`` torch tensors, vectorized across rows (a loop over T only).
+    """GAE over ``(n, T)`` torch tensors, vectorized across rows (a loop over T only).
 
-    Same semantics as the C kernel behind `segvec.gae`: ``delta[t] = reward[t] + gamma * next_value[t] -
-    value[t]`` (``next_value`` taken as 0 where terminated), ``A[t] = delta[t] + gamma * lam * A[t + 1]``,
-    the recursion stopping at terminated or truncated steps and at ``t = length - 1``; steps past
-    ``length`` or with ``mask`` False get advantage and return 0.
+    Same semantics and, without clips, the same float32 operations in the same order as the C kernel behind
+    `segvec.gae` (see `segvec.advantages`): ``delta[t] = reward[t] + gamma * next_value[t] - value[t]``
+    (``next_value`` taken as 0 where terminated, even if NaN), ``A[t] = delta[t] + gamma * lam * A[t + 1]``,
+    the recursion stopping at terminated or truncated steps and at ``t = length - 1``; steps past ``length``
+    or with ``mask`` False get advantage and return 0 and restart the recursion.  The recursion is cut with
+    ``torch.where``, never by multiplying with 0, so a NaN stays within its episode as in the C kernel.
 
     With `target_logprob`, V-trace-style clipped importance weights for data from older policies:
     ``rho[t] = min(rho_clip, pi/mu)`` multiplies ``delta[t]`` and ``c[t] = min(c_clip, pi/mu)`` multiplies
@@ -114,85 +127,44 @@ def gae_torch(batch, gamma: float, lam: float, rho_clip: float | None = None, c_
     `behaviour_logprob` (default ``batch.logprob``).  With ratios 1 and clips >= 1 this is plain GAE.
 
     Args:
-        batch: anything with ``reward, value, next_value, terminated, truncated, mask`` ``[n, T]`` and
-            ``length`` ``[n]`` as tensors (a `TorchSegments`), on any device.
+        batch: anything with ``reward, value, next_value, terminated, truncated, mask`` ``(n, T)`` and
+            ``length`` ``(n,)`` as tensors (a `TorchSegments`) on any device, or as arrays (moved to
+            ``reward``'s device).
         gamma, lam: discount and GAE lambda.
         rho_clip, c_clip: clips of the importance ratios (None: no clip).
-        behaviour_logprob, target_logprob: ``[n, T]`` log-probabilities of the taken actions.
+        behaviour_logprob, target_logprob: ``(n, T)`` log-probabilities of the taken actions.
 
     Returns:
-        ``(advantages, returns)``, ``[n, T]`` float32 tensors on the batch's device; ``returns =
-        advantages + value`` on real steps.
+        ``(advantages, returns)``, ``(n, T)`` float32 tensors on the batch's device; ``returns =
+        advantages + value`` on real steps, 0 elsewhere.
+
+    Raises:
+        TypeError, ValueError: as `segvec.advantages.check_gae_inputs` (a field's shape, kind or range, the
+            scalars).
     """
-    reward = torch.as_tensor(batch.reward).float()
-    device = reward.device
-    value = torch.as_tensor(batch.value, device=device).float()
-    next_value = torch.as_tensor(batch.next_value, device=device).float()
-    terminated = torch.as_tensor(batch.terminated, device=device).bool()
-    truncated = torch.as_tensor(batch.truncated, device=device).bool()
-    mask = torch.as_tensor(batch.mask, device=device).bool()
-    length = torch.as_tensor(batch.length, device=device).long()
+    x, gamma, lam, rho_clip, c_clip = check_gae_inputs(batch, gamma, lam, rho_clip, c_clip, behaviour_logprob,
+                                                       target_logprob, asarray=torch.as_tensor, kind=_kind)
+    device = x["reward"].device
+    reward, value, next_value = (x[name].to(device, torch.float32) for name in ("reward", "value", "next_value"))
+    terminated, truncated, mask = (x[name].to(device, torch.bool) for name in ("terminated", "truncated", "mask"))
     n, T = reward.shape
     steps = torch.arange(T, device=device)
-    valid = mask & (steps[None, :] < length[:, None])
-    stop = terminated | truncated | (steps[None, :] == (length[:, None] - 1))
-    next_value = torch.where(terminated, torch.zeros_like(next_value), next_value)
+    length = x["length"].to(device, torch.long)[:, None]
+    valid = mask & (steps < length)
+    carries = valid & ~(terminated | truncated | (steps == length - 1))
+    zero = torch.zeros((), device=device)
     # Same float32 operations, in the same order, as the C kernel.
-    delta = reward + float(np.float32(gamma)) * next_value - value
-    decay = float(np.float32(gamma) * np.float32(lam))
-    carry = torch.where(stop, torch.zeros_like(value), torch.full_like(value, decay))
+    delta = reward + float(np.float32(gamma)) * torch.where(terminated, zero, next_value) - value
+    carry = torch.full((n, T), float(np.float32(gamma) * np.float32(lam)), device=device)
     if target_logprob is not None:
-        behaviour = batch.logprob if behaviour_logprob is None else behaviour_logprob
-        target = torch.as_tensor(target_logprob, device=device).float()
-        behaviour = torch.as_tensor(behaviour, device=device).float()
-        rho, c = _clipped_ratios(torch.exp(target - behaviour), rho_clip, c_clip,
-                                 lambda ratio, most: ratio.clamp(max=float(most)))
-        delta = rho * delta
-        carry = carry * c
-    delta = torch.where(valid, delta, torch.zeros_like(delta))
-    carry = torch.where(valid, carry, torch.zeros_like(carry))
+        target, behaviour = (x[name].to(device, torch.float32) for name in ("target_logprob", "behaviour_logprob"))
+        ratio = torch.exp(target - behaviour)
+        delta = delta * (ratio if rho_clip is None else ratio.clamp(max=rho_clip))
+        carry = carry * (ratio if c_clip is None else ratio.clamp(max=c_clip))
+    delta = torch.where(valid, delta, zero)
     advantages = torch.zeros((n, T), dtype=torch.float32, device=device)
     running = torch.zeros(n, dtype=torch.float32, device=device)
     for t in range(T - 1, -1, -1):
-        running = delta[:, t] + carry[:, t] * running
+        running = torch.where(carries[:, t], delta[:, t] + carry[:, t] * running, delta[:, t])
         advantages[:, t] = running
-    returns = torch.where(valid, advantages + value, torch.zeros_like(value))
-    return advantages, returns
-
-
-def gae_numpy_clipped(batch, gamma: float, lam: float, rho_clip: float | None = None,
-                      c_clip: float | None = None, behaviour_logprob=None, target_logprob=None):
-    """`gae_torch`'s clipped GAE on numpy arrays (a `SegmentBatch`), vectorized across rows.
-
-    Args and returns as `gae_torch`, with numpy ``[n, T]`` float32 arrays.  Without `target_logprob` the
-    weights are 1 (plain GAE, as the C kernel computes it).
-    """
-    reward = np.asarray(batch.reward, np.float32)
-    value = np.asarray(batch.value, np.float32)
-    next_value = np.asarray(batch.next_value, np.float32)
-    terminated = np.asarray(batch.terminated, bool)
-    truncated = np.asarray(batch.truncated, bool)
-    mask = np.asarray(batch.mask, bool)
-    length = np.asarray(batch.length, np.int64)
-    n, T = reward.shape
-    steps = np.arange(T)
-    valid = mask & (steps[None, :] < length[:, None])
-    stop = terminated | truncated | (steps[None, :] == (length[:, None] - 1))
-    next_value = np.where(terminated, np.float32(0), next_value)
-    delta = reward + np.float32(gamma) * next_value - value
-    carry = np.where(stop, np.float32(0), np.float32(gamma) * np.float32(lam)).astype(np.float32)
-    if target_logprob is not None:
-        behaviour = batch.logprob if behaviour_logprob is None else behaviour_logprob
-        ratio = np.exp(np.asarray(target_logprob, np.float32) - np.asarray(behaviour, np.float32))
-        rho, c = _clipped_ratios(ratio, rho_clip, c_clip, lambda r, most: np.minimum(r, np.float32(most)))
-        delta = rho * delta
-        carry = carry * c
-    delta = np.where(valid, delta, np.float32(0)).astype(np.float32)
-    carry = np.where(valid, carry, np.float32(0)).astype(np.float32)
-    advantages = np.zeros((n, T), np.float32)
-    running = np.zeros(n, np.float32)
-    for t in range(T - 1, -1, -1):
-        running = delta[:, t] + carry[:, t] * running
-        advantages[:, t] = running
-    returns = np.where(valid, advantages + value, np.float32(0)).astype(np.float32)
-    return advantages, returns
+    return advantages, torch.where(valid, advantages + value, zero)

@@ -11,6 +11,7 @@ import enum
 import multiprocessing
 import os
 import time
+import warnings
 from typing import Any, Callable, Sequence
 
 import gymnasium
@@ -23,6 +24,7 @@ from segvec._core import Geometry, check, ffi, lib
 from segvec.backends import MultiprocessingBackend, SerialBackend
 from segvec.errors import (
     AlreadyPendingCallError,
+    EnvError,
     ClosedEnvironmentError,
     NoAsyncCallError,
     NotEnoughSegmentsError,
@@ -256,7 +258,6 @@ class SegmentVecEnv(VectorEnv):
         storage = self._storage
         self._obs_layout, self._action_layout = storage.obs_layout, storage.action_layout
         self._state = AsyncState.DEFAULT
-        self._outstanding = 0            # envs dispatched or reset and not yet received
         self._pending_reset_ids: np.ndarray | None = None
         self._all_ids = np.arange(num_envs, dtype=np.int32)
         self._pop_buffer = np.zeros(num_envs, np.int32)
@@ -297,12 +298,47 @@ class SegmentVecEnv(VectorEnv):
         if self.closed:
             raise ClosedEnvironmentError(f"Trying to operate on `{type(self).__name__}`, after a call to `close()`.")
 
+    @property
+    def _outstanding(self) -> int:
+        """Envs reset or sent and not received yet: read from the core's env states."""
+        return self._storage.count_envs(lib.SEGVEC_MASK_OUTSTANDING)
+
     def _pop(self, count: int, deadline: float | None) -> np.ndarray:
         """Waits for `count` published envs and receives them (HELD)."""
         self._backend.wait(count, deadline)
         n = self._count_out
         check(lib.segvec_pop_ready(self._storage.core, count, self._pop_buffer_ptr, n))
-        self._outstanding -= n[0]
+        return self._pop_buffer[:n[0]].copy()
+
+    def _receive_stragglers(self, wait: bool) -> None:
+        """Receives envs still outstanding from a call the user gave up on (a timeout, an env error, a
+        Ctrl-C) and drops their results, so that the next call starts from envs the learner holds.
+
+        With `wait`, waits until none is outstanding; an env error met meanwhile is logged as a warning
+        (that env is FAILED and the caller resets it), not raised.  Without, receives those published now.
+        """
+        while True:
+            outstanding = self._outstanding
+            if not outstanding:
+                return
+            if wait:
+                try:
+                    self._backend.wait(outstanding, None)
+                except EnvError as error:
+                    warnings.warn(f"while waiting for envs to finish before a reset: {error}", RuntimeWarning,
+                                  stacklevel=3)
+                    continue
+            ids = self._pop(outstanding, None) if wait else self._pop_published()
+            if self.autoreset_mode == AutoresetMode.SAME_STEP:
+                self._note_truncations(ids)
+            self._build_infos(ids, len(ids))
+            if not wait:
+                return
+
+    def _pop_published(self) -> np.ndarray:
+        """Receives every env published now, without waiting."""
+        n = self._count_out
+        check(lib.segvec_pop_ready(self._storage.core, self.num_envs, self._pop_buffer_ptr, n))
         return self._pop_buffer[:n[0]].copy()
 
     def _current_obs(self, env_ids: np.ndarray):
@@ -318,14 +354,14 @@ class SegmentVecEnv(VectorEnv):
             leaves.append(out)
         return self._obs_layout.structure(leaves)
 
-    def _build_infos(self, env_ids: np.ndarray, size: int) -> dict:
+    def _build_infos(self, env_ids: np.ndarray, size: int, deadline: float | None = None) -> dict:
         """Infos of `env_ids` (positions 0..len-1 of a batch of `size`), gymnasium layout."""
         infos: dict = {}
         storage = self._storage
         flags = storage.env_has_info if env_ids is self._all_ids else storage.env_has_info[env_ids]
         if not flags.any():
             return infos
-        env_infos, final_infos = self._backend.infos_for(env_ids)
+        env_infos, final_infos = self._backend.infos_for(env_ids, deadline)
         storage.env_has_info[env_ids] = 0
         positions = {int(e): i for i, e in enumerate(env_ids)}
         for env_index, final_info in final_infos.items():
@@ -345,6 +381,7 @@ class SegmentVecEnv(VectorEnv):
         noted = self._truncation_noted[env_ids]
         self._truncation_noted[env_ids] = False
         truncated = storage.env_last_truncated[env_ids] & ~storage.env_last_terminated[env_ids] & ~noted
+        truncated &= storage.env_last_slot[env_ids] >= 0  # restarted envs carry their truncation value already
         if not truncated.any():
             return
         ids = env_ids[truncated]
@@ -363,7 +400,7 @@ class SegmentVecEnv(VectorEnv):
             for key in [k for k in self._truncation_obs if k not in live]:
                 del self._truncation_obs[key]
 
-    def _results(self, env_ids: np.ndarray, size: int):
+    def _results(self, env_ids: np.ndarray, size: int, deadline: float | None = None):
         storage = self._storage
         obs = self._current_obs(env_ids)
         select = slice(None) if env_ids is self._all_ids else env_ids  # every env: plain copies
@@ -372,7 +409,7 @@ class SegmentVecEnv(VectorEnv):
         truncated = storage.env_last_truncated[select].copy()
         if self.autoreset_mode == AutoresetMode.SAME_STEP:
             self._note_truncations(env_ids)
-        infos = self._build_infos(env_ids, size)
+        infos = self._build_infos(env_ids, size, deadline)
         return obs, rewards, terminated, truncated, infos
 
     def _check_actions(self, actions, count: int) -> list[np.ndarray]:
@@ -429,19 +466,14 @@ class SegmentVecEnv(VectorEnv):
 
     # ---- sending --------------------------------------------------------------------------------
     def _send(self, actions, env_ids: np.ndarray, value=None, logprob=None, fields: dict | None = None) -> None:
+        """Checks everything, then writes the send into the core and dispatches it; raises before the core
+        changes anything (and rolls the envs back to HELD if writing fails anyway)."""
         storage = self._storage
         count = len(env_ids)
         leaves = self._check_actions(actions, count)
-        fields = fields or {}
-        unknown = fields and set(fields) - self._step_field_names - self._segment_field_names
-        if unknown:
-            raise TypeError(f"unknown learner fields {sorted(unknown)}; declare them in step_fields/segment_fields")
+        fields = self._check_fields(fields or {}, count)
         values = None if value is None else self._per_env(value, count, "value")
         logprobs = None if logprob is None else self._per_env(logprob, count, "logprob")
-        if self.backend_name == "serial":  # the envs step in this process, which cannot wait for a row
-            lib.segvec_read_stats(storage.core, self._stats_out)
-            if self._stats_out.free_rows + self._stats_out.complete_rows < count:  # else no need to look
-                self._check_rows_for(env_ids, int(np.count_nonzero(storage.env_step[env_ids] == self.horizon - 1)))
         ids_ptr = ffi.from_buffer("int32_t[]", env_ids)
         slots, row_start = self._slots[:count], self._row_start[:count]
         status = lib.segvec_prepare_send(
@@ -450,24 +482,75 @@ class SegmentVecEnv(VectorEnv):
             ffi.NULL if logprobs is None else ffi.from_buffer("float[]", logprobs),
             int(self.policy_version), self._slots_ptr, self._row_start_ptr)
         if status == lib.SEGVEC_ERR_NOT_HELD:
-            new = (storage.env_state[env_ids] == lib.SEGVEC_ENV_NEW) & ~self._reset_requested[env_ids]
-            never_reset = env_ids[new]
-            if len(never_reset):
-                raise NotReceivedError(f"envs {never_reset.tolist()} were never reset: call reset() (or "
-                                       "async_reset() and recv()) before step() or send()")
+            self._explain_not_held(env_ids)
+        if status == lib.SEGVEC_ERR_NO_FREE_ROW:
+            raise SegmentBufferExhausted(
+                f"no free segment row for the envs that start a new row with this step: every row is filling, "
+                f"awaiting its bootstrap or taken by the learner ({self.stats()['segments_taken']} taken so far). "
+                "Release the batches you hold (batch.release(), or take them with `with`) and send again, or "
+                "raise num_segments. Nothing was sent.")
         check(status, "send")
-        for by_slot, array in zip(storage.action_by_slot, leaves):
-            by_slot[slots] = array
-        for name, array in fields.items():
-            if name in self._step_field_names:
-                storage.step_fields_by_slot[name][slots] = array
-            else:
-                starts = row_start.astype(bool)
-                if starts.any():
-                    storage.segment_fields[name][storage.env_row[env_ids[starts]]] = np.asarray(array)[starts]
+        try:
+            for by_slot, array in zip(storage.action_by_slot, leaves):
+                by_slot[slots] = array
+            for name, array in fields.items():
+                if name in self._step_field_names:
+                    storage.step_fields_by_slot[name][slots] = array
+                else:
+                    starts = row_start.astype(bool)
+                    if starts.any():
+                        storage.segment_fields[name][storage.env_row[env_ids[starts]]] = array[starts]
+        except BaseException:
+            check(lib.segvec_cancel_send(storage.core, count, ids_ptr), "send")
+            raise
         check(lib.segvec_dispatch(storage.core, count, ids_ptr), "send")
-        self._outstanding += count
         self._backend.after_dispatch()
+
+    def _check_fields(self, fields: dict, count: int) -> dict[str, np.ndarray]:
+        """Learner fields as arrays of shape ``(count, *shape)`` in their declared dtypes.
+
+        Raises:
+            TypeError: a field that was not declared, or of a dtype that does not convert.
+            ValueError: a field of the wrong shape.
+        """
+        storage = self._storage
+        unknown = set(fields) - self._step_field_names - self._segment_field_names
+        if unknown:
+            raise TypeError(f"unknown learner fields {sorted(unknown)}; declare them in step_fields/segment_fields")
+        out = {}
+        for name, value in fields.items():
+            target = storage.step_fields[name] if name in self._step_field_names else storage.segment_fields[name]
+            expected = (count,) + target.shape[2 if name in self._step_field_names else 1:]
+            if hasattr(value, "detach"):
+                value = value.detach().cpu().numpy()
+            try:
+                array = np.asarray(value).astype(target.dtype, copy=False, casting="same_kind")
+            except (TypeError, ValueError) as error:
+                raise TypeError(f"field {name!r} has dtype {np.asarray(value).dtype}, declared {target.dtype}: "
+                                f"{error}") from error
+            if array.shape != expected:
+                raise ValueError(f"field {name!r} has shape {array.shape}, expected {expected} for {count} envs")
+            out[name] = array
+        return out
+
+    def _explain_not_held(self, env_ids: np.ndarray) -> None:
+        """Raises NotReceivedError saying why some of `env_ids` cannot be sent to."""
+        states = self._storage.env_state[env_ids]
+        never = env_ids[(states == lib.SEGVEC_ENV_NEW) & ~self._reset_requested[env_ids]]
+        if len(never):
+            raise NotReceivedError(f"envs {never.tolist()} were never reset: call reset() (or async_reset() and "
+                                   "recv()) before step() or send()")
+        failed = env_ids[states == lib.SEGVEC_ENV_FAILED]
+        if len(failed):
+            raise NotReceivedError(
+                f"envs {failed.tolist()} failed (an EnvError was raised for each): reset them before sending "
+                "actions, e.g. reset(options={'reset_mask': mask}) or async_reset()")
+        unique, counts = np.unique(env_ids, return_counts=True)
+        twice = unique[counts > 1]
+        if len(twice):
+            raise NotReceivedError(f"env(s) {twice.tolist()}: each appears twice in one send")
+        raise NotReceivedError(f"envs {env_ids[states != lib.SEGVEC_ENV_HELD].tolist()} were not received since "
+                               "their last send (recv() returns the envs you may send to)")
 
     @staticmethod
     def _per_env(values, count: int, name: str) -> np.ndarray:
@@ -489,16 +572,19 @@ class SegmentVecEnv(VectorEnv):
         return self.reset_wait()
 
     def reset_async(self, seed=None, options: dict | None = None) -> None:
-        """Starts resetting (see `reset`).  Raises AlreadyPendingCallError while a call is pending."""
+        """Starts resetting (see `reset`).
+
+        Envs still stepping since a call that raised or timed out (or, on the async face, since their last
+        `send`) are waited for first and their results dropped; an env error met meanwhile is a warning.
+
+        Raises:
+            AlreadyPendingCallError: a `reset_async`, `step_async` or `call_async` waits for its `*_wait`.
+        """
         self._assert_open()
-        if self._state not in (AsyncState.DEFAULT, AsyncState.ASYNC) or \
-                (self._state == AsyncState.ASYNC and self._outstanding):
-            if self._state == AsyncState.ASYNC:
-                self._drain_outstanding()
-            else:
-                raise AlreadyPendingCallError(
-                    f"Calling `reset_async` while waiting for a pending call to `{self._state.value}` to complete",
-                    str(self._state.value))
+        if self._state not in (AsyncState.DEFAULT, AsyncState.ASYNC):
+            raise AlreadyPendingCallError(
+                f"Calling `reset_async` while waiting for a pending call to `{self._state.value}` to complete",
+                str(self._state.value))
         seeds = self._seeds(seed)
         options = dict(options) if options else None
         env_ids = self._all_ids
@@ -514,8 +600,10 @@ class SegmentVecEnv(VectorEnv):
                 raise ValueError("`options['reset_mask']` must contain at least one True value")
             env_ids = self._all_ids[mask]
             seeds = [seeds[i] for i in env_ids]
+        self._receive_stragglers(wait=True)
         self._flush_envs(env_ids)
-        self._outstanding += len(env_ids)
+        check(lib.segvec_begin_resets(self._storage.core, len(env_ids), ffi.from_buffer("int32_t[]", env_ids)),
+              "reset")
         self._state = AsyncState.WAITING_RESET
         self._pending_reset_ids = env_ids
         self._reset_requested[env_ids] = True
@@ -543,16 +631,15 @@ class SegmentVecEnv(VectorEnv):
             raise NoAsyncCallError("Calling `reset_wait` without any prior call to `reset_async`.",
                                    AsyncState.WAITING_RESET.value)
         env_ids = self._pending_reset_ids
-        try:
-            self._pop(len(env_ids), self._deadline(timeout))
-        except multiprocessing.TimeoutError:
+        deadline = self._deadline(timeout)
+        try:  # whatever happens, the reset is over: envs still resetting are received by the next call
+            self._pop(len(env_ids), deadline)
+        finally:
             self._state = AsyncState.DEFAULT
-            raise
-        self._state = AsyncState.DEFAULT
         obs = self._current_obs(self._all_ids)
         infos: dict = {}
         if self._storage.env_has_info[env_ids].any():
-            batch_infos = self._build_infos(env_ids, len(env_ids))
+            batch_infos = self._build_infos(env_ids, len(env_ids), deadline)
             infos = _spread_infos(batch_infos, env_ids, self.num_envs)
         return obs, infos
 
@@ -566,8 +653,17 @@ class SegmentVecEnv(VectorEnv):
         return self.step_wait()
 
     def step_async(self, actions, **learner_fields) -> None:
-        """Sends `actions` for every env.  Raises AlreadyPendingCallError while anything is pending."""
+        """Sends `actions` for every env.
+
+        Raises:
+            AlreadyPendingCallError: a call is pending, envs sent on the async face are in flight, or envs
+                still step since a call that raised or timed out (`reset()` waits for those).
+            NotReceivedError: an env was never reset, or failed (reset it first).
+            SegmentBufferExhausted: the learner holds every row the envs could move to; nothing was sent.
+        """
         self._assert_open()
+        if self._state == AsyncState.DEFAULT:
+            self._receive_stragglers(wait=False)
         if self._state not in (AsyncState.DEFAULT, AsyncState.ASYNC) or self._outstanding:
             raise AlreadyPendingCallError(
                 f"Calling `step_async` while waiting for a pending call to `{self._state.value}` to complete "
@@ -583,12 +679,16 @@ class SegmentVecEnv(VectorEnv):
         if self._state != AsyncState.WAITING_STEP:
             raise NoAsyncCallError("Calling `step_wait` without any prior call to `step_async`.",
                                    AsyncState.WAITING_STEP.value)
+        deadline = self._deadline(timeout)
         try:
-            self._pop(self.num_envs, self._deadline(timeout))
+            self._pop(self.num_envs, deadline)
         except multiprocessing.TimeoutError:
+            raise  # still pending: step_wait may be called again
+        except BaseException:
+            self._state = AsyncState.DEFAULT  # the step is over; envs still stepping are received later
             raise
         self._state = AsyncState.DEFAULT
-        return self._results(self._all_ids, self.num_envs)
+        return self._results(self._all_ids, self.num_envs, deadline)
 
     def call(self, name: str, *args, **kwargs) -> tuple:
         """Calls `name` (method or attribute) on every env; returns the results in env order."""
@@ -682,9 +782,8 @@ class SegmentVecEnv(VectorEnv):
 
         Raises:
             NoAsyncCallError: nothing is outstanding (call `async_reset` or `send` first).
-            SegmentBufferExhausted: the envs wait for a segment row because the learner holds every row
-                they could use (release batches, then call again: nothing is lost).  The serial backend
-                raises it from `send`/`step` instead, before sending anything.
+            EnvError: an env raised (that env is FAILED: reset it; the others go on).
+            WorkerDied: a worker died (without restart_failed_envs).
         """
         self._assert_open()
         if self._state == AsyncState.WAITING_RESET:
@@ -696,8 +795,9 @@ class SegmentVecEnv(VectorEnv):
             raise NoAsyncCallError("Calling `recv` with no env outstanding: call `async_reset` or `send` first.",
                                    AsyncState.ASYNC.value)
         self._state = AsyncState.ASYNC
-        env_ids = self._pop(min(self.batch_size, self._outstanding), self._deadline(timeout))
-        obs, rewards, terminated, truncated, infos = self._results(env_ids, len(env_ids))
+        deadline = self._deadline(timeout)
+        env_ids = self._pop(min(self.batch_size, self._outstanding), deadline)
+        obs, rewards, terminated, truncated, infos = self._results(env_ids, len(env_ids), deadline)
         infos["env_id"] = env_ids
         return obs, rewards, terminated, truncated, infos
 
@@ -711,8 +811,11 @@ class SegmentVecEnv(VectorEnv):
             **fields: step and segment fields declared at construction.
 
         Raises:
-            NotReceivedError: an env was not received since its last send (or is named twice).
-            ValueError/TypeError: actions of the wrong shape, dtype or out of the action space.
+            NotReceivedError: an env was not received since its last send, is named twice, or failed
+                (reset it first).
+            ValueError/TypeError: actions or fields of the wrong shape, dtype or out of the action space.
+            SegmentBufferExhausted: the learner holds every row the envs could move to (release batches and
+                send again); nothing was sent.
         """
         self._assert_open()
         if self._state != AsyncState.ASYNC and self._state != AsyncState.DEFAULT:
@@ -801,45 +904,30 @@ class SegmentVecEnv(VectorEnv):
         if self._outstanding:
             self._backend.wait(self._outstanding, deadline)
 
-    def _drain_outstanding(self) -> None:
-        while self._outstanding:
-            ids = self._pop(self._outstanding, None)
-            if self.autoreset_mode == AutoresetMode.SAME_STEP:
-                self._note_truncations(ids)
-            self._build_infos(ids, len(ids))
-
-    def _check_rows_for(self, env_ids: np.ndarray, new_rows: int) -> None:
-        """Raises SegmentBufferExhausted, before anything changes, when `env_ids` need `new_rows` fresh rows
-        and fewer can be had (free or complete rows, plus the rows of these envs that complete first)."""
-        if not new_rows:
-            return
-        storage = self._storage
-        stats = storage.stats()
-        available = stats["free_rows"] + stats["complete_rows"]
-        if new_rows <= available:
-            return
-        awaiting = storage.row_env_id[storage.row_state == lib.SEGVEC_ROW_AWAITING_BOOTSTRAP]
-        if new_rows <= available + int(np.isin(awaiting, env_ids).sum()):
-            return
-        raise SegmentBufferExhausted(
-            f"no free segment row for {new_rows} env(s): every row is filling, awaiting its bootstrap or taken "
-            f"by the learner ({stats['segments_taken']} taken so far). Release the batches you hold "
-            "(batch.release()) and try again, or raise num_segments. Nothing was sent or flushed.")
-
     def _flush_envs(self, env_ids: np.ndarray) -> None:
+        """Closes the rows in progress of `env_ids` (see segvec_flush_envs); all or nothing.
+
+        Raises:
+            SegmentBufferExhausted: the new rows cannot be had (the learner holds the rest).
+        """
         storage = self._storage
-        self._check_rows_for(env_ids, int(np.count_nonzero(storage.env_step[env_ids] > 0)))
         tails = None
         if self.value_fn is not None:
             tails = np.asarray(self.value_fn(self._current_obs(env_ids)), np.float32).reshape(-1)
         count = len(env_ids)
         copy_from = np.empty(count, np.int64)
         copy_to = np.empty(count, np.int64)
-        check(lib.segvec_flush_envs(
+        status = lib.segvec_flush_envs(
             storage.core, count, ffi.from_buffer("int32_t[]", env_ids),
             ffi.NULL if tails is None else ffi.from_buffer("float[]", tails),
             ffi.from_buffer("int64_t[]", copy_from, require_writable=True),
-            ffi.from_buffer("int64_t[]", copy_to, require_writable=True)), "flush")
+            ffi.from_buffer("int64_t[]", copy_to, require_writable=True))
+        if status == lib.SEGVEC_ERR_NO_FREE_ROW:
+            raise SegmentBufferExhausted(
+                f"no free segment row to start after the rows being closed: every row is filling, awaiting its "
+                f"bootstrap or taken by the learner ({self.stats()['segments_taken']} taken so far). Release the "
+                "batches you hold (batch.release()) and try again, or raise num_segments. Nothing was flushed.")
+        check(status, "flush")
         moved = copy_from >= 0
         if moved.any():
             for by_slot in storage.obs_by_slot:

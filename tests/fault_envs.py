@@ -24,9 +24,13 @@ class FaultEnv(gymnasium.Env):
     Args:
         index: the env's index in its vector env (written into its observations).
         fault: None, or what goes wrong: ``"init"``, ``"reset"``, ``"step"`` (raise EnvBoom),
-            ``"hang_step"``, ``"hang_reset"`` (sleep forever), ``"bad_shape"``, ``"bad_dtype"`` (return a
-            wrong observation from ``step``), ``"nan_reward"`` (reward NaN on every step).
+            ``"hang_step"``, ``"hang_reset"`` (sleep forever), ``"slow_reset"`` (sleep `delay` seconds in
+            every reset), ``"bad_shape"``, ``"bad_dtype"`` (return a wrong observation from ``step``),
+            ``"nan_reward"`` (reward NaN on every step), ``"reward_shape"`` (a reward of shape (1,)).
+        delay: seconds of a slow reset.
+        infos: every step returns a non-empty info ``{"t": step in episode}``.
         at_step: the fault happens from this step on (step faults; 0 = the first step).
+        times: how many steps are faulty (None: every step from `at_step` on).
         episode_length: steps until ``terminated``.
         obs_dtype: dtype of the observation space.
     """
@@ -34,12 +38,15 @@ class FaultEnv(gymnasium.Env):
     metadata = {"render_modes": []}
 
     def __init__(self, index: int = 0, fault: str | None = None, at_step: int = 0, episode_length: int = 50,
-                 obs_dtype=np.float32):
+                 obs_dtype=np.float32, delay: float = 0.5, infos: bool = False, times: int | None = None):
         if fault == "init":
             raise EnvBoom(f"env {index} refuses to be built")
         self.index = index
         self.fault = fault
         self.at_step = at_step
+        self.times = times
+        self.delay = delay
+        self.infos = infos
         self.episode_length = episode_length
         self.observation_space = spaces.Box(0, 255, (4,), dtype=obs_dtype)
         self.action_space = spaces.Discrete(2)
@@ -55,16 +62,20 @@ class FaultEnv(gymnasium.Env):
             raise EnvBoom(f"env {self.index} fails to reset")
         if self.fault == "hang_reset":
             time.sleep(3600)
+        if self.fault == "slow_reset":
+            time.sleep(self.delay)
         self.t = 0
         return self._obs(), {}
 
     def step(self, action):
-        faulty = self.steps >= self.at_step
+        faulty = self.steps >= self.at_step and (self.times is None or self.steps < self.at_step + self.times)
         self.steps += 1
         self.t += 1
         if faulty:
             if self.fault == "step":
                 raise EnvBoom(f"env {self.index} fails at step {self.steps - 1}")
+            if self.fault == "reward_shape":
+                return self._obs(), np.array([1.0]), False, False, {}
             if self.fault == "step_oserror":
                 raise FileNotFoundError(2, "No such file or directory", "rom.bin")
             if self.fault == "hang_step":
@@ -74,7 +85,12 @@ class FaultEnv(gymnasium.Env):
             if self.fault == "bad_dtype":
                 return np.full(4, 0.5, np.float64), 1.0, False, False, {}
         reward = float("nan") if faulty and self.fault == "nan_reward" else 1.0
-        return self._obs(), reward, self.t >= self.episode_length, False, {}
+        return self._obs(), reward, self.t >= self.episode_length, False, {"t": self.t} if self.infos else {}
+
+    def slow_call(self, seconds: float) -> int:
+        """A method that takes a while (for killing a worker during `call`)."""
+        time.sleep(seconds)
+        return self.index
 
 
 def make_fault_env(index: int = 0, fault: str | None = None, **kwargs) -> FaultEnv:

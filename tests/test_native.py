@@ -1,7 +1,8 @@
 """The C core's row bookkeeping, driven through cffi against a plain Python model of it.
 
 Random sequences of send+step (commit), flush, take and release on one core; after every operation the
-row states, counters, FIFO order and the contents of taken rows must match the model.
+row states, counters, FIFO order and the contents of taken rows must match the model.  Then the env
+states: failures, returns, restarts in place, and a dead worker's envs rolled back by recover_worker.
 """
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from hypothesis import strategies as st
 from segvec._core import Geometry, Storage
 from segvec._native import ffi, lib
 
-FREE, FILLING, AWAITING, COMPLETE, TAKEN = (lib.SEGVEC_ROW_FREE, lib.SEGVEC_ROW_FILLING,
-                                             lib.SEGVEC_ROW_AWAITING_BOOTSTRAP, lib.SEGVEC_ROW_COMPLETE,
-                                             lib.SEGVEC_ROW_TAKEN)
+FREE, FILLING, AWAITING, COMPLETE, TAKEN, RESERVED = (
+    lib.SEGVEC_ROW_FREE, lib.SEGVEC_ROW_FILLING, lib.SEGVEC_ROW_AWAITING_BOOTSTRAP, lib.SEGVEC_ROW_COMPLETE,
+    lib.SEGVEC_ROW_TAKEN, lib.SEGVEC_ROW_RESERVED)
 POISON = np.float32(lib.SEGVEC_POISON_REWARD_MILLI / 1000)
 
 
@@ -29,7 +30,8 @@ def reward_code(env: int, step: int) -> float:
 
 
 class Model:
-    """What the core should hold: per row its state and contents, the two FIFOs, each env's cursor."""
+    """What the core should hold: per row its state and contents, the two FIFOs, each env's cursor and
+    spare row (reserved at the send of a row's last slot)."""
 
     def __init__(self, E: int, S: int, T: int):
         self.E, self.S, self.T = E, S, T
@@ -40,22 +42,28 @@ class Model:
         self.content: dict[int, dict] = {}
         self.env_row, self.env_step = {}, {}
         self.awaiting: dict[int, int | None] = {}
+        self.spare: dict[int, int | None] = {e: None for e in range(E)}
         self.steps_done = {e: 0 for e in range(E)}
         self.recycled = self.completed = self.taken_count = 0
         for e in range(E):
-            self.env_row[e] = self.allocate(e)
+            self.env_row[e] = self.start(e, self.reserve(e))
             self.env_step[e] = 0
             self.awaiting[e] = None
 
-    def can_allocate(self) -> bool:
-        return bool(self.free or self.complete)
+    def available(self) -> int:
+        return len(self.free) + len(self.complete)
 
-    def allocate(self, env: int) -> int:
+    def reserve(self, env: int) -> int:
         if self.free:
             row = self.free.pop(0)
         else:
             row = self.complete.pop(0)
             self.recycled += 1
+        self.state[row] = RESERVED
+        self.content.pop(row, None)
+        return row
+
+    def start(self, env: int, row: int) -> int:
         self.state[row] = FILLING
         self.content[row] = {"env": env, "start": self.steps_done[env], "rewards": [], "tail": None}
         return row
@@ -79,6 +87,7 @@ class Harness:
         self.snapshots: dict[int, tuple] = {}
         ids = i32(range(E))
         slots = np.empty(E, np.int64)
+        assert lib.segvec_begin_resets(self.core, E, ffi.from_buffer("int32_t[]", ids)) == 0
         assert lib.segvec_commit_resets(self.core, E, ffi.from_buffer("int32_t[]", ids),
                                         ffi.from_buffer("int64_t[]", slots, require_writable=True)) == 0
         np.testing.assert_array_equal(slots, np.arange(E) * (T + 1))  # env e starts in row e
@@ -102,15 +111,25 @@ class Harness:
         ids_ptr = ffi.from_buffer("int32_t[]", ids)
         values = np.asarray([0.5 + e for e in env_ids], np.float32)
         slots, starts = np.empty(n, np.int64), np.empty(n, np.uint8)
-        assert lib.segvec_prepare_send(core, n, ids_ptr, ffi.from_buffer("float[]", values), ffi.NULL, 7,
-                                       ffi.from_buffer("int64_t[]", slots, require_writable=True),
-                                       ffi.from_buffer("uint8_t[]", starts, require_writable=True)) == 0
+        status = lib.segvec_prepare_send(core, n, ids_ptr, ffi.from_buffer("float[]", values), ffi.NULL, 7,
+                                         ffi.from_buffer("int64_t[]", slots, require_writable=True),
+                                         ffi.from_buffer("uint8_t[]", starts, require_writable=True))
+        needs_spare = [e for e in env_ids if m.env_step[e] == self.T - 1 and m.spare[e] is None]
+        awaiting = sum(m.awaiting[e] is not None for e in env_ids)
+        if len(needs_spare) > m.available() + awaiting:
+            assert status == lib.SEGVEC_ERR_NO_FREE_ROW, "a send that needs rows nobody can give must fail"
+            assert (self.storage.env_state[ids] == lib.SEGVEC_ENV_HELD).all(), "and change nothing"
+            self.check()
+            return False
+        assert status == 0
         for i, e in enumerate(env_ids):
             assert slots[i] == m.env_row[e] * self.T + m.env_step[e]
             assert starts[i] == (m.env_step[e] == 0)
             if m.awaiting[e] is not None:
                 m.complete_row(m.awaiting[e], float(values[i]))
                 m.awaiting[e] = None
+        for e in needs_spare:
+            m.spare[e] = m.reserve(e)
         assert lib.segvec_dispatch(core, n, ids_ptr) == 0
         popped = np.empty(self.E, np.int32)
         count = ffi.new("int32_t *")
@@ -123,8 +142,7 @@ class Harness:
             outcomes[i].terminated = float(m.steps_done[e] % 3 == 0)
             outcomes[i].valid = float(valid[i])
         obs_slots, chain = np.empty(n, np.int64), np.empty(n, np.int64)
-        # the model, env by env in call order: a full row waits for its bootstrap, the env gets a new one
-        out_of_rows = False
+        # the model, env by env in call order: a full row waits for its bootstrap, the env moves to its spare
         expected_chain = []
         for i, e in enumerate(env_ids):
             row, t = m.env_row[e], m.env_step[e]
@@ -133,10 +151,8 @@ class Harness:
             if t + 1 == self.T:
                 m.state[row] = AWAITING
                 m.awaiting[e] = row
-                if not m.can_allocate():
-                    out_of_rows = True
-                    break
-                m.env_row[e], m.env_step[e] = m.allocate(e), 0
+                m.env_row[e], m.env_step[e] = m.start(e, m.spare[e]), 0
+                m.spare[e] = None
                 expected_chain.append(row * (self.T + 1) + self.T)
             else:
                 m.env_step[e] = t + 1
@@ -144,10 +160,7 @@ class Harness:
         status = lib.segvec_commit_steps(core, n, ids_ptr, outcomes,
                                          ffi.from_buffer("int64_t[]", obs_slots, require_writable=True),
                                          ffi.from_buffer("int64_t[]", chain, require_writable=True))
-        if out_of_rows:
-            assert status == lib.SEGVEC_ERR_NO_FREE_ROW
-            return False
-        assert status == 0
+        assert status == 0, "a worker's commit never fails (nor waits) once the send went through"
         np.testing.assert_array_equal(chain, expected_chain)
         for i, e in enumerate(env_ids):
             assert obs_slots[i] == m.env_row[e] * (self.T + 1) + m.env_step[e]
@@ -161,7 +174,16 @@ class Harness:
         ids = i32(env_ids)
         tails = np.asarray([100.0 + e for e in env_ids], np.float32)
         copy_from, copy_to = np.empty(n, np.int64), np.empty(n, np.int64)
-        out_of_rows = False
+        status = lib.segvec_flush_envs(self.core, n, ffi.from_buffer("int32_t[]", ids),
+                                       ffi.from_buffer("float[]", tails),
+                                       ffi.from_buffer("int64_t[]", copy_from, require_writable=True),
+                                       ffi.from_buffer("int64_t[]", copy_to, require_writable=True))
+        needed = sum(m.env_step[e] > 0 and m.spare[e] is None for e in env_ids)
+        if needed > m.available() + sum(m.awaiting[e] is not None for e in env_ids):
+            assert status == lib.SEGVEC_ERR_NO_FREE_ROW, "a flush that needs rows nobody can give must fail"
+            self.check()  # ... and change nothing
+            return False
+        assert status == 0
         expected = []
         for i, e in enumerate(env_ids):
             if m.awaiting[e] is not None:
@@ -172,19 +194,10 @@ class Harness:
                 expected.append((-1, -1))
                 continue
             m.complete_row(row, float(tails[i]))
-            if not m.can_allocate():
-                out_of_rows = True
-                break
-            m.env_row[e], m.env_step[e] = m.allocate(e), 0
+            fresh = m.spare[e] if m.spare[e] is not None else m.reserve(e)
+            m.spare[e] = None
+            m.env_row[e], m.env_step[e] = m.start(e, fresh), 0
             expected.append((row * (self.T + 1) + t, m.env_row[e] * (self.T + 1)))
-        status = lib.segvec_flush_envs(self.core, n, ffi.from_buffer("int32_t[]", ids),
-                                       ffi.from_buffer("float[]", tails),
-                                       ffi.from_buffer("int64_t[]", copy_from, require_writable=True),
-                                       ffi.from_buffer("int64_t[]", copy_to, require_writable=True))
-        if out_of_rows:
-            assert status == lib.SEGVEC_ERR_NO_FREE_ROW
-            return False
-        assert status == 0
         assert list(zip(copy_from.tolist(), copy_to.tolist())) == expected
         self.check()
         return True
@@ -233,15 +246,17 @@ class Harness:
         m, s = self.model, self.storage
         stats = s.stats()
         states = s.row_state.copy()
-        assert set(np.unique(states).tolist()) <= {FREE, FILLING, AWAITING, COMPLETE, TAKEN}
+        assert set(np.unique(states).tolist()) <= {FREE, FILLING, AWAITING, COMPLETE, TAKEN, RESERVED}
         assert states.tolist() == [m.state[r] for r in range(self.S)], "row states differ from the model"
-        counts = {k: int((states == k).sum()) for k in (FREE, FILLING, AWAITING, COMPLETE, TAKEN)}
+        counts = {k: int((states == k).sum()) for k in (FREE, FILLING, AWAITING, COMPLETE, TAKEN, RESERVED)}
         assert sum(counts.values()) == self.S
         assert counts[FREE] == len(m.free) == stats["free_rows"]
         assert counts[COMPLETE] == len(m.complete) == stats["complete_rows"]
         assert counts[FILLING] == self.E
         assert counts[AWAITING] == sum(r is not None for r in m.awaiting.values())
         assert counts[TAKEN] == len(m.taken)
+        assert counts[RESERVED] == sum(r is not None for r in m.spare.values())
+        assert all(s.row_env_id[r] == e for e, r in m.spare.items() if r is not None)
         assert stats["segments_recycled"] == m.recycled
         assert stats["segments_completed"] == m.completed
         assert stats["segments_taken"] == m.taken_count
@@ -316,12 +331,14 @@ def test_take_is_fifo_and_taken_rows_survive_recycling():
     h.release(taken)  # twice: the rows are free now
 
 
-def test_out_of_rows_is_reported():
+def test_out_of_rows_is_reported_by_the_send_that_needs_a_row():
     h = Harness(E=1, S=2, T=1)
     assert h.step([0], [True])  # row 0 waits for its bootstrap, row 1 fills
     assert h.flush([0])         # row 0 completes (row 1 has no step yet: kept)
     h.take(1)                   # the learner holds row 0
-    assert not h.step([0], [True]), "row 1 is full and no row is free or complete: the core must say so"
+    assert not h.step([0], [True]), "row 1's last slot needs a spare and none is free: the send must say so"
+    h.release(sorted(h.model.taken))
+    assert h.step([0], [True]), "after a release the same send goes through"
 
 
 def test_release_of_a_row_named_twice_fails_and_changes_nothing():
@@ -335,38 +352,3 @@ def test_release_of_a_row_named_twice_fails_and_changes_nothing():
     assert h.step([0], [True]) and h.step([0], [True])
 
 
-def test_a_worker_process_waits_for_a_row_instead_of_failing():
-    """Outside the learner's process, commit_steps waits (backpressure) until the learner releases a row."""
-    import os
-    import time
-
-    h = Harness(E=1, S=2, T=1)
-    assert h.step([0], [True])
-    assert h.flush([0])
-    h.take(1)  # the learner holds row 0; row 1 is the env's and the next step fills it
-    row = sorted(h.model.taken)[0]
-    ids = i32([0])
-    values = np.zeros(1, np.float32)
-    slots, starts = np.empty(1, np.int64), np.empty(1, np.uint8)
-    assert lib.segvec_prepare_send(h.core, 1, ffi.from_buffer("int32_t[]", ids), ffi.from_buffer("float[]", values),
-                                   ffi.NULL, 0, ffi.from_buffer("int64_t[]", slots, require_writable=True),
-                                   ffi.from_buffer("uint8_t[]", starts, require_writable=True)) == 0
-    pid = os.fork()
-    if pid == 0:  # a worker: commits the step that needs a new row
-        outcomes = ffi.new("segvec_outcome_t[]", 1)
-        outcomes[0].valid = 1.0
-        obs_slot, chain = np.empty(1, np.int64), np.empty(1, np.int64)
-        status = lib.segvec_commit_steps(h.core, 1, ffi.from_buffer("int32_t[]", ids), outcomes,
-                                         ffi.from_buffer("int64_t[]", obs_slot, require_writable=True),
-                                         ffi.from_buffer("int64_t[]", chain, require_writable=True))
-        os._exit(0 if status == 0 and obs_slot[0] == row * 2 else 1)
-    deadline = time.monotonic() + 5
-    while h.storage.stats()["starved_workers"] != 1 and time.monotonic() < deadline:
-        time.sleep(0.005)
-    assert h.storage.stats()["starved_workers"] == 1, "the worker waits for a row"
-    assert os.waitpid(pid, os.WNOHANG) == (0, 0), "it is still waiting"
-    assert lib.segvec_release(h.core, 1, ffi.from_buffer("int32_t[]", i32([row]))) == 0
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, "after the release it gets that row"
-    assert h.storage.stats()["starved_workers"] == 0
-    assert h.storage.row_state[row] == FILLING and h.storage.row_env_id[row] == 0

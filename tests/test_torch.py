@@ -13,7 +13,8 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import segvec  # noqa: E402
-from segvec.torch_utils import gae_numpy_clipped, gae_torch  # noqa: E402
+from segvec.advantages import gae_numpy_clipped  # noqa: E402
+from segvec.torch_utils import gae_torch  # noqa: E402
 
 
 def rollout(envs, steps, rng, **fields):

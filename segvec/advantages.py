@@ -1,0 +1,201 @@
+"""GAE over numpy arrays (the C kernel, and its clipped V-trace variant), and the input checks every GAE kernel,
+numpy or torch, runs before it computes anything: no array reaches C with a shape it does not expect.
+
+Semantics, shared by every kernel: ``delta[t] = reward[t] + gamma * next_value[t] - value[t]`` (``next_value``
+taken as 0 where terminated, even if NaN), ``A[t] = delta[t] + gamma * lam * A[t + 1]``, the recursion stopping
+at terminated or truncated steps and at ``t = length - 1``; steps past ``length`` or with ``mask`` False get
+advantage and return 0 and restart the recursion, so a NaN (an unknown bootstrap) reaches back to the previous
+stop and no further.  ``returns = advantages + value`` on real steps.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Callable
+
+import numpy as np
+
+from segvec._core import ffi, lib
+
+_KINDS = {"real": ("fiu", "a real-valued array"), "flag": ("biu", "a bool or integer array"),
+          "count": ("iu", "an integer array")}
+_FIELDS = {"reward": "real", "value": "real", "next_value": "real", "terminated": "flag", "truncated": "flag",
+           "mask": "flag", "length": "count"}
+
+
+def _number(name: str, value, wanted: str = "a real number") -> float:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"gae: {name} must be {wanted}, got {type(value).__name__}")
+    return float(value)
+
+
+def check_gae_inputs(batch, gamma, lam, rho_clip=None, c_clip=None, behaviour_logprob=None,
+                     target_logprob=None, asarray: Callable[[Any], Any] = np.asarray,
+                     kind: Callable[[Any], str] = lambda array: array.dtype.kind):
+    """Reads GAE's inputs from `batch` and checks their types, shapes and values.
+
+    Args:
+        batch: any object with attributes ``reward, value, next_value, terminated, truncated, mask`` of shape
+            ``(n, T)`` and ``length`` of shape ``(n,)`` (and ``logprob`` ``(n, T)`` when it is the behaviour
+            log-probability of a clipped GAE).
+        gamma, lam: discount and GAE lambda, finite real numbers.
+        rho_clip, c_clip: None or numbers > 0; given only with `target_logprob`.
+        behaviour_logprob, target_logprob: None or ``(n, T)``; `behaviour_logprob` only with `target_logprob`.
+        asarray: turns a field into an array (``np.asarray``, ``torch.as_tensor``).
+        kind: the numpy dtype kind character of such an array (``"b"``, ``"i"``, ``"u"``, ``"f"``, ...).
+
+    Returns:
+        ``(arrays, gamma, lam, rho_clip, c_clip)``: `arrays` maps every field name above (and, with
+        `target_logprob`, ``"target_logprob"`` and ``"behaviour_logprob"``) to what `asarray` made of it,
+        dtypes unchanged; the scalars as floats (clips None when not given).
+
+    Raises:
+        TypeError: `batch` lacks a field; a field is not an array of the right kind (real values for
+            ``reward, value, next_value`` and log-probabilities, bool or integer flags, integer ``length``);
+            a scalar is not a real number.
+        ValueError: ``reward`` is not ``(n, T)`` with ``T >= 1``; another step field is not exactly
+            ``reward``'s shape or ``length`` not ``(n,)`` (the message names the field, the shape got and the
+            shape expected); ``length`` is outside ``[0, T]``; `gamma` or `lam` is not finite; a clip is not
+            > 0; a clip or `behaviour_logprob` is given without `target_logprob`.
+    """
+    gamma, lam = _number("gamma", gamma), _number("lam", lam)
+    for name, value in (("gamma", gamma), ("lam", lam)):
+        if not math.isfinite(value):
+            raise ValueError(f"gae: {name} must be finite, got {value}")
+    rho_clip, c_clip = (None if clip is None else _number(name, clip, "None or a real number")
+                        for name, clip in (("rho_clip", rho_clip), ("c_clip", c_clip)))
+    for name, clip in (("rho_clip", rho_clip), ("c_clip", c_clip)):
+        if clip is not None and not clip > 0:
+            raise ValueError(f"gae: {name} must be None or a number > 0, got {clip}")
+    entries = [(name, kind_name, name) for name, kind_name in _FIELDS.items()]  # (key, kind, field name)
+    given = {}
+    if target_logprob is None:
+        for name, value in (("rho_clip", rho_clip), ("c_clip", c_clip), ("behaviour_logprob", behaviour_logprob)):
+            if value is not None:
+                raise ValueError(f"gae: {name} needs target_logprob (it weighs a clipped GAE)")
+    else:
+        behaviour_name = "logprob" if behaviour_logprob is None else "behaviour_logprob"
+        entries += [("target_logprob", "real", "target_logprob"), ("behaviour_logprob", "real", behaviour_name)]
+        given = {"target_logprob": target_logprob, "behaviour_logprob": behaviour_logprob}
+    arrays, shape = {}, None
+    for key, kind_name, name in entries:
+        value = given.get(key)
+        if value is None:
+            if not hasattr(batch, name):
+                raise TypeError(f"gae: batch has no field {name!r}")
+            value = getattr(batch, name)
+        kinds, description = _KINDS[kind_name]
+        try:
+            array = asarray(value)
+            array_kind = kind(array)
+        except (TypeError, ValueError, RuntimeError) as error:
+            got = getattr(value, "dtype", type(value).__name__)
+            raise TypeError(f"gae: {name} must be {description}, got {got} ({error})") from error
+        if array_kind not in kinds:
+            raise TypeError(f"gae: {name} must be {description}, got {array.dtype}")
+        got = tuple(array.shape)
+        if shape is None:
+            if len(got) != 2 or got[1] < 1:
+                wanted = "(n, T) with T >= 1" if len(got) == 2 else "(n, T)"
+                raise ValueError(f"gae: reward has shape {got}, expected {wanted}")
+            shape = got
+        expected = shape[:1] if key == "length" else shape
+        if got != expected:
+            raise ValueError(f"gae: {name} has shape {got}, expected {expected}"
+                             + ("" if key == "length" else " (the shape of reward)"))
+        arrays[key] = array
+    length, T = arrays["length"], shape[1]
+    if shape[0]:
+        for bound in (int(length.min()), int(length.max())):
+            if not 0 <= bound <= T:
+                raise ValueError(f"gae: length must lie in [0, T={T}], got {bound}")
+    return arrays, gamma, lam, rho_clip, c_clip
+
+
+def gae_numpy(batch, gamma: float, lam: float, rho_clip: float | None = None, c_clip: float | None = None,
+              behaviour_logprob=None, target_logprob=None):
+    """GAE of a numpy batch by the C kernel (by `gae_numpy_clipped` when `target_logprob` is given).
+
+    Args:
+        batch: a `SegmentBatch`, or any object with numpy-convertible ``reward, value, next_value,
+            terminated, truncated, mask`` ``(n, T)`` and ``length`` ``(n,)``.
+        gamma, lam: discount and GAE lambda.
+        rho_clip, c_clip, behaviour_logprob, target_logprob: as `gae_numpy_clipped`.
+
+    Returns:
+        ``(advantages, returns)``, each ``(n, T)`` float32.
+
+    Raises:
+        TypeError, ValueError: as `check_gae_inputs`.
+
+    Example:
+        >>> import types
+        >>> ones, no = np.ones((1, 3), np.float32), np.zeros((1, 3), bool)
+        >>> batch = types.SimpleNamespace(reward=ones, value=0 * ones, next_value=0 * ones, terminated=no,
+        ...                               truncated=no, mask=~no, length=np.array([3]))
+        >>> gae_numpy(batch, gamma=0.5, lam=1.0)[0]
+        array([[1.75, 1.5 , 1.  ]], dtype=float32)
+    """
+    if target_logprob is not None:
+        return gae_numpy_clipped(batch, gamma, lam, rho_clip, c_clip, behaviour_logprob, target_logprob)
+    x, gamma, lam, _, _ = check_gae_inputs(batch, gamma, lam, rho_clip, c_clip, behaviour_logprob)
+    real = {name: np.ascontiguousarray(x[name], np.float32) for name in ("reward", "value", "next_value")}
+    flag = {name: np.ascontiguousarray(x[name], bool).view(np.uint8) for name in ("terminated", "truncated", "mask")}
+    length = np.ascontiguousarray(x["length"], np.int32)
+    n, T = real["reward"].shape
+    advantages, returns = np.empty((n, T), np.float32), np.empty((n, T), np.float32)
+    status = lib.segvec_gae(
+        n, T, *(ffi.from_buffer("float[]", real[name]) for name in ("reward", "value", "next_value")),
+        *(ffi.from_buffer("uint8_t[]", flag[name]) for name in ("terminated", "truncated", "mask")),
+        ffi.from_buffer("int32_t[]", length), gamma, lam,
+        ffi.from_buffer("float[]", advantages, require_writable=True),
+        ffi.from_buffer("float[]", returns, require_writable=True))
+    if status != 0:
+        raise ValueError(f"gae: the kernel refused a batch of shape {(n, T)} (status {status})")
+    return advantages, returns
+
+
+def gae_numpy_clipped(batch, gamma: float, lam: float, rho_clip: float | None = None,
+                      c_clip: float | None = None, behaviour_logprob=None, target_logprob=None):
+    """Clipped (V-trace style) GAE of a numpy batch, vectorized across rows (a loop over T only).
+
+    ``rho[t] = min(rho_clip, pi/mu)`` weighs ``delta[t]`` and ``c[t] = min(c_clip, pi/mu)`` the recursion:
+    ``A[t] = rho[t] * delta[t] + gamma * lam * c[t] * A[t + 1]`` (stops and masks as in the module
+    docstring), ``pi`` from `target_logprob`, ``mu`` from `behaviour_logprob` (default ``batch.logprob``).
+    Without `target_logprob` the weights are 1: plain GAE.
+
+    Args:
+        batch: as `gae_numpy`.
+        gamma, lam: discount and GAE lambda.
+        rho_clip, c_clip: clips of the importance ratio (None: no clip).
+        behaviour_logprob, target_logprob: ``(n, T)`` log-probabilities of the taken actions.
+
+    Returns:
+        ``(advantages, returns)``, each ``(n, T)`` float32.
+
+    Raises:
+        TypeError, ValueError: as `check_gae_inputs`.
+    """
+    x, gamma, lam, rho_clip, c_clip = check_gae_inputs(batch, gamma, lam, rho_clip, c_clip, behaviour_logprob,
+                                                       target_logprob)
+    f32 = np.float32
+    reward, value, next_value = (np.asarray(x[name], f32) for name in ("reward", "value", "next_value"))
+    terminated, truncated, mask = (np.asarray(x[name], bool) for name in ("terminated", "truncated", "mask"))
+    n, T = reward.shape
+    steps = np.arange(T)
+    length = np.asarray(x["length"], np.int64)[:, None]
+    valid = mask & (steps < length)
+    carries = valid & ~(terminated | truncated | (steps == length - 1))
+    delta = reward + f32(gamma) * np.where(terminated, f32(0), next_value) - value
+    carry = np.full((n, T), f32(gamma) * f32(lam), f32)
+    if target_logprob is not None:
+        ratio = np.exp(np.asarray(x["target_logprob"], f32) - np.asarray(x["behaviour_logprob"], f32))
+        delta = delta * (ratio if rho_clip is None else np.minimum(ratio, f32(rho_clip)))
+        carry = carry * (ratio if c_clip is None else np.minimum(ratio, f32(c_clip)))
+    delta = np.where(valid, delta, f32(0))
+    advantages = np.zeros((n, T), f32)
+    running = np.zeros(n, f32)
+    for t in range(T - 1, -1, -1):
+        running = np.where(carries[:, t], delta[:, t] + carry[:, t] * running, delta[:, t])
+        advantages[:, t] = running
+    return advantages, np.where(valid, advantages + value, f32(0))
