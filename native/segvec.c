@@ -102,6 +102,7 @@ typedef struct {
     atomic_int_fast64_t restarts;
     atomic_int_fast64_t complete_rows;
     atomic_int_fast64_t free_rows;
+    atomic_int_fast64_t taken_rows;
     atomic_int_fast64_t rolled_back;
     atomic_uint_fast64_t episode_ticket;
 } shared_t;
@@ -330,6 +331,16 @@ static int64_t rows_available_locked(const segvec_core_t *c) {
     return (sh->free_tail - sh->free_head) + (sh->complete_tail - sh->complete_head);
 }
 
+/* Can `needed` new rows be had by a call that also completes `completing` rows?  Rows free or complete
+ * before the call come first.  Rows the call itself completes are recycled only as a last resort and only
+ * when the learner holds no taken row (a learner that never takes never blocks the envs); while it holds
+ * rows it is told to release them instead of losing rows it had no chance to take. */
+static int rows_obtainable_locked(const segvec_core_t *c, int64_t needed, int64_t completing) {
+    int64_t available = rows_available_locked(c);
+    if (needed <= available) return 1;
+    return atomic_load(&c->shared->taken_rows) == 0 && needed <= available + completing;
+}
+
 /* A row for env `env`, RESERVED with fresh contents: the oldest free row, else the oldest complete row
  * nobody took (recycled).  Callers check rows_available_locked first. */
 static int32_t reserve_row_locked(segvec_core_t *c, int32_t env) {
@@ -461,6 +472,7 @@ int segvec_read_stats(segvec_core_t *core, segvec_stats_t *out) {
     out->restarts = atomic_load(&sh->restarts);
     out->complete_rows = atomic_load(&sh->complete_rows);
     out->free_rows = atomic_load(&sh->free_rows);
+    out->taken_rows = atomic_load(&sh->taken_rows);
     out->rolled_back = atomic_load(&sh->rolled_back);
     return SEGVEC_OK;
 }
@@ -650,10 +662,17 @@ int segvec_prepare_send(segvec_core_t *c, int32_t n, const int32_t *env_ids, con
     int locked = spares_needed || awaiting;
     if (locked) {
         pool_lock(c);
-        if (spares_needed > rows_available_locked(c) + awaiting) {
+        if (!rows_obtainable_locked(c, spares_needed, awaiting)) {
             pool_unlock(c);
             for (int32_t i = 0; i < n; ++i) set_env_state(c, env_ids[i], SEGVEC_ENV_HELD);
             return SEGVEC_ERR_NO_FREE_ROW;
+        }
+        if (spares_needed <= rows_available_locked(c)) { /* spares first: the rows this send completes stay */
+            for (int32_t i = 0; i < n; ++i) {
+                int32_t e = env_ids[i];
+                if (c->env_step[e] == c->T - 1 && c->env_spare[e] < 0) c->env_spare[e] = reserve_row_locked(c, e);
+            }
+            spares_needed = 0;
         }
     }
     for (int32_t i = 0; i < n; ++i) {
@@ -793,10 +812,15 @@ int segvec_flush_envs(segvec_core_t *c, int32_t n, const int32_t *env_ids, const
         awaiting += c->awaiting_row[e] >= 0;
     }
     pool_lock(c);
-    if (needed > rows_available_locked(c) + awaiting) {
+    if (!rows_obtainable_locked(c, needed, awaiting + needed)) {
         pool_unlock(c);
         return SEGVEC_ERR_NO_FREE_ROW;
     }
+    if (needed <= rows_available_locked(c)) /* new rows first: the rows this flush closes stay */
+        for (int32_t i = 0; i < n; ++i) {
+            int32_t e = env_ids[i];
+            if (c->env_step[e] > 0 && c->env_spare[e] < 0) c->env_spare[e] = reserve_row_locked(c, e);
+        }
     for (int32_t i = 0; i < n; ++i) {
         int32_t e = env_ids[i];
         float tail = tail_values ? tail_values[i] : c->value[(int64_t)c->env_row[e] * c->T + c->env_step[e]];
@@ -879,6 +903,7 @@ int segvec_take(segvec_core_t *c, int32_t n, int32_t *rows_out) {
     }
     atomic_fetch_sub(&sh->complete_rows, n);
     atomic_fetch_add(&sh->segments_taken, n);
+    atomic_fetch_add(&sh->taken_rows, n);
     pool_unlock(c);
     return SEGVEC_OK;
 }
@@ -894,6 +919,7 @@ int segvec_release(segvec_core_t *c, int32_t n, const int32_t *rows) {
         c->row_state[rows[i]] = SEGVEC_ROW_FREE; /* so a row named twice fails its second check */
     }
     for (int32_t i = 0; i < n; ++i) free_row_locked(c, rows[i]);
+    atomic_fetch_sub(&c->shared->taken_rows, n);
     pool_unlock(c);
     return SEGVEC_OK;
 }
@@ -1094,7 +1120,9 @@ int segvec_restart_env(segvec_core_t *c, int32_t e, int64_t *obs_slot_out) {
     if (!valid_env(c, e) || atomic_load_explicit(&c->env_state[e], memory_order_relaxed) != SEGVEC_ENV_IN_FLIGHT)
         return SEGVEC_ERR_NOT_HELD;
     int64_t slot = (int64_t)c->env_row[e] * c->T + c->env_step[e];
-    if (c->env_step[e] > 0 && c->mask[slot - 1] && !c->terminated[slot - 1]) {
+    /* The observation at slot t continues the transition at t - 1 unless it already starts an episode
+     * (an autoreset, or an earlier restart at this same slot, whose cut stands). */
+    if (c->env_step[e] > 0 && !c->episode_start[slot] && c->mask[slot - 1] && !c->terminated[slot - 1]) {
         c->truncated[slot - 1] = 1;
         c->truncation_value[slot - 1] = c->value[slot];
     }

@@ -30,8 +30,10 @@
  * slot of its row, the learner reserves the env's next row first (a spare), and the worker that fills the
  * row moves the env's cursor onto that spare.  A worker that dies, at any instruction, therefore leaves
  * nothing locked; the learner rolls its envs back to the slot they were sent at (see
- * segvec_recover_worker) and a replacement restarts them.  A send that needs spare rows when every row is
- * held by the learner fails (SEGVEC_ERR_NO_FREE_ROW) before it changes anything.
+ * segvec_recover_worker) and a replacement restarts them.  New rows come from the free FIFO, else the
+ * oldest complete row nobody took is recycled; a row completed by the same call is recycled only when the
+ * learner holds no taken row.  A send (or flush) that needs rows the learner holds fails
+ * (SEGVEC_ERR_NO_FREE_ROW) before it changes anything: release, then send again.
  *
  * A row's life:  FREE -> RESERVED -> FILLING -> AWAITING_BOOTSTRAP -> COMPLETE -> TAKEN -> FREE
  *   - RESERVED: the spare of an env that is about to fill its current row.
@@ -167,6 +169,7 @@ typedef struct segvec_stats {
     int64_t restarts;             /* envs rebuilt after a failure (restart_failed_envs) */
     int64_t complete_rows;        /* rows COMPLETE now (segments_ready) */
     int64_t free_rows;            /* rows FREE now */
+    int64_t taken_rows;           /* rows TAKEN now (held by the learner) */
     int64_t rolled_back;          /* steps of dead workers undone by segvec_recover_worker */
 } segvec_stats_t;
 
@@ -279,7 +282,8 @@ int segvec_commit_steps(segvec_core_t *core, int32_t n, const int32_t *env_ids, 
 int segvec_commit_resets(segvec_core_t *core, int32_t n, const int32_t *env_ids, int64_t *obs_slot_out);
 /* A rebuilt env (restart_failed_envs) starts a new episode at its cursor slot t, in the same row: the
  * transition before it (slot t - 1, when it is a real one in this row and not terminated) becomes
- * truncated with the value already sent for slot t as its truncation value; slot t gets episode_start
+ * truncated with the value already sent for slot t as its truncation value (unless slot t already starts
+ * an episode: an autoreset, or an earlier restart here, whose cut stands); slot t gets episode_start
  * and its value is cleared (the learner sends the value of the new observation).  The learner sees the
  * env with truncated = 1.  `obs_slot_out` is where the new observation goes.  The env is IN_FLIGHT. */
 int segvec_restart_env(segvec_core_t *core, int32_t env_id, int64_t *obs_slot_out);

@@ -368,7 +368,7 @@ class Storage:
         check(lib.segvec_read_stats(self.core, out))
         return {name: int(getattr(out, name)) for name in (
             "steps", "episodes", "segments_completed", "segments_recycled", "segments_taken", "nan_rewards",
-            "episodes_written", "restarts", "complete_rows", "free_rows", "rolled_back")}
+            "episodes_written", "restarts", "complete_rows", "free_rows", "taken_rows", "rolled_back")}
 
     def count_envs(self, state_mask: int) -> int:
         """Number of envs whose state bit ``1 << state`` is in `state_mask` (a snapshot)."""

@@ -10,6 +10,7 @@ timeout; a watchdog (faulthandler) dumps every thread's stack and exits if any t
 from __future__ import annotations
 
 import contextlib
+import errno
 import faulthandler
 import gc
 import json
@@ -624,3 +625,185 @@ def test_nothing_is_unpickled_from_shared_memory():
     arrays += list(storage.step_fields.values()) + list(storage.segment_fields.values())
     assert arrays and not any(a.dtype.hasobject for a in arrays)
     closed_twice(envs)
+
+
+# ---- reliability round 2 ---------------------------------------------------------------------------
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("face", ["step", "recv"])
+def test_after_an_env_error_the_learner_resets_and_goes_on(backend, face):
+    """Round 2, defect 3: after an EnvError nothing hangs (the other envs' infos included): a second wait
+    answers at once, a send to the failed env says to reset it, and reset() brings every env back."""
+    envs = make(fault_fns(NUM_ENVS, "step", target=1, at_step=2, times=1, infos=True), backend)
+    start = time.monotonic()
+    if face == "step":
+        envs.reset(seed=0)
+        with pytest.raises(segvec.EnvError) as info:
+            for _ in range(5):
+                envs.step(zeros())
+        with pytest.raises(segvec.NoAsyncCallError):
+            envs.step_wait(timeout=3)  # the failed step is over
+        with pytest.raises(segvec.NotReceivedError, match=r"envs \[1\] failed.*reset"):
+            envs.step(zeros())
+    else:
+        envs.async_reset(seed=0)
+        with pytest.raises(segvec.EnvError) as info:
+            for _ in range(5):
+                *_, infos = envs.recv(timeout=3)
+                envs.send(zeros(len(infos["env_id"])), infos["env_id"])
+        *_, infos = envs.recv(timeout=3)  # the others landed, with their infos
+        assert sorted(infos["env_id"].tolist()) == [0, 2, 3] and infos["_t"].all()
+        with pytest.raises(segvec.NotReceivedError, match="reset"):
+            envs.send(zeros(1), [1])
+        envs.send(zeros(3), infos["env_id"])
+    assert info.value.env_index == 1
+    obs, _ = envs.reset(seed=1)
+    assert obs[:, 0].tolist() == [0.0, 1.0, 2.0, 3.0]
+    for _ in range(3):
+        _, rewards, *_ = envs.step(zeros())
+        assert rewards.tolist() == [1.0] * NUM_ENVS
+    assert time.monotonic() - start < 10
+    closed_twice(envs)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_bad_learner_field_changes_nothing(backend):
+    """Round 2, defect 4: a step field of the wrong shape raises before the core changes anything; the same
+    envs step and reset afterwards, on both faces."""
+    envs = make(fault_fns(NUM_ENVS), backend, step_fields={"h": ((3,), np.float32)},
+                segment_fields={"s": ((2,), np.float32)})
+    envs.reset(seed=0)
+    good = dict(h=np.zeros((NUM_ENVS, 3), np.float32), s=np.zeros((NUM_ENVS, 2), np.float32))
+    for bad in (dict(good, h=np.zeros((NUM_ENVS, 4), np.float32)), dict(good, s=np.zeros((3, 2), np.float32)),
+                dict(good, h=np.full((NUM_ENVS, 3), "x"))):
+        with pytest.raises((ValueError, TypeError), match="field"):
+            envs.step(zeros(), **bad)
+        envs.step(zeros(), **good)
+    envs.reset(seed=1)
+    envs.async_reset(seed=2)
+    *_, infos = envs.recv(timeout=5)
+    with pytest.raises(ValueError, match="field 'h'"):
+        envs.send(zeros(), infos["env_id"], h=np.zeros((NUM_ENVS, 5), np.float32), s=good["s"])
+    envs.send(zeros(), infos["env_id"], **good)
+    envs.recv(timeout=5)
+    closed_twice(envs)
+
+
+@pytest.mark.timeout(30)
+def test_ctrl_c_inside_a_serial_env_step_then_reset_goes_on():
+    """Round 2, defect 5 (serial): Ctrl-C inside env.step; the envs after it in the batch are handed back,
+    the interrupted one is reset by reset(), and stepping goes on (no phantom envs in flight)."""
+    envs = make(fault_fns(NUM_ENVS, "hang_step", target=2, at_step=1, times=1), "serial")
+    envs.reset(seed=0)
+    envs.step(zeros())
+    with sigint_after(0.3), pytest.raises(KeyboardInterrupt):
+        envs.step(zeros())
+    from segvec._native import lib
+    # envs 0, 1 stepped (landed), env 2 was interrupted, env 3 never stepped: handed back, nothing in flight
+    assert envs._storage.env_state.tolist() == [lib.SEGVEC_ENV_READY] * 2 + [lib.SEGVEC_ENV_FAILED,
+                                                                             lib.SEGVEC_ENV_HELD]
+    with pytest.raises(segvec.NotReceivedError, match=r"\[2\] failed"):
+        envs.step(zeros())
+    envs.reset(seed=1)
+    for _ in range(3):
+        envs.step(zeros())
+    closed_twice(envs)
+
+
+@pytest.mark.timeout(30)
+def test_reset_after_a_reset_wait_timeout_goes_on():
+    """Round 2, defect 5 (multiprocessing) and the retried reset: after reset_wait times out, the next
+    reset() waits for the slow reset to land (never flushing an env its worker still writes), then resets
+    again; steps and segments go on consistently."""
+    envs = make(fault_fns(NUM_ENVS, "slow_reset", target=0, delay=0.5), "multiprocessing", horizon=4)
+    envs.reset_async(seed=0)
+    with pytest.raises(multiprocessing.TimeoutError):
+        envs.reset_wait(timeout=0.05)
+    start = time.monotonic()
+    obs, _ = envs.reset(seed=10)
+    assert 0.4 < time.monotonic() - start < 5
+    assert envs.get_attr("np_random_seed") == (10, 11, 12, 13)
+    for _ in range(6):
+        envs.step(zeros())
+    envs.flush()
+    with envs.take_segments() as batch:
+        steps = {e: int(batch.mask[batch.env_id == e].sum()) for e in range(NUM_ENVS)}
+        assert steps == {e: 6 for e in range(NUM_ENVS)}
+        for e in range(NUM_ENVS):
+            starts = np.sort(batch.start_step[batch.env_id == e])
+            lengths = batch.length[batch.env_id == e][np.argsort(batch.start_step[batch.env_id == e])]
+            assert (starts[1:] == (starts + lengths)[:-1]).all()
+    closed_twice(envs)
+
+
+@pytest.mark.timeout(30)
+def test_get_attr_while_the_learner_holds_every_row():
+    """Round 2, defect 7: the learner holds every row the envs could move to; call/get_attr still answer
+    at once (no worker waits for a row), and after a release the envs go on."""
+    envs = make(fault_fns(NUM_ENVS), "multiprocessing", horizon=2, num_segments=2 * NUM_ENVS)
+    envs.async_reset(seed=0)
+    held = []
+    with pytest.raises(segvec.SegmentBufferExhausted, match="release"):
+        for _ in range(50):
+            *_, infos = envs.recv(timeout=5)
+            envs.send(zeros(len(infos["env_id"])), infos["env_id"])
+            if envs.segments_ready:
+                held.append(envs.take_segments())
+    start = time.monotonic()
+    assert envs.get_attr("index") == (0, 1, 2, 3)
+    envs.set_attr("at_step", 0)
+    assert time.monotonic() - start < 3
+    for batch in held:
+        batch.release()
+    envs.send(zeros(len(infos["env_id"])), infos["env_id"])
+    envs.recv(timeout=5)
+    closed_twice(envs)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("restart", [False, True])
+def test_a_reward_that_is_not_a_number_is_that_envs_error(backend, restart):
+    """Round 2, defect 9: a reward of shape (1,) is env 1's EnvError (or restart), not the worker's death
+    nor envs left in flight; the other envs go on."""
+    envs = make(fault_fns(NUM_ENVS, "reward_shape", target=1, at_step=1, times=1), backend,
+                restart_failed_envs=restart)
+    envs.reset(seed=0)
+    envs.step(zeros())
+    if restart:
+        _, rewards, _, truncated, info = envs.step(zeros())
+        assert truncated.tolist() == [False, True, False, False] and info["_env_restarted"][1]
+        assert "reward" in info["env_error"][1]
+    else:
+        with pytest.raises(segvec.EnvError, match="reward of type ndarray and shape \\(1,\\)") as info:
+            envs.step(zeros())
+        assert info.value.env_index == 1 and isinstance(info.value, ValueError)
+        envs.reset(seed=1)
+    _, rewards, *_ = envs.step(zeros())
+    assert rewards.tolist() == [1.0] * NUM_ENVS
+    closed_twice(envs)
+
+
+def test_too_little_shared_memory_is_a_clear_error_at_construction(leftovers):
+    """Round 2 (suspected): a block larger than /dev/shm has room for fails at construction, naming the
+    size and /dev/shm, instead of a worker dying of SIGBUS later."""
+    from gymnasium import spaces
+
+    from segvec._core import SHM_DIR
+
+    free = os.statvfs(SHM_DIR).f_bavail * os.statvfs(SHM_DIR).f_frsize
+    space = spaces.Box(0, 255, (1024, 1024), np.uint8)  # 1 MiB observations, 2 per row
+    rows = int(free // 2 ** 21) + 64
+    with pytest.raises(OSError, match=r"MiB of shared memory in /dev/shm") as info:
+        segvec.SegmentVecEnv([lambda: FaultEnvWith(space)] * 2, backend="multiprocessing", num_workers=1,
+                             horizon=1, num_segments=rows)
+    assert info.value.errno == errno.ENOSPC
+
+
+class FaultEnvWith(FaultEnv):
+    """A FaultEnv with another observation space (its observations are never built)."""
+
+    def __init__(self, space):
+        super().__init__(0)
+        self.observation_space = space

@@ -1,7 +1,12 @@
 """restart_failed_envs: a failing env (or a dead worker's envs) is rebuilt and training goes on, with no
-transition from before the failure lost or duplicated and the affected rows closed as truncated."""
+transition lost or duplicated: each restart cuts its episode as a truncation bootstrapped by the value
+already sent.  Also the worker deaths of reliability round 2: a worker killed while the learner holds every
+row, during a reset, during a call, and a storm of kills (checked against each env's own step counter).
+"""
 import os
+import random
 import signal
+import threading
 import time
 
 import gymnasium as gym
@@ -15,7 +20,10 @@ BACKENDS = ["serial", "multiprocessing"]
 
 
 class CountingEnv(gym.Env):
-    """obs = [env_index, build, episode, step]; raises in step when its step counter hits `fail_at`."""
+    """obs = [env_index, build, episode, step]; raises in step every `fail_every` steps.
+
+    `build` is unique to each construction, in any process: ``pid * 1000 + constructions in that process``.
+    """
 
     observation_space = spaces.Box(-1e9, 1e9, (4,), np.float64)
     action_space = spaces.Discrete(3)
@@ -26,8 +34,9 @@ class CountingEnv(gym.Env):
         self.env_index = env_index
         self.fail_every = fail_every
         self.episode_length = episode_length
-        self.build = CountingEnv.builds.get(env_index, 0)
-        CountingEnv.builds[env_index] = self.build + 1
+        count = CountingEnv.builds.get((os.getpid(), env_index), 0)
+        CountingEnv.builds[(os.getpid(), env_index)] = count + 1
+        self.build = os.getpid() * 1000 + count
         self.episode = -1
         self.t = 0
         self.total = 0
@@ -53,6 +62,57 @@ def factory(env_index, fail_every):
     return lambda: CountingEnv(env_index, fail_every)
 
 
+def _rows_of(batch):
+    out = []
+    for i in range(len(batch)):
+        n = int(batch.length[i])
+        out.append(dict(env=int(batch.env_id[i]), start=int(batch.start_step[i]), length=n,
+                        obs=batch.obs[i, :n + 1].copy(), action=batch.action[i, :n].copy(),
+                        reward=batch.reward[i, :n].copy(), terminated=batch.terminated[i, :n].copy(),
+                        truncated=batch.truncated[i, :n].copy(), mask=batch.mask[i, :n].copy(),
+                        next_value=batch.next_value[i, :n].copy(), value=batch.value[i, :n].copy()))
+    return out
+
+
+def assert_exactly_once(rows, num_envs, current_obs, value_is_step=True) -> int:
+    """Checks taken rows against each env's own counters in its observations; returns the restarts seen.
+
+    `current_obs[env]` is the env's observation now (after the last row): a restart in the slot after the
+    last row shows only there.
+
+    Per env: rows chain without gap or overlap (`start_step`); every real transition appears once and moves
+    one step forward inside one build and episode, except where a restart cut the episode: then it is
+    truncated and (with values sent as the step counter) bootstrapped by the value sent for the observation
+    the env failed on, one past its own; or it terminated, and the bootstrap is 0.
+    """
+    restarts = 0
+    for env in range(num_envs):
+        mine = sorted((r for r in rows if r["env"] == env), key=lambda r: r["start"])
+        for a, b in zip(mine, mine[1:]):
+            assert b["start"] == a["start"] + a["length"], f"env {env}: rows overlap or leave a gap"
+        seen = set()
+        for r in mine:
+            for t in range(r["length"]):
+                before, after = tuple(r["obs"][t]), tuple(r["obs"][t + 1])
+                restarts += after[1] != before[1]
+                if not r["mask"][t]:
+                    continue
+                assert before not in seen, f"env {env}: the transition from {before} appears twice"
+                seen.add(before)
+                if after[1] != before[1]:
+                    if not r["terminated"][t]:
+                        assert r["truncated"][t], f"env {env}: a restart inside a row must truncate {before}"
+                        if value_is_step:
+                            assert r["next_value"][t] == before[3] + 1
+                else:
+                    assert after[2] == before[2] and after[3] == before[3] + 1, (env, before, after)
+        # a restart at a row's first slot falls between rows: that row's obs[0] starts the new build
+        restarts += sum(1 for a, b in zip(mine, mine[1:]) if b["obs"][0][1] != a["obs"][a["length"]][1])
+        if mine:
+            restarts += current_obs[env][1] != mine[-1]["obs"][mine[-1]["length"]][1]
+    return int(restarts)
+
+
 def collect(envs, rounds):
     """Steps `rounds` times with action = step % 3, takes every segment; returns rows and restart count."""
     rows = []
@@ -70,19 +130,7 @@ def collect(envs, rounds):
     envs.flush()
     with envs.take_segments() as batch:
         rows.extend(_rows_of(batch))
-    return rows, restarts_seen
-
-
-def _rows_of(batch):
-    out = []
-    for i in range(len(batch)):
-        n = int(batch.length[i])
-        out.append(dict(env=int(batch.env_id[i]), start=int(batch.start_step[i]), length=n,
-                        obs=batch.obs[i, :n + 1].copy(), action=batch.action[i, :n].copy(),
-                        reward=batch.reward[i, :n].copy(), terminated=batch.terminated[i, :n].copy(),
-                        truncated=batch.truncated[i, :n].copy(), mask=batch.mask[i, :n].copy(),
-                        next_value=batch.next_value[i, :n].copy(), value=batch.value[i, :n].copy()))
-    return out
+    return rows, restarts_seen, obs
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -92,35 +140,12 @@ def test_failing_env_is_rebuilt_and_nothing_is_lost(backend):
                                 num_workers=None if backend == "serial" else 2, horizon=5,
                                 num_segments=64, restart_failed_envs=True)
     try:
-        rows, restarts_seen = collect(envs, rounds=60)
+        rows, restarts_seen, current_obs = collect(envs, rounds=60)
         stats = envs.stats()
     finally:
         envs.close()
     assert stats["restarts"] == restarts_seen > 0
-    for env in range(num_envs):
-        mine = sorted((r for r in rows if r["env"] == env), key=lambda r: r["start"])
-        # rows of an env chain without gaps
-        for a, b in zip(mine, mine[1:]):
-            assert b["start"] == a["start"] + a["length"]
-        transitions = [(tuple(r["obs"][t]), tuple(r["obs"][t + 1]), bool(r["truncated"][t]),
-                        float(r["next_value"][t])) for r in mine for t in range(r["length"]) if r["mask"][t]]
-        # every real transition moves one step forward inside one build and episode, exactly once; a
-        # restart inside a row cuts the episode: truncated, bootstrapped by the value sent for the
-        # observation the env failed on (its step counter, one past `before`)
-        seen = set()
-        cuts = 0
-        for before, after, truncated, next_value in transitions:
-            assert before not in seen, "a transition appears twice"
-            seen.add(before)
-            if after[1] != before[1]:
-                assert truncated and next_value == before[3] + 1
-                cuts += 1
-            else:
-                assert after[:3] == before[:3] and after[3] == before[3] + 1
-        # a restart at a row's first slot falls between rows: that row's obs[0] starts the new build
-        at_row_start = sum(1 for a, b in zip(mine, mine[1:]) if b["length"] and b["obs"][0][1] != a["obs"][a["length"]][1])
-        builds = {int(r["obs"][t][1]) for r in mine for t in range(r["length"] + 1)}
-        assert cuts + at_row_start == len(builds) - 1 >= 1
+    assert assert_exactly_once(rows, num_envs, current_obs) == restarts_seen
 
 
 def test_dead_worker_is_replaced_and_its_envs_restart():
@@ -128,6 +153,7 @@ def test_dead_worker_is_replaced_and_its_envs_restart():
                                 horizon=4, batch_size=2, restart_failed_envs=True)
     try:
         envs.async_reset(seed=0)
+        first_builds = envs.get_attr("build")
         restarted = set()
         killed_at = None
         for i in range(100000):
@@ -144,6 +170,195 @@ def test_dead_worker_is_replaced_and_its_envs_restart():
         assert restarted == {2, 3}
         assert envs.stats()["restarts"] == 2
         builds = envs.get_attr("build")
-        assert builds[2] >= 1 and builds[3] >= 1
+        assert builds[:2] == first_builds[:2] and builds[2] != first_builds[2] and builds[3] != first_builds[3]
     finally:
         envs.close()
+
+
+# ---- reliability round 2: worker deaths ------------------------------------------------------------
+class Collector:
+    """Drives the async face with values = the observation's step counter, holding taken batches (so the
+    learner can run out of rows), and keeps a copy of every taken row."""
+
+    def __init__(self, envs):
+        self.envs = envs
+        self.rows: list = []
+        self.held: list = []
+        self.exhausted = 0
+        self.current_obs: dict = {}  # env -> the last observation received
+
+    def release_all(self):
+        for batch in self.held:
+            batch.release()  # a row handed out twice, or recycled while held, would fail here
+        self.held.clear()
+
+    def take(self):
+        if self.envs.segments_ready:
+            batch = self.envs.take_segments()
+            assert len(set(batch.rows.tolist())) == len(batch), "a row twice in one batch"
+            held_rows = {r for b in self.held for r in b.rows.tolist()}
+            assert not held_rows & set(batch.rows.tolist()), "a row handed out while the learner holds it"
+            self.rows.extend(_rows_of(batch))
+            self.held.append(batch)
+
+    def retrying(self, call, on_exhausted=None):
+        for _ in range(3):
+            try:
+                return call()
+            except segvec.SegmentBufferExhausted:
+                self.exhausted += 1
+                if on_exhausted is not None:
+                    on_exhausted()
+                self.release_all()
+        raise AssertionError("releasing every batch must let the envs go on")
+
+    def round(self, on_exhausted=None):
+        envs = self.envs
+        obs, _, _, _, info = self.retrying(lambda: envs.recv(timeout=10), on_exhausted)
+        ids = info["env_id"]
+        self.current_obs.update(zip(ids.tolist(), obs))
+        self.retrying(lambda: envs.send(obs[:, 3].astype(np.int64) % 3, ids, value=obs[:, 3].astype(np.float32)),
+                      on_exhausted)
+        self.take()
+
+    def finish(self):
+        """Closes every row, takes them, and receives every env once more (its current observation)."""
+        self.release_all()
+        self.envs.flush(timeout=10)
+        self.take()
+        self.release_all()
+        while self.envs._outstanding:
+            obs, *_, info = self.envs.recv(timeout=10)
+            self.current_obs.update(zip(info["env_id"].tolist(), obs))
+
+
+@pytest.mark.timeout(60)
+def test_worker_killed_while_the_learner_holds_every_row_duplicates_nothing():
+    """Round 2, defect 1: a worker dies while the learner holds every row (the envs cannot move on); its
+    replacement restarts the envs, and no row is handed out twice, lost, or released in error."""
+    num_envs = 4
+    envs = segvec.SegmentVecEnv([factory(i, 0) for i in range(num_envs)], backend="multiprocessing",
+                                num_workers=2, horizon=2, num_segments=2 * num_envs, restart_failed_envs=True)
+    kills = []
+
+    def kill_a_worker():
+        if len(kills) < 3:
+            victim = envs._backend.processes[len(kills) % 2]
+            os.kill(victim.pid, signal.SIGKILL)
+            victim.join(5)
+            kills.append(victim.pid)
+
+    try:
+        collector = Collector(envs)
+        envs.async_reset(seed=0)
+        for _ in range(120):
+            collector.round(on_exhausted=kill_a_worker)
+        collector.finish()
+        assert collector.exhausted >= 3 and len(kills) == 3
+        restarts = assert_exactly_once(collector.rows, num_envs, collector.current_obs)
+        assert restarts == envs.stats()["restarts"] > 0
+    finally:
+        envs.close()
+
+
+@pytest.mark.timeout(60)
+def test_worker_killed_during_reset_is_replaced_and_the_reset_completes():
+    """Round 2, defect 6: a worker killed while it resets its envs; the replacement resets them again with
+    the same seeds, and reset_wait returns."""
+    from fault_envs import fault_fns
+
+    envs = segvec.SegmentVecEnv(fault_fns(4, "slow_reset", target=2, delay=1.0), backend="multiprocessing",
+                                num_workers=2, horizon=4, restart_failed_envs=True)
+    try:
+        envs.reset(seed=0)
+        envs.reset_async(seed=10)
+        time.sleep(0.3)  # worker 1 sleeps in env 2's reset
+        victim = envs._backend.processes[1]
+        os.kill(victim.pid, signal.SIGKILL)
+        start = time.monotonic()
+        obs, _ = envs.reset_wait(timeout=15)
+        assert time.monotonic() - start < 10
+        assert obs[:, 0].tolist() == [0.0, 1.0, 2.0, 3.0]
+        assert envs._backend.processes[1].pid != victim.pid
+        assert envs.get_attr("np_random_seed") == (10, 11, 12, 13), "replaced envs reset with the same seeds"
+        for _ in range(3):
+            envs.step(np.zeros(4, np.int64))
+    finally:
+        envs.close()
+
+
+@pytest.mark.timeout(60)
+def test_worker_killed_during_call_raises_worker_died_and_training_goes_on():
+    """Round 2, defect 9: a worker killed during call() with restart_failed_envs raises WorkerDied (not a
+    bare EOFError); the replacement takes over and stepping goes on."""
+    from fault_envs import fault_fns
+
+    envs = segvec.SegmentVecEnv(fault_fns(4), backend="multiprocessing", num_workers=2, horizon=4,
+                                restart_failed_envs=True)
+    try:
+        envs.reset(seed=0)
+        victim = envs._backend.processes[1]
+        threading.Timer(0.3, os.kill, (victim.pid, signal.SIGKILL)).start()
+        with pytest.raises(segvec.WorkerDied, match="replaced"):
+            envs.call("slow_call", 2.0)
+        assert envs.call("slow_call", 0.0) == (0, 1, 2, 3)
+        _, _, _, truncated, info = envs.step(np.zeros(4, np.int64))
+        assert truncated.tolist() == [False, False, True, True], "envs of the dead worker restart"
+        assert info["_env_restarted"].tolist() == [False, False, True, True]
+        envs.step(np.zeros(4, np.int64))
+    finally:
+        envs.close()
+
+
+def kill_storm(seconds: float, kill_every: float, num_envs: int = 8, num_workers: int = 4, seed: int = 0,
+               horizons=(2, 3, 4), report=None) -> dict:
+    """SIGKILLs a random worker every ~`kill_every` s for `seconds` while the learner steps with batches held
+    (released now and then, and whenever the envs run out of rows); checks every transition exactly once.
+
+    Returns counts (steps, rows, kills, restarts, rolled_back).  Used by this test and benchmarks/soak.py.
+    """
+    rng = random.Random(seed)
+    horizon = rng.choice(horizons)
+    envs = segvec.SegmentVecEnv([factory(i, 0) for i in range(num_envs)], backend="multiprocessing",
+                                num_workers=num_workers, horizon=horizon, num_segments=3 * num_envs,
+                                batch_size=num_envs // 2, restart_failed_envs=True)
+    kills = 0
+    try:
+        collector = Collector(envs)
+        envs.async_reset(seed=seed)
+        start = time.monotonic()
+        next_kill = start + kill_every * rng.uniform(0.5, 1.5)
+        rounds = 0
+        while time.monotonic() - start < seconds:
+            collector.round()
+            rounds += 1
+            if rounds % 25 == 0:
+                collector.release_all()
+            if time.monotonic() >= next_kill:
+                victim = envs._backend.processes[rng.randrange(num_workers)]
+                os.kill(victim.pid, signal.SIGKILL)
+                kills += 1
+                next_kill = time.monotonic() + kill_every * rng.uniform(0.5, 1.5)
+                if report:
+                    report(kills, rounds)
+        collector.finish()
+        stats = envs.stats()
+        restarts = assert_exactly_once(collector.rows, num_envs, collector.current_obs)
+        # every kill restarts its worker's envs; an env killed again before it stepped is restarted twice in
+        # the same slot, and only its last build shows
+        assert kills <= restarts <= stats["restarts"]
+        steps = sum(int(r["mask"].sum()) for r in collector.rows)
+        return dict(horizon=horizon, rounds=rounds, steps=steps, rows=len(collector.rows), kills=kills,
+                    restarts=restarts, rolled_back=stats["rolled_back"], exhausted=collector.exhausted)
+    finally:
+        envs.close()
+
+
+@pytest.mark.timeout(120)
+def test_kill_storm_loses_and_duplicates_nothing():
+    """Round 2: a random worker SIGKILLed every ~0.3 s while the learner holds batches: every transition
+    lands exactly once, no row is handed out twice, nothing hangs (benchmarks/soak.py --kill-every runs
+    the long version)."""
+    result = kill_storm(seconds=6, kill_every=0.3, seed=1)
+    print(result)
+    assert result["kills"] >= 10
