@@ -53,6 +53,11 @@ class Model:
     def available(self) -> int:
         return len(self.free) + len(self.complete)
 
+    def obtainable(self, needed: int, completing: int) -> bool:
+        """Rows free or complete before the call come first; rows the call completes are recycled only
+        while the learner holds no taken row."""
+        return needed <= self.available() or (not self.taken and needed <= self.available() + completing)
+
     def reserve(self, env: int) -> int:
         if self.free:
             row = self.free.pop(0)
@@ -116,12 +121,16 @@ class Harness:
                                          ffi.from_buffer("uint8_t[]", starts, require_writable=True))
         needs_spare = [e for e in env_ids if m.env_step[e] == self.T - 1 and m.spare[e] is None]
         awaiting = sum(m.awaiting[e] is not None for e in env_ids)
-        if len(needs_spare) > m.available() + awaiting:
+        if not m.obtainable(len(needs_spare), awaiting):
             assert status == lib.SEGVEC_ERR_NO_FREE_ROW, "a send that needs rows nobody can give must fail"
             assert (self.storage.env_state[ids] == lib.SEGVEC_ENV_HELD).all(), "and change nothing"
             self.check()
             return False
         assert status == 0
+        if len(needs_spare) <= m.available():  # spares first, so the rows this send completes stay
+            for e in needs_spare:
+                m.spare[e] = m.reserve(e)
+            needs_spare = []
         for i, e in enumerate(env_ids):
             assert slots[i] == m.env_row[e] * self.T + m.env_step[e]
             assert starts[i] == (m.env_step[e] == 0)
@@ -178,12 +187,15 @@ class Harness:
                                        ffi.from_buffer("float[]", tails),
                                        ffi.from_buffer("int64_t[]", copy_from, require_writable=True),
                                        ffi.from_buffer("int64_t[]", copy_to, require_writable=True))
-        needed = sum(m.env_step[e] > 0 and m.spare[e] is None for e in env_ids)
-        if needed > m.available() + sum(m.awaiting[e] is not None for e in env_ids):
+        needed = [e for e in env_ids if m.env_step[e] > 0 and m.spare[e] is None]
+        if not m.obtainable(len(needed), sum(m.awaiting[e] is not None for e in env_ids) + len(needed)):
             assert status == lib.SEGVEC_ERR_NO_FREE_ROW, "a flush that needs rows nobody can give must fail"
             self.check()  # ... and change nothing
             return False
         assert status == 0
+        if len(needed) <= m.available():  # new rows first, so the rows this flush closes stay
+            for e in needed:
+                m.spare[e] = m.reserve(e)
         expected = []
         for i, e in enumerate(env_ids):
             if m.awaiting[e] is not None:
@@ -318,7 +330,7 @@ def test_row_bookkeeping_matches_model(scenario):
 
 def test_take_is_fifo_and_taken_rows_survive_recycling():
     """A learner holding rows while envs run on: only untaken complete rows are recycled, oldest first."""
-    h = Harness(E=2, S=5, T=1)
+    h = Harness(E=2, S=7, T=1)
     h.step([0, 1], [True, True])
     h.step([0, 1], [True, True])  # rows of step 0 complete (bootstrap known)
     h.take(1)
@@ -341,6 +353,14 @@ def test_out_of_rows_is_reported_by_the_send_that_needs_a_row():
     assert h.step([0], [True]), "after a release the same send goes through"
 
 
+def test_a_learner_that_never_takes_never_blocks():
+    """With no row taken, a send may recycle the rows it completes itself (S = 2E, T = 1: nothing else)."""
+    h = Harness(E=2, S=4, T=1)
+    for _ in range(10):
+        assert h.step([0, 1], [True, True])
+    assert h.model.recycled > 0
+
+
 def test_release_of_a_row_named_twice_fails_and_changes_nothing():
     h = Harness(E=1, S=3, T=1)
     assert h.step([0], [True])
@@ -352,3 +372,170 @@ def test_release_of_a_row_named_twice_fails_and_changes_nothing():
     assert h.step([0], [True]) and h.step([0], [True])
 
 
+
+
+# ---- env states across workers ----------------------------------------------------------------------
+class Core:
+    """A bare core with `W` workers for driving env states by hand."""
+
+    def __init__(self, E=4, W=2, S=16, T=2):
+        geometry = Geometry.make(E, W, S, T, spaces.Box(-1, 1, (2,), np.float32), spaces.Discrete(2), poison=True)
+        self.storage = Storage(geometry, shared=False)
+        self.core, self.E, self.W, self.T = self.storage.core, E, W, T
+        ids = i32(range(E))
+        assert lib.segvec_begin_resets(self.core, E, ffi.from_buffer("int32_t[]", ids)) == 0
+        assert lib.segvec_commit_resets(self.core, E, ffi.from_buffer("int32_t[]", ids),
+                                        ffi.from_buffer("int64_t[]", np.empty(E, np.int64))) == 0
+
+    def call(self, fn, env_ids, *args):
+        ids = i32(env_ids)
+        return fn(self.core, len(ids), ffi.from_buffer("int32_t[]", ids), *args)
+
+    def pop(self, max_n):
+        out, n = np.empty(self.E, np.int32), ffi.new("int32_t *")
+        assert lib.segvec_pop_ready(self.core, max_n, ffi.from_buffer("int32_t[]", out, require_writable=True), n) == 0
+        return out[:n[0]].tolist()
+
+    def send(self, env_ids, values):
+        n = len(env_ids)
+        slots, starts = np.empty(n, np.int64), np.empty(n, np.uint8)
+        status = self.call(lib.segvec_prepare_send, env_ids, ffi.from_buffer("float[]", np.float32(values)),
+                           ffi.NULL, 0, ffi.from_buffer("int64_t[]", slots), ffi.from_buffer("uint8_t[]", starts))
+        if status == 0:
+            assert self.call(lib.segvec_dispatch, env_ids) == 0
+        return status, slots
+
+    def commit(self, env_ids, terminated=False):
+        n = len(env_ids)
+        outcomes = ffi.new("segvec_outcome_t[]", n)
+        for i in range(n):
+            outcomes[i].reward, outcomes[i].valid, outcomes[i].terminated = 1.0, 1.0, float(terminated)
+        obs, chain = np.empty(n, np.int64), np.empty(n, np.int64)
+        assert self.call(lib.segvec_commit_steps, env_ids, outcomes, ffi.from_buffer("int64_t[]", obs),
+                         ffi.from_buffer("int64_t[]", chain)) == 0
+        return obs
+
+    def state(self, e):
+        return int(self.storage.env_state[e])
+
+
+def test_envs_come_out_in_publication_order_across_workers():
+    c = Core(E=6, W=3)
+    for order in ([4, 0, 2, 5, 1, 3], [1, 5, 3, 0, 4, 2]):
+        for e in order:  # one env at a time, from different workers' queues
+            assert c.call(lib.segvec_publish, [e]) == 0
+        assert c.pop(2) + c.pop(1) + c.pop(6) == order
+        assert all(c.state(e) == lib.SEGVEC_ENV_HELD for e in order)
+        for e in order:
+            assert c.send([e], [0.0])[0] == 0
+        for w in range(3):  # each worker gets its envs' actions in dispatch order
+            popped, n = ffi.new("int32_t[]", 6), ffi.new("int32_t *")
+            assert lib.segvec_worker_pop(c.core, w, 6, popped, n) == 0
+            assert list(popped[0:n[0]]) == [e for e in order if e // 2 == w]
+        c.commit(order)
+
+
+def test_a_failed_env_is_the_learners_until_it_is_reset():
+    c = Core()
+    assert c.call(lib.segvec_publish, [0, 1, 2, 3]) == 0 and c.pop(4) == [0, 1, 2, 3]
+    assert c.send([0, 1, 2, 3], [0, 0, 0, 0])[0] == 0
+    c.commit([0, 2, 3])
+    assert c.call(lib.segvec_fail_envs, [1]) == 0
+    assert c.state(1) == lib.SEGVEC_ENV_FAILED
+    counted = ffi.new("int32_t *")
+    assert lib.segvec_count_envs(c.core, lib.SEGVEC_MASK_OUTSTANDING, counted) == 0 and counted[0] == 3
+    assert c.send([1], [0.0])[0] == lib.SEGVEC_ERR_NOT_HELD, "no action for a failed env"
+    out = np.empty(1, np.int64)
+    assert c.call(lib.segvec_flush_envs, [1], ffi.NULL, ffi.from_buffer("int64_t[]", out),
+                  ffi.from_buffer("int64_t[]", np.empty(1, np.int64))) == 0
+    assert c.call(lib.segvec_begin_resets, [1]) == 0 and c.state(1) == lib.SEGVEC_ENV_RESETTING
+    assert c.call(lib.segvec_flush_envs, [1], ffi.NULL, ffi.from_buffer("int64_t[]", out),
+                  ffi.from_buffer("int64_t[]", np.empty(1, np.int64))) == lib.SEGVEC_ERR_NOT_HELD, \
+        "a resetting env's cursor is its worker's: a retried reset must not flush it"
+
+
+def test_returned_envs_are_held_again_with_their_actions_unapplied():
+    c = Core()
+    assert c.call(lib.segvec_publish, [0, 1]) == 0 and c.pop(2) == [0, 1]
+    status, slots = c.send([0, 1], [0.5, 0.5])
+    assert status == 0 and c.call(lib.segvec_return_envs, [0, 1]) == 0
+    assert [c.state(0), c.state(1)] == [lib.SEGVEC_ENV_HELD] * 2
+    status, again = c.send([0, 1], [0.7, 0.7])
+    assert status == 0 and (again == slots).all(), "the same slots: nothing was applied"
+
+
+def test_a_restart_in_place_truncates_the_transition_before_it():
+    c = Core(E=2, W=1, T=4)
+    assert c.call(lib.segvec_publish, [0, 1]) == 0 and c.pop(2) == [0, 1]
+    s = c.storage
+    for value in (10.0, 11.0):  # two steps: slots 0 and 1 of env 0's row
+        assert c.send([0], [value])[0] == 0
+        c.commit([0])
+        assert c.call(lib.segvec_publish, [0]) == 0 and c.pop(1) == [0]
+    assert c.send([0], [12.0])[0] == 0  # the action at slot 2 meets a broken env: restart instead
+    row, obs_slot = int(s.env_row[0]), np.empty(1, np.int64)
+    assert lib.segvec_restart_env(c.core, 0, ffi.from_buffer("int64_t[]", obs_slot)) == 0
+    assert obs_slot[0] == row * 5 + 2 and int(s.env_step[0]) == 2, "same row, same slot"
+    assert s.truncated[row, 1] and s.truncation_value[row, 1] == 12.0 and s.episode_start[row, 2]
+    assert np.isnan(s.value[row, 2]) and s.env_last_truncated[0]
+    next_values = np.empty(4, np.float32)
+    s.row_length[row] = 3  # as if the row were closed after the restarted env's next step
+    assert lib.segvec_fill_next_values(c.core, 1, ffi.from_buffer("int32_t[]", i32([row])), 0,
+                                       ffi.from_buffer("float[]", next_values)) == 0
+    assert next_values[0] == 11.0 and next_values[1] == 12.0, "the cut episode bootstraps from the value sent"
+    s.row_length[row] = 0
+    assert lib.segvec_restart_env(c.core, 0, ffi.from_buffer("int64_t[]", obs_slot)) == 0
+    assert s.truncation_value[row, 1] == 12.0, "a second restart at the same slot keeps the first cut"
+
+
+@settings(max_examples=60, deadline=None)
+@given(T=st.integers(1, 3), steps=st.integers(0, 6), stage=st.sampled_from(["queued", "committed", "published",
+                                                                              "half_published", "resetting"]))
+def test_a_dead_workers_envs_roll_back_to_the_slot_they_were_sent_at(T, steps, stage):
+    """Whatever a worker did with a step before dying, recover_worker puts the env back at the slot it was
+    sent at (or keeps it, when it was published whole), and the bookkeeping after that is as if the lost
+    step never happened."""
+    c = Core(E=2, W=2, S=8, T=T)
+    s = c.storage
+    assert c.call(lib.segvec_publish, [0, 1]) == 0 and c.pop(2) == [0, 1]
+    for _ in range(steps):
+        assert c.send([1], [1.0])[0] == 0
+        c.commit([1])
+        assert c.call(lib.segvec_publish, [1]) == 0 and c.pop(1) == [1]
+    before = (int(s.env_row[1]), int(s.env_step[1]), s.row_state.copy(), s.row_length.copy())
+    if stage == "resetting":
+        assert c.call(lib.segvec_begin_resets, [1]) == 0 or int(s.env_step[1]) != 0
+        if c.state(1) != lib.SEGVEC_ENV_RESETTING:
+            return
+    else:
+        assert c.send([1], [2.0])[0] == 0
+        before = (int(s.env_row[1]), int(s.env_step[1]), s.row_state.copy(), s.row_length.copy())
+        if stage != "queued":
+            c.commit([1])
+        if stage == "published":
+            assert c.call(lib.segvec_publish, [1]) == 0
+        if stage == "half_published":
+            s.env_state[1] = lib.SEGVEC_ENV_READY  # died between the state store and the queue's tail
+    lost, n = np.empty(1, np.int32), ffi.new("int32_t *")
+    assert lib.segvec_recover_worker(c.core, 1, ffi.from_buffer("int32_t[]", lost), n) == 0
+    if stage in ("published", "resetting"):
+        assert n[0] == 0 and c.state(1) == (lib.SEGVEC_ENV_READY if stage == "published" else lib.SEGVEC_ENV_RESETTING)
+        return
+    assert n[0] == 1 and lost[0] == 1 and c.state(1) == lib.SEGVEC_ENV_IN_FLIGHT
+    row, step, states, lengths = before
+    assert (int(s.env_row[1]), int(s.env_step[1])) == (row, step)
+    spare = set(np.nonzero(s.row_state == RESERVED)[0].tolist())
+    assert (s.row_state[[r for r in range(8) if r not in spare]] == states[[r for r in range(8) if r not in spare]]).all()
+    assert (s.row_length == lengths).all() and not s.mask[row, step]
+    obs_slot = np.empty(1, np.int64)
+    assert lib.segvec_restart_env(c.core, 1, ffi.from_buffer("int64_t[]", obs_slot)) == 0
+    assert obs_slot[0] == row * (T + 1) + step
+    assert c.call(lib.segvec_publish, [1]) == 0 and c.pop(2) == [1]
+    for _ in range(2 * T + 1):  # the env goes on through row switches as if nothing happened
+        assert c.send([1], [3.0])[0] == 0
+        c.commit([1])
+        assert c.call(lib.segvec_publish, [1]) == 0 and c.pop(1) == [1]
+    starts = sorted((int(s.row_start_step[r]), int(s.row_length[r])) for r in range(8)
+                    if s.row_env_id[r] == 1 and s.row_state[r] in (AWAITING, COMPLETE))
+    for (a, la), (b, _) in zip(starts, starts[1:]):
+        assert b == a + la, "rows of the env chain without gap or overlap"
