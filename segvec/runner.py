@@ -61,7 +61,7 @@ class EnvRunner:
         storage: views of the segment block.
         autoreset_mode: a gymnasium ``AutoresetMode``.
         env_fns: the envs' factories; when given, an env that raises in ``step`` is rebuilt and reset
-            instead of failing the batch (its row is closed as a truncated partial segment).
+            instead of failing (the transition before it becomes truncated; see `_restart`).
     """
 
     def __init__(self, envs: list, first_env: int, storage: Storage, autoreset_mode: AutoresetMode,

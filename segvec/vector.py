@@ -1,6 +1,6 @@
 """`SegmentVecEnv`: a gymnasium VectorEnv whose envs write straight into shared segment memory.
 
-Three faces over one segment block (see ``../shared/CONTRACT.md`` for the contract):
+Three faces over one segment block:
   - gymnasium: ``reset/step`` (+ ``*_async/*_wait``, ``call/get_attr/set_attr``), a drop-in VectorEnv;
   - async (EnvPool-style): ``async_reset``, ``recv`` (the first ``batch_size`` ready envs), ``send``;
   - segments: ``take_segments`` -> `SegmentBatch` with bootstrap values, ``flush``, ``stats``.
@@ -152,9 +152,11 @@ class SegmentVecEnv(VectorEnv):
             episodes (SAME_STEP) and of the current observations at ``flush``.
         context: multiprocessing context or start method name (``"fork"``, ``"spawn"``, ``"forkserver"``).
         restart_failed_envs: rebuild (with its factory) and reset an env that raises in ``step`` instead of
-            raising EnvError: its row is closed as a truncated partial segment, the learner sees
-            ``truncated=True``, ``info["env_restarted"]`` and ``info["env_error"]``, and
-            ``stats()["restarts"]`` counts it.  Off by default.
+            raising EnvError, and replace a worker that dies.  The new episode starts at the same slot of the
+            same row: the transition before it becomes truncated, bootstrapped by the value already sent for
+            the observation the env failed on.  The learner sees ``truncated=True``,
+            ``info["env_restarted"]`` and ``info["env_error"]``; ``stats()["restarts"]`` counts it.  Off by
+            default.
         debug: fill fresh rows' rewards with -42.42 so tests can prove none survives into a segment.
 
     Raises:

@@ -1,4 +1,4 @@
-"""Faults and shutdown (CONTRACT.md section 5): env errors, hangs, dead or stopped workers, Ctrl-C, close().
+"""Faults and shutdown: env errors, hangs, dead or stopped workers, Ctrl-C, close(), and going on after each.
 
 Every test ends with the `leftovers` check: each worker process the test started is gone (not running, not a
 zombie), no new child of this process remains, and no shared-memory object the test created is still in
@@ -627,12 +627,12 @@ def test_nothing_is_unpickled_from_shared_memory():
     closed_twice(envs)
 
 
-# ---- reliability round 2 ---------------------------------------------------------------------------
+# ---- after errors, interrupts and timeouts ------------------------------------------------------
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("face", ["step", "recv"])
 def test_after_an_env_error_the_learner_resets_and_goes_on(backend, face):
-    """Round 2, defect 3: after an EnvError nothing hangs (the other envs' infos included): a second wait
+    """After an EnvError nothing hangs (the other envs' infos included): a second wait
     answers at once, a send to the failed env says to reset it, and reset() brings every env back."""
     envs = make(fault_fns(NUM_ENVS, "step", target=1, at_step=2, times=1, infos=True), backend)
     start = time.monotonic()
@@ -669,7 +669,7 @@ def test_after_an_env_error_the_learner_resets_and_goes_on(backend, face):
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_bad_learner_field_changes_nothing(backend):
-    """Round 2, defect 4: a step field of the wrong shape raises before the core changes anything; the same
+    """A step field of the wrong shape raises before the core changes anything; the same
     envs step and reset afterwards, on both faces."""
     envs = make(fault_fns(NUM_ENVS), backend, step_fields={"h": ((3,), np.float32)},
                 segment_fields={"s": ((2,), np.float32)})
@@ -692,7 +692,7 @@ def test_a_bad_learner_field_changes_nothing(backend):
 
 @pytest.mark.timeout(30)
 def test_ctrl_c_inside_a_serial_env_step_then_reset_goes_on():
-    """Round 2, defect 5 (serial): Ctrl-C inside env.step; the envs after it in the batch are handed back,
+    """Serial backend: Ctrl-C inside env.step; the envs after it in the batch are handed back,
     the interrupted one is reset by reset(), and stepping goes on (no phantom envs in flight)."""
     envs = make(fault_fns(NUM_ENVS, "hang_step", target=2, at_step=1, times=1), "serial")
     envs.reset(seed=0)
@@ -713,7 +713,7 @@ def test_ctrl_c_inside_a_serial_env_step_then_reset_goes_on():
 
 @pytest.mark.timeout(30)
 def test_reset_after_a_reset_wait_timeout_goes_on():
-    """Round 2, defect 5 (multiprocessing) and the retried reset: after reset_wait times out, the next
+    """After reset_wait times out, the next
     reset() waits for the slow reset to land (never flushing an env its worker still writes), then resets
     again; steps and segments go on consistently."""
     envs = make(fault_fns(NUM_ENVS, "slow_reset", target=0, delay=0.5), "multiprocessing", horizon=4)
@@ -739,7 +739,7 @@ def test_reset_after_a_reset_wait_timeout_goes_on():
 
 @pytest.mark.timeout(30)
 def test_get_attr_while_the_learner_holds_every_row():
-    """Round 2, defect 7: the learner holds every row the envs could move to; call/get_attr still answer
+    """The learner holds every row the envs could move to; call/get_attr still answer
     at once (no worker waits for a row), and after a release the envs go on."""
     envs = make(fault_fns(NUM_ENVS), "multiprocessing", horizon=2, num_segments=2 * NUM_ENVS)
     envs.async_reset(seed=0)
@@ -765,7 +765,7 @@ def test_get_attr_while_the_learner_holds_every_row():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("restart", [False, True])
 def test_a_reward_that_is_not_a_number_is_that_envs_error(backend, restart):
-    """Round 2, defect 9: a reward of shape (1,) is env 1's EnvError (or restart), not the worker's death
+    """A reward of shape (1,) is env 1's EnvError (or restart), not the worker's death
     nor envs left in flight; the other envs go on."""
     envs = make(fault_fns(NUM_ENVS, "reward_shape", target=1, at_step=1, times=1), backend,
                 restart_failed_envs=restart)
@@ -786,7 +786,7 @@ def test_a_reward_that_is_not_a_number_is_that_envs_error(backend, restart):
 
 
 def test_too_little_shared_memory_is_a_clear_error_at_construction(leftovers):
-    """Round 2 (suspected): a block larger than /dev/shm has room for fails at construction, naming the
+    """A block larger than /dev/shm has room for fails at construction, naming the
     size and /dev/shm, instead of a worker dying of SIGBUS later."""
     from gymnasium import spaces
 

@@ -192,14 +192,13 @@ static int publish_chunks(segvec_core_t *core, worker_t *wk, rng_t *rng, int32_t
 }
 
 /* Failure notes go to the learner (the error pipe), then the alert (as the Python workers do). */
-static void report_failures(segvec_core_t *core, worker_t *wk, int32_t n, const int32_t *ids) {
+static void report_failures(segvec_core_t *core, int32_t n, const int32_t *ids) {
     pthread_mutex_lock(&g_fail_mu);
     for (int32_t i = 0; i < n; ++i) {
         if (g_fail_n < G.E) g_fail_list[g_fail_n++] = ids[i];
         else violation("failure list overflow (env %d failed twice without a reset?)", ids[i]);
     }
     pthread_mutex_unlock(&g_fail_mu);
-    wk->failures += n;
     OK(segvec_post_alert(core));
 }
 
@@ -215,8 +214,9 @@ static int serve_resets(segvec_core_t *core, worker_t *wk, rng_t *rng, int32_t n
     if (n_bad) {
         /* segvec_fail_envs: RESETTING -> FAILED; the learner owns them until it resets them again */
         OK(segvec_fail_envs(core, n_bad, bad));
+        wk->failures += n_bad;
         DIE_POINT();
-        report_failures(core, wk, n_bad, bad);
+        report_failures(core, n_bad, bad);
     }
     if (!n_ok) return 0;
     OK(segvec_commit_resets(core, n_ok, ok, slots));
@@ -290,8 +290,9 @@ static int serve_steps(segvec_core_t *core, worker_t *wk, rng_t *rng, int32_t n,
     if (n_fail) {
         /* segvec_fail_envs: IN_FLIGHT -> FAILED, cursor untouched */
         OK(segvec_fail_envs(core, n_fail, failed));
+        wk->failures += n_fail;
         DIE_POINT();
-        report_failures(core, wk, n_fail, failed);
+        report_failures(core, n_fail, failed);
     }
     for (int32_t i = 0; i < n_restart; ++i) {
         int32_t e = restarted[i];

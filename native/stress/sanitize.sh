@@ -58,7 +58,8 @@ for name in "${builds[@]}"; do
         run_index=$((run_index + 1))
         log="$tmp/run-$name-$run_index.log"
         # shellcheck disable=SC2086  # config is four numbers
-        cmd=(timeout "$limit" "$tmp/driver-$name" "$seconds" $config "$run_seed")
+        cmd=("$tmp/driver-$name" "$seconds" $config "$run_seed")
+        if command -v timeout >/dev/null; then cmd=(timeout "$limit" "${cmd[@]}"); fi
         if [ "$name" = tsan ] && [ ${#no_aslr[@]} -gt 0 ]; then cmd=("${no_aslr[@]}" "${cmd[@]}"); fi
         "${cmd[@]}" >"$log" 2>&1
         rc=$?
