@@ -81,13 +81,12 @@ def time_segvec(make_env, B: int, T: int, repeats: int, rng) -> dict:
             fill(envs, T, rng)
             prefault(out_bytes)
             start = time.perf_counter()
-            batch = envs.take_segments(B)
-            tensors = batch.to_torch()
-            elapsed = time.perf_counter() - start
-            assert tensors.obs.shape[:2] == (B, T + 1)
-            times[batch.zero_copy].append(elapsed)
-            del tensors
-            batch.release()
+            with envs.take_segments(B) as batch:
+                tensors = batch.to_torch()
+                elapsed = time.perf_counter() - start
+                assert tensors.obs.shape[:2] == (B, T + 1)
+                times[batch.zero_copy].append(elapsed)
+                del tensors
     finally:
         envs.close()
     return {"contiguous": min(times[True]), "non-contiguous": min(times[False])}

@@ -1,15 +1,15 @@
 """Wall time to solve CartPole-v1: examples/ppo.py (segvec) against the same PPO on gymnasium's SyncVectorEnv.
 
-Both runs use the hyperparameters of ``examples/ppo.py``'s ``Args`` (the baseline imports its ``Args``,
-``Agent`` and ``make_env``), the same seeds, the same stop rule (mean return of the last 20 episodes >= 475),
-and time the same span: from building the envs to the solving update (the agent and its optimizer
-are built before, in both).  Each run is a fresh process; the two
-trainers alternate seed by seed.
+Both runs use the hyperparameters of ``examples/ppo.py``'s ``Args`` and its code for everything but the
+rollout (the baseline imports its ``Args``, ``make_env``, ``make_agent``, ``sample_action`` and
+``ppo_update``), the same seeds, the same stop rule (mean return of the last 20 episodes >= 475), and time
+the same span: from building the envs to the solving update (the agent and its optimizer are built before,
+in both).  Each run is a fresh process; the two trainers alternate seed by seed.
 
 The baseline is CleanRL's loop made to compute the same thing as the segvec trainer: time-major storage
 tensors filled step by step, NEXT_STEP autoreset steps masked out, truncations bootstrapped from the value
 of the final observation (the value computed at the masked step that follows), GAE with the C kernel's
-semantics, minibatches of whole env columns (the segvec trainer's rows).
+semantics; ``ppo_update`` then trains on minibatches of whole env columns (the segvec trainer's rows).
 
     python benchmarks/train.py                   # seeds 1 2 3
     python benchmarks/train.py --seeds 1 2 3 4 5 --backend multiprocessing
@@ -22,7 +22,6 @@ workers buy once the env is what costs; use it with ``--backend multiprocessing`
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import pathlib
 import re
@@ -34,7 +33,8 @@ import time
 import gymnasium as gym
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-PPO = ROOT / "examples" / "ppo.py"
+EXAMPLES = ROOT / "examples"
+PPO = EXAMPLES / "ppo.py"
 SOLVED_LINE = re.compile(r"^(solved|not solved): .* after (\d+) steps, (\d+) episodes, ([0-9.]+) s")
 ENV_COST_VARIABLE = "SEGVEC_BENCH_ENV_COST_US"
 SLOW_ENV_ID = "benchmarks.train:SlowCartPole-v1"  # gymnasium imports this module, which registers it
@@ -59,11 +59,12 @@ if "SlowCartPole-v1" not in gym.registry:
 
 
 def load_ppo():
-    spec = importlib.util.spec_from_file_location("segvec_example_ppo", PPO)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    """examples/ppo.py as a module (imported on demand: gymnasium imports this module to make SlowCartPole)."""
+    if str(EXAMPLES) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES))  # where ppo.py and its examples/common.py are
+    import ppo
+
+    return ppo
 
 
 def baseline(seed: int, env_id: str) -> None:
@@ -72,7 +73,6 @@ def baseline(seed: int, env_id: str) -> None:
 
     import numpy as np
     import torch
-    import torch.nn as nn
 
     ppo = load_ppo()
     args = ppo.Args(seed=seed, env_id=env_id)
@@ -81,20 +81,14 @@ def baseline(seed: int, env_id: str) -> None:
     torch.set_num_threads(args.torch_threads)
     N, T = args.num_envs, args.horizon
     num_iterations = args.total_timesteps // (N * T)
-    envs_per_minibatch = N // args.num_minibatches
-
-    probe = ppo.make_env(args.env_id)()
-    obs_dim = int(np.prod(probe.observation_space.shape))
-    agent = ppo.Agent(obs_dim, int(probe.action_space.n))
-    probe.close()
-    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    agent, optimizer = ppo.make_agent(args, torch.device("cpu"))
 
     start_time = time.time()
     envs = gym.vector.SyncVectorEnv([ppo.make_env(args.env_id) for _ in range(N)],
                                     autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
     envs = gym.wrappers.vector.RecordEpisodeStatistics(envs)
 
-    obs = torch.zeros((T, N, obs_dim))
+    obs = torch.zeros((T, N) + envs.single_observation_space.shape)
     actions = torch.zeros((T, N), dtype=torch.long)
     logprobs = torch.zeros((T, N))
     rewards = torch.zeros((T, N))
@@ -102,6 +96,7 @@ def baseline(seed: int, env_id: str) -> None:
     truncations = torch.zeros((T, N), dtype=torch.bool)
     masks = torch.zeros((T, N), dtype=torch.bool)
     values = torch.zeros((T, N))
+    no_episode_start = torch.zeros((N, T), dtype=torch.bool)  # the MLP agent has no state to reset
 
     global_step = 0
     next_obs, _ = envs.reset(seed=args.seed)
@@ -147,46 +142,10 @@ def baseline(seed: int, env_id: str) -> None:
             advantages[t] = running
         returns = advantages + values
 
-        # Minibatches of whole env columns (the rows of the segvec trainer), flattened.
-        for epoch in range(args.update_epochs):
-            order = torch.randperm(N)
-            for start in range(0, N, envs_per_minibatch):
-                columns = order[start:start + envs_per_minibatch]
-                b_obs = obs[:, columns].reshape(-1, obs_dim)
-                b_actions, b_logprobs = actions[:, columns].reshape(-1), logprobs[:, columns].reshape(-1)
-                b_advantages = advantages[:, columns].reshape(-1)
-                b_returns, b_values = returns[:, columns].reshape(-1), values[:, columns].reshape(-1)
-                mb_mask = masks[:, columns].reshape(-1).float()
-                logits, new_value, _ = agent(b_obs, (), None)
-                logprob_all = logits.log_softmax(-1)
-                new_logprob = logprob_all.gather(-1, b_actions[:, None]).squeeze(-1)
-                entropy = -(logprob_all.exp() * logprob_all).sum(-1)
-                logratio = torch.where(mb_mask.bool(), new_logprob - b_logprobs, 0.0)
-                ratio = logratio.exp()
-                with torch.no_grad():
-                    approx_kl = ppo.masked_mean((ratio - 1) - logratio, mb_mask)
-                mb_advantages = b_advantages
-                if args.norm_adv:
-                    mean = ppo.masked_mean(mb_advantages, mb_mask)
-                    std = ppo.masked_mean((mb_advantages - mean) ** 2, mb_mask).sqrt()
-                    mb_advantages = (mb_advantages - mean) / (std + 1e-8)
-                pg_loss = ppo.masked_mean(torch.max(
-                    -mb_advantages * ratio,
-                    -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)), mb_mask)
-                mb_returns, mb_values = b_returns, b_values
-                if args.clip_vloss:
-                    v_clipped = mb_values + torch.clamp(new_value - mb_values, -args.clip_coef, args.clip_coef)
-                    v_loss = 0.5 * ppo.masked_mean(
-                        torch.max((new_value - mb_returns) ** 2, (v_clipped - mb_returns) ** 2), mb_mask)
-                else:
-                    v_loss = 0.5 * ppo.masked_mean((new_value - mb_returns) ** 2, mb_mask)
-                loss = pg_loss - args.ent_coef * ppo.masked_mean(entropy, mb_mask) + v_loss * args.vf_coef
-                optimizer.zero_grad()
-                loss.backward()
-                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
-                optimizer.step()
-            if args.target_kl and approx_kl > args.target_kl:
-                break
+        # The example's update, on the env columns as rows ([N, T] views of the time-major storage).
+        rows = ppo.Rows(obs=obs.transpose(0, 1), action=actions.T, logprob=logprobs.T, value=values.T,
+                        advantages=advantages.T, returns=returns.T, mask=masks.T, episode_start=no_episode_start)
+        ppo.ppo_update(agent, optimizer, rows, args)
         if len(recent) == args.solved_window and np.mean(recent) >= args.solved_return > 0:
             solved = True
             break

@@ -40,7 +40,11 @@ class Args:
 
 
 def parse_args() -> Args:
-    """Command-line flags from the fields of `Args` (``--num-envs 16``)."""
+    """Command-line flags from the fields of `Args` (``--num-envs 16``).
+
+    The other examples import this from ``examples/common.py``; this file keeps its own few lines so that it
+    stays one self-contained gymnasium script (its test runs a copy of it from another folder).
+    """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for field in dataclasses.fields(Args):
         kind = {"int": int, "float": float, "str": str}[field.type]

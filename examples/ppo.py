@@ -13,11 +13,11 @@ inside rows, so training replays every row exactly as it was played.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import os
 import time
+from typing import NamedTuple
 
 import gymnasium as gym
 import numpy as np
@@ -26,6 +26,8 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import segvec
+
+from common import parse_args  # examples/common.py: flags from the fields of Args
 
 
 @dataclasses.dataclass
@@ -90,19 +92,6 @@ class Args:
     """recurrent policy (LSTM state carried by segment fields)"""
     lstm_hidden: int = 64
     """LSTM state size"""
-
-
-def parse_args() -> Args:
-    """Command-line flags from the fields of `Args` (``--num-envs 16``, ``--lstm`` / ``--no-lstm``)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for field in dataclasses.fields(Args):
-        flag = "--" + field.name.replace("_", "-")
-        kind = {"int": int, "float": float, "str": str, "bool": bool}[field.type]
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
-        else:
-            parser.add_argument(flag, type=kind, default=field.default)
-    return Args(**vars(parser.parse_args()))
 
 
 def make_env(env_id: str):
@@ -175,6 +164,19 @@ class LSTMAgent(nn.Module):
         return torch.stack([o[0] for o in outputs], 1), torch.stack([o[1] for o in outputs], 1)
 
 
+def make_agent(args: Args, device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The agent `args` asks for, sized by one probe env, on `device`, and its Adam optimizer."""
+    probe = make_env(args.env_id)()
+    assert isinstance(probe.action_space, gym.spaces.Discrete), "only discrete actions are supported"
+    obs_dim = int(np.prod(probe.observation_space.shape))
+    num_actions = int(probe.action_space.n)
+    probe.close()
+    agent = (LSTMAgent(obs_dim, num_actions, args.lstm_hidden) if args.lstm else Agent(obs_dim, num_actions))
+    agent = agent.to(device)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    return agent, optimizer
+
+
 def sample_action(logits: torch.Tensor):
     """One action per row of `logits` ``[n, A]``: ``(action [n], its log-probability [n])``."""
     logprob_all = logits.log_softmax(-1)
@@ -184,6 +186,99 @@ def sample_action(logits: torch.Tensor):
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+class Rows(NamedTuple):
+    """Whole rows of steps, ``[n, T, ...]`` tensors (row i: T consecutive steps of one env): what PPO trains on."""
+
+    obs: torch.Tensor
+    """``[n, T, *obs_shape]``: what the policy saw at each step"""
+    action: torch.Tensor
+    """``[n, T]``: the action it took"""
+    logprob: torch.Tensor
+    """``[n, T]``: that action's log-probability under the policy that took it"""
+    value: torch.Tensor
+    """``[n, T]``: the critic's value of the step's observation then"""
+    advantages: torch.Tensor
+    """``[n, T]``: GAE advantages"""
+    returns: torch.Tensor
+    """``[n, T]``: advantages + value, the critic's targets"""
+    mask: torch.Tensor
+    """``[n, T]``: true (1) at real transitions, false at NEXT_STEP reset steps and a row's unused tail"""
+    episode_start: torch.Tensor
+    """``[n, T]`` bool: the recurrent state resets before this step"""
+    state: tuple = ()
+    """the recurrent state at each row's first step, ``[n, ...]`` tensors (``()`` for a stateless agent)"""
+
+
+def ppo_update(agent: nn.Module, optimizer: torch.optim.Optimizer, rows: Rows, args: Args) -> dict[str, float]:
+    """PPO epochs over minibatches of whole rows; returns the losses of the last minibatch (``losses/...``).
+
+    Clipped surrogate and (with `args.clip_vloss`) clipped value loss, means over real transitions only.
+    Reads the algorithm's fields of `args` (``update_epochs``, ``num_minibatches``, ``clip_coef``, ...).
+    """
+    num_rows = rows.obs.shape[0]
+    assert num_rows % args.num_minibatches == 0, "num_minibatches must divide the number of rows (whole rows)"
+    rows_per_minibatch = num_rows // args.num_minibatches
+    obs_rows = rows.obs.float()
+    action_rows = rows.action.long()
+    mask = rows.mask.float()
+    clipfracs = []
+    for epoch in range(args.update_epochs):
+        order = torch.randperm(num_rows, device=obs_rows.device)
+        for start in range(0, num_rows, rows_per_minibatch):
+            mb = order[start:start + rows_per_minibatch]
+            mb_mask = mask[mb]
+            mb_state = tuple(s[mb] for s in rows.state)
+            logits, new_value = agent.unroll(obs_rows[mb], mb_state, rows.episode_start[mb])
+            new_logprob_all = logits.log_softmax(-1)
+            new_logprob = new_logprob_all.gather(-1, action_rows[mb].unsqueeze(-1)).squeeze(-1)
+            entropy = -(new_logprob_all.exp() * new_logprob_all).sum(-1)
+            logratio = torch.where(mb_mask.bool(), new_logprob - rows.logprob[mb], 0.0)
+            ratio = logratio.exp()
+
+            with torch.no_grad():
+                approx_kl = masked_mean((ratio - 1) - logratio, mb_mask)
+                clipfracs.append(masked_mean(((ratio - 1.0).abs() > args.clip_coef).float(), mb_mask).item())
+
+            mb_advantages = rows.advantages[mb]
+            if args.norm_adv:
+                mean = masked_mean(mb_advantages, mb_mask)
+                std = masked_mean((mb_advantages - mean) ** 2, mb_mask).sqrt()
+                mb_advantages = (mb_advantages - mean) / (std + 1e-8)
+
+            # Policy loss
+            pg_loss1 = -mb_advantages * ratio
+            pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+            pg_loss = masked_mean(torch.max(pg_loss1, pg_loss2), mb_mask)
+
+            # Value loss
+            mb_returns, mb_values = rows.returns[mb], rows.value[mb]
+            if args.clip_vloss:
+                v_loss_unclipped = (new_value - mb_returns) ** 2
+                v_clipped = mb_values + torch.clamp(new_value - mb_values, -args.clip_coef, args.clip_coef)
+                v_loss_clipped = (v_clipped - mb_returns) ** 2
+                v_loss = 0.5 * masked_mean(torch.max(v_loss_unclipped, v_loss_clipped), mb_mask)
+            else:
+                v_loss = 0.5 * masked_mean((new_value - mb_returns) ** 2, mb_mask)
+
+            entropy_loss = masked_mean(entropy, mb_mask)
+            loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+
+            optimizer.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+            optimizer.step()
+
+        if args.target_kl and approx_kl > args.target_kl:
+            break
+    return {
+        "losses/value_loss": v_loss.item(),
+        "losses/policy_loss": pg_loss.item(),
+        "losses/entropy": entropy_loss.item(),
+        "losses/approx_kl": approx_kl.item(),
+        "losses/clipfrac": float(np.mean(clipfracs)),
+    }
 
 
 def plot_learning_curve(path: str, steps, returns, window: int, title: str) -> None:
@@ -208,9 +303,8 @@ def plot_learning_curve(path: str, steps, returns, window: int, title: str) -> N
 
 
 if __name__ == "__main__":
-    args = parse_args()
+    args = parse_args(Args)
     assert args.num_envs % args.num_minibatches == 0, "num_minibatches must divide num_envs (whole rows)"
-    rows_per_minibatch = args.num_envs // args.num_minibatches
     num_iterations = args.total_timesteps // (args.num_envs * args.horizon)
 
     # ---- Seeding and device ---------------------------------------------------------------------
@@ -220,14 +314,7 @@ if __name__ == "__main__":
     device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
 
     # ---- Agent, sized by one probe env --------------------------------------------------------------
-    probe = make_env(args.env_id)()
-    assert isinstance(probe.action_space, gym.spaces.Discrete), "only discrete actions are supported"
-    obs_dim = int(np.prod(probe.observation_space.shape))
-    num_actions = int(probe.action_space.n)
-    probe.close()
-    agent = (LSTMAgent(obs_dim, num_actions, args.lstm_hidden) if args.lstm else Agent(obs_dim, num_actions))
-    agent = agent.to(device)
-    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    agent, optimizer = make_agent(args, device)
 
     # ---- Environments: segment rows of `horizon` steps, LSTM state stored at each row's start --------
     start_time = time.time()
@@ -282,85 +369,32 @@ if __name__ == "__main__":
         recent.extend(finished["return"].tolist())
 
         # ---- Advantages: GAE within each row, on the bootstraps segvec attached --------------------
-        batch = envs.take_segments(args.num_envs)
-        advantages, returns = segvec.gae(batch, args.gamma, args.gae_lambda)
-        seg = batch.to_torch(device)
-        advantages = torch.as_tensor(advantages, device=device)
-        returns = torch.as_tensor(returns, device=device)
-        T = args.horizon
-        obs_rows = seg.obs[:, :T].float()  # obs[:, T] is the next row's first observation
-        action_rows = seg.action.long()
-        mask = seg.mask.float()
-        row_state = (seg.h, seg.c) if args.lstm else ()
+        with envs.take_segments(args.num_envs) as batch:  # the rows go back to the envs at the block's end
+            advantages, returns = segvec.gae(batch, args.gamma, args.gae_lambda)
+            seg = batch.to_torch(device)
+            rows = Rows(
+                obs=seg.obs[:, :args.horizon],  # obs[:, horizon] is the next row's first observation
+                action=seg.action, logprob=seg.logprob, value=seg.value,
+                advantages=torch.as_tensor(advantages, device=device),
+                returns=torch.as_tensor(returns, device=device),
+                mask=seg.mask, episode_start=seg.episode_start, state=(seg.h, seg.c) if args.lstm else (),
+            )
 
-        # ---- Update: PPO epochs over minibatches of whole rows -----------------------------------
-        clipfracs = []
-        for epoch in range(args.update_epochs):
-            order = torch.randperm(args.num_envs, device=device)
-            for start in range(0, args.num_envs, rows_per_minibatch):
-                mb = order[start:start + rows_per_minibatch]
-                mb_mask = mask[mb]
-                mb_state = tuple(s[mb] for s in row_state)
-                logits, new_value = agent.unroll(obs_rows[mb], mb_state, seg.episode_start[mb])
-                new_logprob_all = logits.log_softmax(-1)
-                new_logprob = new_logprob_all.gather(-1, action_rows[mb].unsqueeze(-1)).squeeze(-1)
-                entropy = -(new_logprob_all.exp() * new_logprob_all).sum(-1)
-                logratio = torch.where(mb_mask.bool(), new_logprob - seg.logprob[mb], 0.0)
-                ratio = logratio.exp()
+            # ---- Update: PPO epochs over minibatches of whole rows -------------------------------
+            losses = ppo_update(agent, optimizer, rows, args)
 
-                with torch.no_grad():
-                    approx_kl = masked_mean((ratio - 1) - logratio, mb_mask)
-                    clipfracs.append(masked_mean(((ratio - 1.0).abs() > args.clip_coef).float(), mb_mask).item())
-
-                mb_advantages = advantages[mb]
-                if args.norm_adv:
-                    mean = masked_mean(mb_advantages, mb_mask)
-                    std = masked_mean((mb_advantages - mean) ** 2, mb_mask).sqrt()
-                    mb_advantages = (mb_advantages - mean) / (std + 1e-8)
-
-                # Policy loss
-                pg_loss1 = -mb_advantages * ratio
-                pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
-                pg_loss = masked_mean(torch.max(pg_loss1, pg_loss2), mb_mask)
-
-                # Value loss
-                mb_returns, mb_values = returns[mb], seg.value[mb]
-                if args.clip_vloss:
-                    v_loss_unclipped = (new_value - mb_returns) ** 2
-                    v_clipped = mb_values + torch.clamp(new_value - mb_values, -args.clip_coef, args.clip_coef)
-                    v_loss_clipped = (v_clipped - mb_returns) ** 2
-                    v_loss = 0.5 * masked_mean(torch.max(v_loss_unclipped, v_loss_clipped), mb_mask)
-                else:
-                    v_loss = 0.5 * masked_mean((new_value - mb_returns) ** 2, mb_mask)
-
-                entropy_loss = masked_mean(entropy, mb_mask)
-                loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
-
-                optimizer.zero_grad()
-                loss.backward()
-                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
-                optimizer.step()
-
-            if args.target_kl and approx_kl > args.target_kl:
-                break
-
-        # ---- Bookkeeping ---------------------------------------------------------------------------
-        real = batch.mask
-        values_np, returns_np = batch.value[real], returns.cpu().numpy()[real]
-        var_y = np.var(returns_np)
-        explained_var = np.nan if var_y == 0 else 1 - np.var(returns_np - values_np) / var_y
-        batch.release()
+            # ---- Bookkeeping -----------------------------------------------------------------------
+            real = batch.mask
+            values_np, returns_np = batch.value[real], returns[real]
+            var_y = np.var(returns_np)
+            explained_var = np.nan if var_y == 0 else 1 - np.var(returns_np - values_np) / var_y
         sps = int(global_step / (time.time() - start_time))
         metrics = {
             "charts/learning_rate": optimizer.param_groups[0]["lr"],
             "charts/episodic_return": float(np.mean(recent)) if recent else float("nan"),
             "charts/episodes": len(episode_returns),
             "charts/SPS": sps,
-            "losses/value_loss": v_loss.item(),
-            "losses/policy_loss": pg_loss.item(),
-            "losses/entropy": entropy_loss.item(),
-            "losses/approx_kl": approx_kl.item(),
-            "losses/clipfrac": float(np.mean(clipfracs)),
+            **losses,
             "losses/explained_variance": float(explained_var),
         }
         progress.set_postfix(ret=f"{metrics['charts/episodic_return']:.1f}", sps=sps, refresh=False)

@@ -9,7 +9,6 @@ Hyperparameters are the rl-baselines3-zoo ones for CartPole-v1.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
 
@@ -18,6 +17,8 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.evaluation import evaluate_policy
 
 from segvec.integrations.sb3 import make_sb3_vec_env
+
+from common import parse_args  # examples/common.py: flags from the fields of Args
 
 
 @dataclasses.dataclass
@@ -58,17 +59,8 @@ class Args:
     """GAE lambda"""
 
 
-def parse_args() -> Args:
-    """Command-line flags from the fields of `Args` (``--num-envs 16``)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for field in dataclasses.fields(Args):
-        kind = {"int": int, "float": float, "str": str}[field.type]
-        parser.add_argument("--" + field.name.replace("_", "-"), type=kind, default=field.default)
-    return Args(**vars(parser.parse_args()))
-
-
 if __name__ == "__main__":
-    args = parse_args()
+    args = parse_args(Args)
     torch.set_num_threads(args.torch_threads)
 
     # ---- Environments: a SegmentVecEnv presented as an SB3 VecEnv ----------------------------------

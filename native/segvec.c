@@ -36,23 +36,6 @@
 
 /* ---- the shared block ------------------------------------------------------------------------- */
 
-/* Offsets of the arrays only C touches. */
-typedef struct {
-    int64_t free_ring;        /* int32 [S]  free FIFO, indexed by counter % S (learner only) */
-    int64_t complete_ring;    /* int32 [S]  completed FIFO (learner only) */
-    int64_t workers;          /* worker_slot_t [W] */
-    int64_t action_rings;     /* int32 [W, E / W]  per-worker action queue */
-    int64_t ready_rings;      /* ready_entry_t [W, E / W]  per-worker ready queue */
-    int64_t awaiting_row;     /* int32 [E]  row waiting for its tail bootstrap, -1 if none */
-    int64_t env_spare;        /* int32 [E]  RESERVED row the env moves to when its row fills, -1 if none */
-    int64_t env_sent_slot;    /* int64 [E]  step slot the env was last sent (or reset) at: where a dead
-                               *             worker's env is rolled back to */
-    int64_t env_steps_done;   /* int64 [E]  slots filled by the env so far */
-    int64_t env_return;       /* float64 [E] running episode return */
-    int64_t env_length;       /* int64 [E]  running episode length */
-    int64_t episode_seq;      /* atomic uint64 [K] ticket + 1 once the entry is written */
-} internal_offsets_t;
-
 /* One entry of a worker's ready queue; `stamp` orders entries across the queues. */
 typedef struct {
     int32_t env;
@@ -71,6 +54,26 @@ typedef struct {
     atomic_uint_fast64_t ready_tail;        /* ready queue; written by worker w */
     _Alignas(CACHE_LINE) atomic_uint_fast64_t ready_head; /* ready queue; written by the learner */
 } worker_slot_t;
+
+/* The arrays only C touches, each listed once: X(name, element C type, element count). */
+#define INTERNAL_ARRAYS(X)                                                                                 \
+    X(free_ring, int32_t, S)             /* free FIFO, indexed by counter % S (learner only) */           \
+    X(complete_ring, int32_t, S)         /* completed FIFO (learner only) */                              \
+    X(workers, worker_slot_t, W)                                                                           \
+    X(action_rings, int32_t, E)          /* [W, E / W] per-worker action queue */                          \
+    X(ready_rings, ready_entry_t, E)     /* [W, E / W] per-worker ready queue */                           \
+    X(awaiting_row, int32_t, E)          /* row waiting for its tail bootstrap, -1 if none */              \
+    X(env_spare, int32_t, E)             /* RESERVED row the env moves to when its row fills, -1 if none */ \
+    X(env_sent_slot, int64_t, E)         /* step slot the env was last sent (or reset) at: where a dead    \
+                                          * worker's env is rolled back to */                              \
+    X(env_steps_done, int64_t, E)        /* slots filled by the env so far */                              \
+    X(env_return, double, E)             /* running episode return */                                      \
+    X(env_length, int64_t, E)            /* running episode length */                                      \
+    X(episode_seq, atomic_uint_fast64_t, K) /* finished-episode ring: ticket + 1 once the entry is written */
+
+#define OFFSET_FIELD(name, ctype, count) int64_t name;
+typedef struct { INTERNAL_ARRAYS(OFFSET_FIELD) } internal_offsets_t;
+#undef OFFSET_FIELD
 
 typedef struct {
     uint64_t magic;
@@ -112,27 +115,11 @@ struct segvec_core {
     char *base;
     int32_t E, W, S, T, K, envs_per_worker;
     pthread_mutex_t pool_mutex;   /* the learner's threads take turns on the row pool */
-    /* public arrays */
-    float *reward, *value, *logprob, *truncation_value, *tail_value;
-    uint8_t *terminated, *truncated, *mask, *episode_start;
-    int64_t *policy_version;
-    int32_t *row_env_id, *row_length, *row_state;
-    int64_t *row_start_step, *row_episode_id;
-    int32_t *env_row, *env_step;
-    atomic_int *env_state;
-    uint8_t *env_needs_reset, *env_last_terminated, *env_last_truncated;
-    double *env_last_reward;
-    int64_t *env_episode_id, *env_last_slot;
-    int32_t *episode_env_id;
-    double *episode_return;
-    int64_t *episode_length;
-    /* internal arrays */
-    int32_t *free_ring, *complete_ring, *action_rings, *awaiting_row, *env_spare;
-    ready_entry_t *ready_rings;
-    worker_slot_t *workers;
-    int64_t *env_sent_slot, *env_steps_done, *env_length;
-    double *env_return;
-    atomic_uint_fast64_t *episode_seq;
+    /* every array of the block (see SEGVEC_ARRAYS and INTERNAL_ARRAYS) */
+#define POINTER_FIELD(name, ctype, ...) ctype *name;
+    SEGVEC_ARRAYS(POINTER_FIELD)
+    INTERNAL_ARRAYS(POINTER_FIELD)
+#undef POINTER_FIELD
     uint32_t alert_seen;
 };
 
@@ -166,52 +153,26 @@ static int config_is_valid(const segvec_config_t *c) {
     return 1;
 }
 
+/* Elements of an array of shape kind `dims` (enum segvec_dims). */
+static int64_t dims_count(const segvec_config_t *c, int32_t dims) {
+    switch (dims) {
+    case SEGVEC_DIMS_ST: return (int64_t)c->num_segments * c->horizon;
+    case SEGVEC_DIMS_S: return c->num_segments;
+    case SEGVEC_DIMS_E: return c->num_envs;
+    default: return c->episode_capacity;
+    }
+}
+
+/* Places every array after the shared header, 64-byte aligned, in list order. */
 static void compute_offsets(const segvec_config_t *c, segvec_layout_t *L, internal_offsets_t *I) {
-    int64_t S = c->num_segments, T = c->horizon, E = c->num_envs, W = c->num_workers;
-    int64_t K = c->episode_capacity;
+    int64_t S = c->num_segments, E = c->num_envs, W = c->num_workers, K = c->episode_capacity;
     int64_t at = align_up((int64_t)sizeof(shared_t));
-#define PLACE(field, bytes) do { field = at; at = align_up(at + (int64_t)(bytes)); } while (0)
-    PLACE(L->reward, S * T * 4);
-    PLACE(L->terminated, S * T);
-    PLACE(L->truncated, S * T);
-    PLACE(L->mask, S * T);
-    PLACE(L->episode_start, S * T);
-    PLACE(L->value, S * T * 4);
-    PLACE(L->logprob, S * T * 4);
-    PLACE(L->policy_version, S * T * 8);
-    PLACE(L->truncation_value, S * T * 4);
-    PLACE(L->next_value, S * T * 4);
-    PLACE(L->tail_value, S * 4);
-    PLACE(L->row_env_id, S * 4);
-    PLACE(L->row_length, S * 4);
-    PLACE(L->row_state, S * 4);
-    PLACE(L->row_start_step, S * 8);
-    PLACE(L->row_episode_id, S * 8);
-    PLACE(L->env_row, E * 4);
-    PLACE(L->env_step, E * 4);
-    PLACE(L->env_state, E * sizeof(atomic_int));
-    PLACE(L->env_needs_reset, E);
-    PLACE(L->env_last_reward, E * 8);
-    PLACE(L->env_last_terminated, E);
-    PLACE(L->env_last_truncated, E);
-    PLACE(L->env_episode_id, E * 8);
-    PLACE(L->env_last_slot, E * 8);
-    PLACE(L->episode_env_id, K * 4);
-    PLACE(L->episode_return, K * 8);
-    PLACE(L->episode_length, K * 8);
-    PLACE(I->free_ring, S * 4);
-    PLACE(I->complete_ring, S * 4);
-    PLACE(I->workers, W * sizeof(worker_slot_t));
-    PLACE(I->action_rings, E * 4);
-    PLACE(I->ready_rings, E * sizeof(ready_entry_t));
-    PLACE(I->awaiting_row, E * 4);
-    PLACE(I->env_spare, E * 4);
-    PLACE(I->env_sent_slot, E * 8);
-    PLACE(I->env_steps_done, E * 8);
-    PLACE(I->env_return, E * 8);
-    PLACE(I->env_length, E * 8);
-    PLACE(I->episode_seq, K * sizeof(atomic_uint_fast64_t));
-#undef PLACE
+#define PLACE_PUBLIC(name, ctype, dtype, dims, doc) L->name = at; at = align_up(at + dims_count(c, dims) * (int64_t)sizeof(ctype));
+#define PLACE_INTERNAL(name, ctype, count) I->name = at; at = align_up(at + (int64_t)(count) * (int64_t)sizeof(ctype));
+    SEGVEC_ARRAYS(PLACE_PUBLIC)
+    INTERNAL_ARRAYS(PLACE_INTERNAL)
+#undef PLACE_PUBLIC
+#undef PLACE_INTERNAL
     L->total_bytes = at;
 }
 
@@ -219,6 +180,33 @@ int segvec_compute_layout(const segvec_config_t *config, segvec_layout_t *layout
     internal_offsets_t internal;
     if (!config || !layout_out || !config_is_valid(config)) return SEGVEC_ERR_INVALID;
     compute_offsets(config, layout_out, &internal);
+    return SEGVEC_OK;
+}
+
+int segvec_block_bytes(const segvec_config_t *config, int64_t *bytes_out) {
+    segvec_layout_t layout;
+    int status = segvec_compute_layout(config, &layout);
+    if (status == SEGVEC_OK) *bytes_out = layout.total_bytes;
+    return status;
+}
+
+#define ARRAY_INFO(name, ctype, dtype, dims, doc) {#name, offsetof(segvec_layout_t, name), dtype, dims},
+static const struct { const char *name; size_t field; int32_t dtype, dims; } ARRAY_TABLE[] = {
+    SEGVEC_ARRAYS(ARRAY_INFO)
+};
+#undef ARRAY_INFO
+
+int segvec_num_arrays(void) { return (int)(sizeof(ARRAY_TABLE) / sizeof(ARRAY_TABLE[0])); }
+
+int segvec_array_info(const segvec_config_t *config, int32_t index, segvec_array_info_t *info_out) {
+    segvec_layout_t layout;
+    if (index < 0 || index >= segvec_num_arrays()) return SEGVEC_ERR_INVALID;
+    int status = segvec_compute_layout(config, &layout);
+    if (status != SEGVEC_OK) return status;
+    info_out->name = ARRAY_TABLE[index].name;
+    info_out->offset = *(const int64_t *)((const char *)&layout + ARRAY_TABLE[index].field);
+    info_out->dtype = ARRAY_TABLE[index].dtype;
+    info_out->dims = ARRAY_TABLE[index].dims;
     return SEGVEC_OK;
 }
 
@@ -234,45 +222,12 @@ static void bind(segvec_core_t *c, shared_t *sh) {
     c->T = sh->config.horizon;
     c->K = sh->config.episode_capacity;
     c->envs_per_worker = c->E / c->W;
-    c->reward = (float *)(b + L->reward);
-    c->terminated = (uint8_t *)(b + L->terminated);
-    c->truncated = (uint8_t *)(b + L->truncated);
-    c->mask = (uint8_t *)(b + L->mask);
-    c->episode_start = (uint8_t *)(b + L->episode_start);
-    c->value = (float *)(b + L->value);
-    c->logprob = (float *)(b + L->logprob);
-    c->policy_version = (int64_t *)(b + L->policy_version);
-    c->truncation_value = (float *)(b + L->truncation_value);
-    c->tail_value = (float *)(b + L->tail_value);
-    c->row_env_id = (int32_t *)(b + L->row_env_id);
-    c->row_length = (int32_t *)(b + L->row_length);
-    c->row_state = (int32_t *)(b + L->row_state);
-    c->row_start_step = (int64_t *)(b + L->row_start_step);
-    c->row_episode_id = (int64_t *)(b + L->row_episode_id);
-    c->env_row = (int32_t *)(b + L->env_row);
-    c->env_step = (int32_t *)(b + L->env_step);
-    c->env_state = (atomic_int *)(b + L->env_state);
-    c->env_needs_reset = (uint8_t *)(b + L->env_needs_reset);
-    c->env_last_reward = (double *)(b + L->env_last_reward);
-    c->env_last_terminated = (uint8_t *)(b + L->env_last_terminated);
-    c->env_last_truncated = (uint8_t *)(b + L->env_last_truncated);
-    c->env_episode_id = (int64_t *)(b + L->env_episode_id);
-    c->env_last_slot = (int64_t *)(b + L->env_last_slot);
-    c->episode_env_id = (int32_t *)(b + L->episode_env_id);
-    c->episode_return = (double *)(b + L->episode_return);
-    c->episode_length = (int64_t *)(b + L->episode_length);
-    c->free_ring = (int32_t *)(b + I->free_ring);
-    c->complete_ring = (int32_t *)(b + I->complete_ring);
-    c->workers = (worker_slot_t *)(b + I->workers);
-    c->action_rings = (int32_t *)(b + I->action_rings);
-    c->ready_rings = (ready_entry_t *)(b + I->ready_rings);
-    c->awaiting_row = (int32_t *)(b + I->awaiting_row);
-    c->env_spare = (int32_t *)(b + I->env_spare);
-    c->env_sent_slot = (int64_t *)(b + I->env_sent_slot);
-    c->env_steps_done = (int64_t *)(b + I->env_steps_done);
-    c->env_return = (double *)(b + I->env_return);
-    c->env_length = (int64_t *)(b + I->env_length);
-    c->episode_seq = (atomic_uint_fast64_t *)(b + I->episode_seq);
+#define BIND_PUBLIC(name, ctype, ...) c->name = (ctype *)(b + L->name);
+#define BIND_INTERNAL(name, ctype, count) c->name = (ctype *)(b + I->name);
+    SEGVEC_ARRAYS(BIND_PUBLIC)
+    INTERNAL_ARRAYS(BIND_INTERNAL)
+#undef BIND_PUBLIC
+#undef BIND_INTERNAL
     c->alert_seen = atomic_load(&sh->alert_seq);
 }
 

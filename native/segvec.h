@@ -61,6 +61,7 @@
 #ifndef SEGVEC_H
 #define SEGVEC_H
 
+#include <stdatomic.h>
 #include <stdint.h>
 
 /* SEGVEC_CDEF_BEGIN */
@@ -120,40 +121,23 @@ typedef struct segvec_config {
     int32_t poison;             /* 1: fill fresh rows' rewards with -42.42 (debug) */
 } segvec_config_t;
 
-/* Byte offsets (from the block's start) of the arrays Python views; `total_bytes` is the size of the
- * core's part, 64-byte aligned.  Shapes: S = num_segments, T = horizon, E = num_envs, K = episode_capacity. */
-typedef struct segvec_layout {
-    int64_t total_bytes;
-    int64_t reward;             /* float32 [S, T] outcome of action[t] */
-    int64_t terminated;         /* uint8   [S, T] */
-    int64_t truncated;          /* uint8   [S, T] */
-    int64_t mask;               /* uint8   [S, T] 1: a real transition */
-    int64_t episode_start;      /* uint8   [S, T] 1: obs[t] is an episode's first observation */
-    int64_t value;              /* float32 [S, T] sent by the learner, NaN until sent */
-    int64_t logprob;            /* float32 [S, T] sent by the learner, NaN until sent */
-    int64_t policy_version;     /* int64   [S, T] stamped at send */
-    int64_t truncation_value;   /* float32 [S, T] value of the final obs of a truncation whose next slot does
-                                 *                not hold it (SAME_STEP autoreset, restarted envs), else NaN */
-    int64_t next_value;         /* float32 [S, T] bootstraps, filled by segvec_fill_next_values at take */
-    int64_t tail_value;         /* float32 [S]    value of obs[length] (next_value at t = length - 1) */
-    int64_t row_env_id;         /* int32   [S] */
-    int64_t row_length;         /* int32   [S]    steps written */
-    int64_t row_state;          /* int32   [S]    enum segvec_row_state */
-    int64_t row_start_step;     /* int64   [S]    slots this env filled before the row's first one */
-    int64_t row_episode_id;     /* int64   [S]    episode id of the row's first slot */
-    int64_t env_row;            /* int32   [E]    row the env fills now */
-    int64_t env_step;           /* int32   [E]    its current slot: obs[env_row, env_step] is the env's obs */
-    int64_t env_state;          /* int32   [E]    enum segvec_env_state */
-    int64_t env_needs_reset;    /* uint8   [E]    NEXT_STEP: the last step ended an episode */
-    int64_t env_last_reward;    /* float64 [E]    outcome of the env's previous action (what recv returns) */
-    int64_t env_last_terminated;/* uint8   [E] */
-    int64_t env_last_truncated; /* uint8   [E] */
-    int64_t env_episode_id;     /* int64   [E]    episodes started by this env */
-    int64_t env_last_slot;      /* int64   [E]    step slot (r * T + t) of the env's last committed step, -1 */
-    int64_t episode_env_id;     /* int32   [K]    finished-episode ring */
-    int64_t episode_return;     /* float64 [K] */
-    int64_t episode_length;     /* int64   [K] */
-} segvec_layout_t;
+/* The arrays of the block other processes and languages view (their list is SEGVEC_ARRAYS below the
+ * declarations): element types and shape kinds, and where array i lies for a given config. */
+enum segvec_dtype { SEGVEC_FLOAT32 = 0, SEGVEC_FLOAT64 = 1, SEGVEC_INT32 = 2, SEGVEC_INT64 = 3, SEGVEC_BOOL = 4 };
+enum segvec_dims {             /* S = num_segments, T = horizon, E = num_envs, K = episode_capacity */
+    SEGVEC_DIMS_ST = 0,        /* [S, T]: one item per step slot */
+    SEGVEC_DIMS_S = 1,         /* [S]: one per row */
+    SEGVEC_DIMS_E = 2,         /* [E]: one per env */
+    SEGVEC_DIMS_K = 3          /* [K]: one per entry of the finished-episode ring */
+};
+typedef struct segvec_array_info {
+    const char *name;          /* the array's name, e.g. "reward" */
+    int64_t offset;            /* bytes from the block's start (64-byte aligned) */
+    int32_t dtype;             /* enum segvec_dtype */
+    int32_t dims;              /* enum segvec_dims */
+} segvec_array_info_t;
+/* The byte offsets of every array (see SEGVEC_ARRAYS), and the size of the core's part of the block. */
+typedef struct segvec_layout segvec_layout_t;
 
 /* Counters of a core, read with segvec_read_stats (any process).  A worker killed by a signal between
  * committing a step and publishing it may leave that step counted in `steps`/`episodes` although its
@@ -180,6 +164,11 @@ typedef struct segvec_core segvec_core_t;
 /* ---- set-up (any process) ---------------------------------------------------------------------- */
 const char *segvec_strerror(int status);
 int segvec_compute_layout(const segvec_config_t *config, segvec_layout_t *layout_out);
+/* Bytes of the core's part of a block for `config` (64-byte aligned; other arrays may follow it). */
+int segvec_block_bytes(const segvec_config_t *config, int64_t *bytes_out);
+/* How many arrays SEGVEC_ARRAYS lists, and array `index`'s name, offset, element type and shape kind. */
+int segvec_num_arrays(void);
+int segvec_array_info(const segvec_config_t *config, int32_t index, segvec_array_info_t *info_out);
 /* learner only, once: writes a fresh core into `block` (which must be zeroed or fresh). */
 int segvec_format(void *block, int64_t block_bytes, const segvec_config_t *config);
 /* any process: a handle on a formatted block; free it with segvec_detach (the block stays). */
@@ -322,5 +311,46 @@ int segvec_gae(int32_t n, int32_t horizon, const float *reward, const float *val
                const int32_t *length, float gamma, float lam, float *advantages_out, float *returns_out);
 
 /* SEGVEC_CDEF_END */
+
+/* The block's arrays, each listed once: X(name, element C type, dtype, dims, doc).  This list generates
+ * the layout's offsets, their placement, the handle's pointers and segvec_array_info (so Python's views). */
+#define SEGVEC_ARRAYS(X)                                                                                   \
+    X(reward, float, SEGVEC_FLOAT32, SEGVEC_DIMS_ST, "outcome of action[t]")                               \
+    X(terminated, uint8_t, SEGVEC_BOOL, SEGVEC_DIMS_ST, "")                                                \
+    X(truncated, uint8_t, SEGVEC_BOOL, SEGVEC_DIMS_ST, "")                                                 \
+    X(mask, uint8_t, SEGVEC_BOOL, SEGVEC_DIMS_ST, "1: a real transition")                                  \
+    X(episode_start, uint8_t, SEGVEC_BOOL, SEGVEC_DIMS_ST, "1: obs[t] is an episode's first observation")  \
+    X(value, float, SEGVEC_FLOAT32, SEGVEC_DIMS_ST, "sent by the learner, NaN until sent")                 \
+    X(logprob, float, SEGVEC_FLOAT32, SEGVEC_DIMS_ST, "sent by the learner, NaN until sent")               \
+    X(policy_version, int64_t, SEGVEC_INT64, SEGVEC_DIMS_ST, "stamped at send")                            \
+    X(truncation_value, float, SEGVEC_FLOAT32, SEGVEC_DIMS_ST,                                             \
+      "value of the final obs of a truncation whose next slot does not hold it (SAME_STEP autoreset, "     \
+      "restarted envs), else NaN")                                                                         \
+    X(next_value, float, SEGVEC_FLOAT32, SEGVEC_DIMS_ST, "bootstraps, filled by segvec_fill_next_values")  \
+    X(tail_value, float, SEGVEC_FLOAT32, SEGVEC_DIMS_S, "value of obs[length] (next_value at length - 1)") \
+    X(row_env_id, int32_t, SEGVEC_INT32, SEGVEC_DIMS_S, "")                                                \
+    X(row_length, int32_t, SEGVEC_INT32, SEGVEC_DIMS_S, "steps written")                                   \
+    X(row_state, int32_t, SEGVEC_INT32, SEGVEC_DIMS_S, "enum segvec_row_state")                            \
+    X(row_start_step, int64_t, SEGVEC_INT64, SEGVEC_DIMS_S, "slots this env filled before the row's first") \
+    X(row_episode_id, int64_t, SEGVEC_INT64, SEGVEC_DIMS_S, "episode id of the row's first slot")          \
+    X(env_row, int32_t, SEGVEC_INT32, SEGVEC_DIMS_E, "row the env fills now")                              \
+    X(env_step, int32_t, SEGVEC_INT32, SEGVEC_DIMS_E, "current slot: obs[env_row, env_step] is its obs")   \
+    X(env_state, atomic_int, SEGVEC_INT32, SEGVEC_DIMS_E, "enum segvec_env_state (the hand-over flag)")    \
+    X(env_needs_reset, uint8_t, SEGVEC_BOOL, SEGVEC_DIMS_E, "NEXT_STEP: the last step ended an episode")   \
+    X(env_last_reward, double, SEGVEC_FLOAT64, SEGVEC_DIMS_E, "outcome of the env's previous action")      \
+    X(env_last_terminated, uint8_t, SEGVEC_BOOL, SEGVEC_DIMS_E, "")                                        \
+    X(env_last_truncated, uint8_t, SEGVEC_BOOL, SEGVEC_DIMS_E, "")                                         \
+    X(env_episode_id, int64_t, SEGVEC_INT64, SEGVEC_DIMS_E, "episodes started by this env")                \
+    X(env_last_slot, int64_t, SEGVEC_INT64, SEGVEC_DIMS_E, "step slot of the last committed step, -1")     \
+    X(episode_env_id, int32_t, SEGVEC_INT32, SEGVEC_DIMS_K, "finished-episode ring")                       \
+    X(episode_return, double, SEGVEC_FLOAT64, SEGVEC_DIMS_K, "")                                           \
+    X(episode_length, int64_t, SEGVEC_INT64, SEGVEC_DIMS_K, "")
+
+#define SEGVEC_OFFSET_FIELD(name, ctype, dtype, dims, doc) int64_t name;
+struct segvec_layout {
+    int64_t total_bytes;
+    SEGVEC_ARRAYS(SEGVEC_OFFSET_FIELD)
+};
+#undef SEGVEC_OFFSET_FIELD
 
 #endif /* SEGVEC_H */

@@ -1,12 +1,14 @@
-"""The Python side of the C segment core: the memory block, numpy views of it, and thin calls into C.
+"""The only module that speaks to the compiled C core: the memory block, numpy views of it, and `Core`.
 
-See ``native/segvec.h`` for the design.  This module adds what C does not know: the arrays whose dtypes
-depend on the spaces (observations, actions, learner fields), laid out in the same block right after the
-core's own part.
+See ``native/segvec.h`` for the design.  `Core` has one typed method per C call (numpy arrays in and out,
+its own preallocated output buffers), and `check` is the one place where a C status becomes an exception.
+This module also lays out what C does not know: the arrays whose dtypes depend on the spaces
+(observations, actions, learner fields), placed in the same block right after the core's own part.
 """
 from __future__ import annotations
 
 import dataclasses
+import enum
 import errno
 import mmap
 import os
@@ -36,8 +38,49 @@ from segvec.errors import (
 from segvec.spaces import SpaceLayout
 
 ALIGN = 64
+_DTYPES = {lib.SEGVEC_FLOAT32: np.dtype(np.float32), lib.SEGVEC_FLOAT64: np.dtype(np.float64),
+           lib.SEGVEC_INT32: np.dtype(np.int32), lib.SEGVEC_INT64: np.dtype(np.int64),
+           lib.SEGVEC_BOOL: np.dtype(np.bool_)}
 SHM_PREFIX = "/segvec-"
 SHM_DIR = "/dev/shm"
+
+
+class EnvState(enum.IntEnum):
+    """An env's state in the core (``enum segvec_env_state``): who owns its cursor now."""
+
+    NEW = lib.SEGVEC_ENV_NEW
+    HELD = lib.SEGVEC_ENV_HELD
+    SENDING = lib.SEGVEC_ENV_SENDING
+    IN_FLIGHT = lib.SEGVEC_ENV_IN_FLIGHT
+    READY = lib.SEGVEC_ENV_READY
+    RESETTING = lib.SEGVEC_ENV_RESETTING
+    FAILED = lib.SEGVEC_ENV_FAILED
+
+
+class RowState(enum.IntEnum):
+    """A row's state in the core (``enum segvec_row_state``)."""
+
+    FREE = lib.SEGVEC_ROW_FREE
+    FILLING = lib.SEGVEC_ROW_FILLING
+    AWAITING_BOOTSTRAP = lib.SEGVEC_ROW_AWAITING_BOOTSTRAP
+    COMPLETE = lib.SEGVEC_ROW_COMPLETE
+    TAKEN = lib.SEGVEC_ROW_TAKEN
+    RESERVED = lib.SEGVEC_ROW_RESERVED
+
+
+OUTSTANDING = lib.SEGVEC_MASK_OUTSTANDING  # env states of envs sent or reset and not received yet
+AT_WORKER = lib.SEGVEC_MASK_AT_WORKER      # env states of envs their worker is stepping or resetting
+POISON_REWARD = lib.SEGVEC_POISON_REWARD_MILLI / 1000
+
+
+class Wait(enum.Enum):
+    """How a wait of the core ended (the statuses that are no error)."""
+
+    DONE = lib.SEGVEC_OK
+    TIMEOUT = lib.SEGVEC_ERR_TIMEOUT
+    ALERT = lib.SEGVEC_ERR_ALERT            # a worker posted an error
+    INTERRUPTED = lib.SEGVEC_ERR_INTERRUPTED
+    SHUTDOWN = lib.SEGVEC_ERR_SHUTDOWN
 
 
 def check(status: int, context: str = "") -> int:
@@ -220,6 +263,249 @@ class Geometry:
         return config
 
 
+def _i32(array) -> np.ndarray:
+    return np.ascontiguousarray(array, dtype=np.int32)
+
+
+class Core:
+    """One process's handle on the C core of a block: one method per C call, numpy arrays in and out.
+
+    Methods that return arrays return views of buffers the Core owns, valid until the same method is called
+    again.  Which process may call what is in ``native/segvec.h``: "learner" methods here are the learner's
+    (and the serial backend's runner, which runs in the learner's process), "worker" methods the runner's.
+    """
+
+    def __init__(self, pointer, nbytes: int, geometry: "Geometry", format_block: bool):
+        if format_block:
+            check(lib.segvec_format(pointer, nbytes, geometry.config()), "formatting the segment core")
+        handle = ffi.new("segvec_core_t **")
+        check(lib.segvec_attach(pointer, nbytes, handle), "attaching the segment core")
+        self._core = ffi.gc(handle[0], lib.segvec_detach)
+        E = geometry.num_envs
+        self.address = int(ffi.cast("uintptr_t", pointer))
+        self._count = ffi.new("int32_t *")
+        self._cursor = ffi.new("int64_t *")
+        self._stats = ffi.new("segvec_stats_t *")
+        self._stat_names = [name for name, _ in ffi.typeof("segvec_stats_t").fields]
+        self._ids, self._ids_ptr = self._buffer(E, np.int32)
+        self._slots, self._slots_ptr = self._buffer(E, np.int64)
+        self._row_start, self._row_start_ptr = self._buffer(E, np.uint8)
+        self._obs_slots, self._obs_slots_ptr = self._buffer(E, np.int64)
+        self._chain_slots, self._chain_slots_ptr = self._buffer(E, np.int64)
+        self._copy_from, self._copy_from_ptr = self._buffer(E, np.int64)
+        self._copy_to, self._copy_to_ptr = self._buffer(E, np.int64)
+        self._outcomes = np.zeros((E, 6), np.float64)  # segvec_outcome_t rows, see native/segvec.h
+        self._outcomes_ptr = ffi.cast("segvec_outcome_t *", ffi.from_buffer(self._outcomes))
+
+    @property
+    def handle(self):
+        """The raw ``segvec_core_t *`` (for tests that drive the C calls themselves)."""
+        return self._core
+
+    @staticmethod
+    def _buffer(n: int, dtype):
+        array = np.zeros(n, dtype)
+        ctype = {np.int32: "int32_t[]", np.int64: "int64_t[]", np.uint8: "uint8_t[]"}[dtype]
+        return array, ffi.from_buffer(ctype, array, require_writable=True)
+
+    # ---- any process ------------------------------------------------------------------------------
+    def stats(self) -> dict[str, int]:
+        """The core's counters (``segvec_stats_t``) by name."""
+        check(lib.segvec_read_stats(self._core, self._stats))
+        return {name: int(getattr(self._stats, name)) for name in self._stat_names}
+
+    def count_envs(self, state_mask: int) -> int:
+        """Number of envs whose state bit ``1 << state`` is in `state_mask` (a snapshot)."""
+        check(lib.segvec_count_envs(self._core, state_mask, self._count))
+        return int(self._count[0])
+
+    def post_alert(self) -> None:
+        lib.segvec_post_alert(self._core)
+
+    def read_episodes(self, cursor: list, max_n: int) -> dict:
+        """Finished episodes from ticket ``cursor[0]`` on (which advances): env_id, return, length, lost."""
+        env_ids, returns, lengths = np.empty(max_n, np.int32), np.empty(max_n, np.float64), np.empty(max_n, np.int64)
+        self._cursor[0] = cursor[0]
+        lost = ffi.new("int64_t *")
+        check(lib.segvec_read_episodes(self._core, self._cursor, max_n, ffi.from_buffer("int32_t[]", env_ids),
+                                       ffi.from_buffer("double[]", returns), ffi.from_buffer("int64_t[]", lengths),
+                                       self._count, lost))
+        cursor[0] = int(self._cursor[0])
+        k = self._count[0]
+        return {"env_id": env_ids[:k], "return": returns[:k], "length": lengths[:k], "lost": int(lost[0])}
+
+    def cursor_slots(self, env_ids: np.ndarray, observation: bool = False) -> np.ndarray:
+        """Each env's current slot: step slots (r * T + t), or observation slots (r * (T + 1) + t)."""
+        kind = lib.SEGVEC_OBS_SLOT if observation else lib.SEGVEC_STEP_SLOT
+        check(lib.segvec_cursor_slots(self._core, len(env_ids), ffi.from_buffer("int32_t[]", env_ids), kind,
+                                      self._slots_ptr))
+        return self._slots[:len(env_ids)]
+
+    def gather_current(self, env_ids: np.ndarray, by_slot: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """``out[i] = by_slot[current observation slot of env_ids[i]]`` (one observation leaf)."""
+        check(lib.segvec_gather_current(self._core, len(env_ids), ffi.from_buffer("int32_t[]", env_ids),
+                                        ffi.from_buffer(by_slot), by_slot.itemsize * int(np.prod(by_slot.shape[1:])),
+                                        ffi.from_buffer(out, require_writable=True)))
+        return out
+
+    # ---- learner ----------------------------------------------------------------------------------
+    def flush_envs(self, env_ids: np.ndarray, tail_values: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Closes the envs' rows in progress; returns ``(copy_from, copy_to)`` observation slots (-1: none)."""
+        n = len(env_ids)
+        check(lib.segvec_flush_envs(
+            self._core, n, ffi.from_buffer("int32_t[]", env_ids),
+            ffi.NULL if tail_values is None else ffi.from_buffer("float[]", tail_values),
+            self._copy_from_ptr, self._copy_to_ptr), "flush")
+        return self._copy_from[:n], self._copy_to[:n]
+
+    def begin_resets(self, env_ids: np.ndarray) -> None:
+        check(lib.segvec_begin_resets(self._core, len(env_ids), ffi.from_buffer("int32_t[]", env_ids)), "reset")
+
+    def wait_ready(self, min_count: int, timeout_ms: int) -> tuple[Wait, int]:
+        """Waits (at most `timeout_ms`, and ~100 ms at a time) for `min_count` published envs."""
+        status = lib.segvec_wait_ready(self._core, min_count, timeout_ms, self._count)
+        return Wait(status), int(self._count[0])
+
+    def pop_ready(self, max_n: int) -> np.ndarray:
+        """Receives up to `max_n` published envs, oldest publication first (a copy)."""
+        check(lib.segvec_pop_ready(self._core, max_n, self._ids_ptr, self._count))
+        return self._ids[:self._count[0]].copy()
+
+    def prepare_send(self, env_ids: np.ndarray, values, logprobs, policy_version: int) -> tuple[np.ndarray, np.ndarray]:
+        """Stamps a send; returns ``(step slots, row starts)``.  All or nothing.
+
+        Raises:
+            NotReceivedError: an env is not held (not received, failed, or named twice).
+            SegmentBufferExhausted: the spare rows it needs are held by the learner.
+        """
+        n = len(env_ids)
+        check(lib.segvec_prepare_send(
+            self._core, n, ffi.from_buffer("int32_t[]", env_ids),
+            ffi.NULL if values is None else ffi.from_buffer("float[]", values),
+            ffi.NULL if logprobs is None else ffi.from_buffer("float[]", logprobs),
+            int(policy_version), self._slots_ptr, self._row_start_ptr), "send")
+        return self._slots[:n], self._row_start[:n].view(np.bool_)
+
+    def cancel_send(self, env_ids: np.ndarray) -> None:
+        check(lib.segvec_cancel_send(self._core, len(env_ids), ffi.from_buffer("int32_t[]", env_ids)), "send")
+
+    def dispatch(self, env_ids: np.ndarray) -> None:
+        check(lib.segvec_dispatch(self._core, len(env_ids), ffi.from_buffer("int32_t[]", env_ids)), "send")
+
+    def fill_next_values(self, rows: np.ndarray, same_step: bool, out: np.ndarray) -> None:
+        """Bootstraps of every step of taken `rows` into `out` ([n, T] float32, C-contiguous)."""
+        check(lib.segvec_fill_next_values(self._core, len(rows), ffi.from_buffer("int32_t[]", rows), int(same_step),
+                                          ffi.from_buffer("float[]", out, require_writable=True)), "next_value")
+
+    def take(self, n: int) -> np.ndarray | None:
+        """Takes the `n` oldest complete rows; None when fewer are complete now."""
+        rows = np.empty(n, np.int32)
+        status = lib.segvec_take(self._core, n, ffi.from_buffer("int32_t[]", rows, require_writable=True))
+        if status == lib.SEGVEC_ERR_NOT_ENOUGH:
+            return None
+        check(status, "take_segments")
+        return rows
+
+    def release(self, rows: np.ndarray) -> None:
+        check(lib.segvec_release(self._core, len(rows), ffi.from_buffer("int32_t[]", rows)), "release")
+
+    def shutdown(self) -> None:
+        lib.segvec_shutdown(self._core)
+
+    def kick_worker(self, worker: int) -> None:
+        lib.segvec_kick_worker(self._core, int(worker))
+
+    def recover_worker(self, worker: int) -> np.ndarray:
+        """Takes back a dead worker's envs; returns those rolled back to their sent slot (a copy)."""
+        check(lib.segvec_recover_worker(self._core, int(worker), self._ids_ptr, self._count))
+        return self._ids[:self._count[0]].copy()
+
+    # ---- worker -----------------------------------------------------------------------------------
+    def worker_wait(self, worker: int, timeout_ms: int) -> Wait:
+        return Wait(lib.segvec_worker_wait(self._core, worker, timeout_ms))
+
+    def worker_pop(self, worker: int) -> np.ndarray:
+        """The envs whose actions are in for `worker`, in dispatch order (a view)."""
+        check(lib.segvec_worker_pop(self._core, worker, len(self._ids), self._ids_ptr, self._count))
+        return self._ids[:self._count[0]]
+
+    @property
+    def outcomes(self) -> np.ndarray:
+        """``[E, 6]`` float64 rows of ``segvec_outcome_t`` that `commit_steps` reads."""
+        return self._outcomes
+
+    def commit_steps(self, env_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Records ``outcomes[:n]``; returns ``(new observation slots, finished rows' obs[horizon] slots)``."""
+        n = len(env_ids)
+        check(lib.segvec_commit_steps(self._core, n, ffi.from_buffer("int32_t[]", env_ids), self._outcomes_ptr,
+                                      self._obs_slots_ptr, self._chain_slots_ptr), "commit")
+        return self._obs_slots[:n], self._chain_slots[:n]
+
+    def commit_resets(self, env_ids: np.ndarray) -> np.ndarray:
+        """Records resets; returns the observation slots of the first observations."""
+        n = len(env_ids)
+        check(lib.segvec_commit_resets(self._core, n, ffi.from_buffer("int32_t[]", env_ids), self._obs_slots_ptr),
+              "reset")
+        self._chain_slots[:n] = -1
+        return self._obs_slots[:n]
+
+    def restart_env(self, env_id: int) -> int:
+        """A rebuilt env starts a new episode at its cursor; returns the observation slot."""
+        check(lib.segvec_restart_env(self._core, env_id, self._cursor), "restart")
+        return int(self._cursor[0])
+
+    def fail_envs(self, env_ids) -> None:
+        ids = _i32(env_ids)
+        check(lib.segvec_fail_envs(self._core, len(ids), ffi.from_buffer("int32_t[]", ids)), "fail")
+
+    def return_envs(self, env_ids) -> None:
+        ids = _i32(env_ids)
+        check(lib.segvec_return_envs(self._core, len(ids), ffi.from_buffer("int32_t[]", ids)), "return")
+
+    def publish(self, env_ids) -> None:
+        if len(env_ids):
+            ids = _i32(env_ids)
+            check(lib.segvec_publish(self._core, len(ids), ffi.from_buffer("int32_t[]", ids)), "publish")
+
+
+# ---- kernels (no core) ------------------------------------------------------------------------------
+class Scatter:
+    """Copies a batch's staged observation leaves to their slots (and finished rows' obs[horizon]) in C.
+
+    Args:
+        staging: per leaf, ``[n_max, *leaf_shape]`` arrays (the batch's observations, in order).
+        by_slot: per leaf, ``[S * (T + 1), *leaf_shape]`` views of the block's observations.
+    """
+
+    def __init__(self, staging: list[np.ndarray], by_slot: list[np.ndarray]):
+        self._plan = [(ffi.from_buffer(out), ffi.from_buffer(dst, require_writable=True), out[0].nbytes)
+                      for out, dst in zip(staging, by_slot)]
+
+    def __call__(self, obs_slots: np.ndarray, chain_slots: np.ndarray | None = None, leaves=None) -> None:
+        n = len(obs_slots)
+        obs_ptr = ffi.from_buffer("int64_t[]", obs_slots)
+        chain_ptr = ffi.NULL if chain_slots is None else ffi.from_buffer("int64_t[]", chain_slots)
+        for i, (src, dst, item_bytes) in enumerate(self._plan):
+            if leaves is None or i in leaves:
+                lib.segvec_scatter_obs(src, item_bytes, n, obs_ptr, chain_ptr, dst)
+
+
+def first_out_of_range(values: np.ndarray, low: int, high: int) -> int:
+    """Index of the first value of a contiguous int64 array outside ``[low, high]``, or -1."""
+    return int(lib.segvec_first_out_of_range(ffi.from_buffer("int64_t[]", values), values.size, low, high))
+
+
+def gae_kernel(reward, value, next_value, terminated, truncated, mask, length, gamma: float, lam: float,
+               advantages: np.ndarray, returns: np.ndarray) -> None:
+    """The C GAE kernel on checked, C-contiguous ``[n, T]`` arrays (see `segvec.advantages.gae_numpy`)."""
+    n, T = reward.shape
+    check(lib.segvec_gae(n, T, *(ffi.from_buffer("float[]", a) for a in (reward, value, next_value)),
+                         *(ffi.from_buffer("uint8_t[]", a) for a in (terminated, truncated, mask)),
+                         ffi.from_buffer("int32_t[]", length), gamma, lam,
+                         ffi.from_buffer("float[]", advantages, require_writable=True),
+                         ffi.from_buffer("float[]", returns, require_writable=True)), "gae")
+
+
 class Storage:
     """Numpy views of every array in a block, plus the handle of the C core on it.
 
@@ -230,23 +516,28 @@ class Storage:
         segment fields        # [S, *shape]
         final_obs leaves      # [E, *leaf_shape]  SAME_STEP final observation of each env's last step
         env_has_info          # [E] uint8         1: the env's last step produced a non-empty info
-        reward, terminated, truncated, mask, episode_start, value, logprob, policy_version,
-        truncation_value      # [S, T]
-        tail_value, row_env_id, row_length, row_state, row_start_step, row_episode_id   # [S]
-        env_row, env_step, ...                                                          # [E]
+        the core's arrays     # each an attribute of its name: reward, terminated, ..., env_state, ...
+                              # (SEGVEC_ARRAYS in native/segvec.h lists them with their shapes)
     """
 
     @staticmethod
     def plan(geometry: Geometry):
-        """Returns ``(core_layout, python_arrays, nbytes)``: where every array of the block goes."""
+        """Returns ``(plan, nbytes)``: where every array of the block goes, as ``(group, name, shape,
+        dtype, offset)``; the core's arrays (group "core") come from its own list (``segvec_array_info``)."""
         g = geometry
         obs_layout = SpaceLayout(g.observation_space, "observation")
         action_layout = SpaceLayout(g.action_space, "action")
-        layout = ffi.new("segvec_layout_t *")
-        check(lib.segvec_compute_layout(g.config(), layout), "segment geometry")
+        config = g.config()
+        core_bytes, info = ffi.new("int64_t *"), ffi.new("segvec_array_info_t *")
+        check(lib.segvec_block_bytes(config, core_bytes), "segment geometry")
         S, T, E = g.num_segments, g.horizon, g.num_envs
-        offset = _align(layout.total_bytes)
+        shapes = {lib.SEGVEC_DIMS_ST: (S, T), lib.SEGVEC_DIMS_S: (S,), lib.SEGVEC_DIMS_E: (E,),
+                  lib.SEGVEC_DIMS_K: (g.episode_capacity,)}
         plan = []  # (group, name, shape, dtype, offset)
+        for index in range(lib.segvec_num_arrays()):
+            check(lib.segvec_array_info(config, index, info))
+            plan.append(("core", ffi.string(info.name).decode(), shapes[info.dims], _DTYPES[info.dtype], info.offset))
+        offset = _align(core_bytes[0])
 
         def place(group, name, shape, dtype):
             nonlocal offset
@@ -265,63 +556,34 @@ class Storage:
         for i, leaf in enumerate(obs_layout.leaves):
             place("final_obs", i, (E,) + leaf.shape, leaf.dtype)
         place("misc", "env_has_info", (E,), np.uint8)
-        return layout, plan, _align(offset)
+        return plan, _align(offset)
 
     def __init__(self, geometry: Geometry, block: MemoryBlock | None = None, shared: bool = False,
                  format_block: bool = True):
         self.geometry = g = geometry
         self.obs_layout = SpaceLayout(g.observation_space, "observation")
         self.action_layout = SpaceLayout(g.action_space, "action")
-        config = g.config()
-        layout, plan, self.nbytes = self.plan(g)
+        plan, self.nbytes = self.plan(g)
         S, T, E = g.num_segments, g.horizon, g.num_envs
 
         self.block = block if block is not None else MemoryBlock(self.nbytes, shared=shared)
-        self.pointer = ffi.from_buffer(self.block.buffer)
         raw = np.frombuffer(self.block.buffer, dtype=np.uint8, count=self.nbytes)
-        if format_block:
-            check(lib.segvec_format(self.pointer, self.nbytes, config), "formatting the segment core")
-        handle = ffi.new("segvec_core_t **")
-        check(lib.segvec_attach(self.pointer, self.nbytes, handle), "attaching the segment core")
-        self.core = ffi.gc(handle[0], lib.segvec_detach)
+        self.core = Core(ffi.from_buffer(self.block.buffer), self.nbytes, g, format_block)
+        self.address = self.core.address  # where the block starts in this process's memory
+        self.close_callbacks: list = []   # run by close(): e.g. torch unregistering the block from CUDA
 
         def view(offset, shape, dtype):
             dtype = np.dtype(dtype)
             count = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
             return raw[offset:offset + count].view(dtype).reshape(shape)
 
-        ST, SS, EE = (S, T), (S,), (E,)
-        self.reward = view(layout.reward, ST, np.float32)
-        self.terminated = view(layout.terminated, ST, np.bool_)
-        self.truncated = view(layout.truncated, ST, np.bool_)
-        self.mask = view(layout.mask, ST, np.bool_)
-        self.episode_start = view(layout.episode_start, ST, np.bool_)
-        self.value = view(layout.value, ST, np.float32)
-        self.logprob = view(layout.logprob, ST, np.float32)
-        self.policy_version = view(layout.policy_version, ST, np.int64)
-        self.truncation_value = view(layout.truncation_value, ST, np.float32)
-        self.next_value = view(layout.next_value, ST, np.float32)
-        self.tail_value = view(layout.tail_value, SS, np.float32)
-        self.row_env_id = view(layout.row_env_id, SS, np.int32)
-        self.row_length = view(layout.row_length, SS, np.int32)
-        self.row_state = view(layout.row_state, SS, np.int32)
-        self.row_start_step = view(layout.row_start_step, SS, np.int64)
-        self.row_episode_id = view(layout.row_episode_id, SS, np.int64)
-        self.env_row = view(layout.env_row, EE, np.int32)
-        self.env_step = view(layout.env_step, EE, np.int32)
-        self.env_state = view(layout.env_state, EE, np.int32)
-        self.env_needs_reset = view(layout.env_needs_reset, EE, np.bool_)
-        self.env_last_reward = view(layout.env_last_reward, EE, np.float64)
-        self.env_last_terminated = view(layout.env_last_terminated, EE, np.bool_)
-        self.env_last_truncated = view(layout.env_last_truncated, EE, np.bool_)
-        self.env_episode_id = view(layout.env_episode_id, EE, np.int64)
-        self.env_last_slot = view(layout.env_last_slot, EE, np.int64)
-
         self.obs, self.action, self.final_obs = [], [], []
         self.step_fields, self.segment_fields = {}, {}
         for group, name, shape, dtype, at in plan:
             array = view(at, shape, dtype)
-            if group == "obs":
+            if group == "core":
+                setattr(self, name, array)
+            elif group == "obs":
                 self.obs.append(array)
             elif group == "action":
                 self.action.append(array)
@@ -338,40 +600,15 @@ class Storage:
         self.action_by_slot = [a.reshape((S * T,) + a.shape[2:]) for a in self.action]
         self.step_fields_by_slot = {k: a.reshape((S * T,) + a.shape[2:]) for k, a in self.step_fields.items()}
 
-    # ---- CUDA ------------------------------------------------------------------------------------
-    def register_with_cuda(self) -> bool:
-        """Page-locks the whole block for CUDA (once), so that host-to-device copies of zero-copy batch
-        views are asynchronous DMA with no staging copy.  Returns False when CUDA is absent or refuses
-        (then callers stage through pinned memory).  `unregister_from_cuda` undoes it."""
-        if getattr(self, "_cuda_registered", None) is None:
-            self._cuda_registered = False
-            try:
-                import torch
-
-                if torch.cuda.is_available():
-                    address = int(ffi.cast("uintptr_t", self.pointer))
-                    status = torch.cuda.cudart().cudaHostRegister(address, self.nbytes, 0)
-                    self._cuda_registered = int(getattr(status, "value", status)) == 0
-            except Exception:  # noqa: BLE001 - any failure means: stage through pinned memory
-                self._cuda_registered = False
-        return self._cuda_registered
-
-    def unregister_from_cuda(self) -> None:
-        if getattr(self, "_cuda_registered", False):
-            self._cuda_registered = None
-            import torch
-
-            torch.cuda.cudart().cudaHostUnregister(int(ffi.cast("uintptr_t", self.pointer)))
-
-    def stats(self) -> dict:
-        out = ffi.new("segvec_stats_t *")
-        check(lib.segvec_read_stats(self.core, out))
-        return {name: int(getattr(out, name)) for name in (
-            "steps", "episodes", "segments_completed", "segments_recycled", "segments_taken", "nan_rewards",
-            "episodes_written", "restarts", "complete_rows", "free_rows", "taken_rows", "rolled_back")}
+    def stats(self) -> dict[str, int]:
+        return self.core.stats()
 
     def count_envs(self, state_mask: int) -> int:
-        """Number of envs whose state bit ``1 << state`` is in `state_mask` (a snapshot)."""
-        out = ffi.new("int32_t *")
-        check(lib.segvec_count_envs(self.core, state_mask, out))
-        return int(out[0])
+        return self.core.count_envs(state_mask)
+
+    def close(self) -> None:
+        """Runs the close callbacks (once); the mapping stays valid while views of it live."""
+        callbacks, self.close_callbacks = self.close_callbacks, []
+        for callback in callbacks:
+            callback()
+

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from segvec._core import ffi, lib
+from segvec._core import gae_kernel
 
 _KINDS = {"real": ("fiu", "a real-valued array"), "flag": ("biu", "a bool or integer array"),
           "count": ("iu", "an integer array")}
@@ -144,14 +144,8 @@ def gae_numpy(batch, gamma: float, lam: float, rho_clip: float | None = None, c_
     length = np.ascontiguousarray(x["length"], np.int32)
     n, T = real["reward"].shape
     advantages, returns = np.empty((n, T), np.float32), np.empty((n, T), np.float32)
-    status = lib.segvec_gae(
-        n, T, *(ffi.from_buffer("float[]", real[name]) for name in ("reward", "value", "next_value")),
-        *(ffi.from_buffer("uint8_t[]", flag[name]) for name in ("terminated", "truncated", "mask")),
-        ffi.from_buffer("int32_t[]", length), gamma, lam,
-        ffi.from_buffer("float[]", advantages, require_writable=True),
-        ffi.from_buffer("float[]", returns, require_writable=True))
-    if status != 0:
-        raise ValueError(f"gae: the kernel refused a batch of shape {(n, T)} (status {status})")
+    gae_kernel(real["reward"], real["value"], real["next_value"], flag["terminated"], flag["truncated"],
+               flag["mask"], length, gamma, lam, advantages, returns)
     return advantages, returns
 
 

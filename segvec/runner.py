@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from gymnasium.vector import AutoresetMode
 
-from segvec._core import Storage, check, ffi, lib
+from segvec._core import Scatter, Storage
 
 
 class EnvFailure(Exception):
@@ -75,10 +75,7 @@ class EnvRunner:
         self.action_layout = storage.action_layout
         self.horizon = storage.geometry.horizon
         n = len(envs)
-        self._outcomes = np.zeros((n, 6), np.float64)  # segvec_outcome_t rows, see native/segvec.h
-        self._obs_slots = np.zeros(n, np.int64)
-        self._chain_slots = np.zeros(n, np.int64)
-        self._action_slots = np.zeros(n, np.int64)
+        self.core = storage.core
         self._obs_out = [np.zeros((n,) + leaf.shape, leaf.dtype) for leaf in self.obs_layout.leaves]
         self._pending_restart: list = [None] * n  # reason: rebuild the env instead of its next step
         self._restarts_marked = False
@@ -87,13 +84,7 @@ class EnvRunner:
         self._obs_checks = [(leaf.shape, leaf.dtype) for leaf in self.obs_layout.leaves]
         # Observations of 1 KiB and more go straight to their slots (see _write_obs_in_place).
         self._direct_obs = self._flat_obs and self.obs_layout.leaves[0].nbytes >= 1024
-        # C views of the per-batch arrays, made once.
-        self._outcomes_ptr = ffi.cast("segvec_outcome_t *", ffi.from_buffer(self._outcomes))
-        self._obs_slots_ptr = ffi.from_buffer("int64_t[]", self._obs_slots)
-        self._chain_slots_ptr = ffi.from_buffer("int64_t[]", self._chain_slots)
-        self._action_slots_ptr = ffi.from_buffer("int64_t[]", self._action_slots)
-        self._scatter_plan = [(out, ffi.from_buffer(out), ffi.from_buffer(by_slot, require_writable=True), leaf.nbytes)
-                              for out, by_slot, leaf in zip(self._obs_out, storage.obs_by_slot, self.obs_layout.leaves)]
+        self._scatter = Scatter(self._obs_out, storage.obs_by_slot)
 
     # ---- writing observations ---------------------------------------------------------------------
     def _put_obs(self, i: int, obs: Any, env_index: int) -> None:
@@ -166,24 +157,6 @@ class EnvRunner:
         self._staged = staged
         return True
 
-    def _scatter_staged(self, positions: list) -> None:
-        """Scatters the staged observations of `positions` (rows that filled) after the commit."""
-        index = np.asarray(positions, np.int64)
-        obs_slots = np.ascontiguousarray(self._obs_slots[index])
-        chain_slots = np.ascontiguousarray(self._chain_slots[index])
-        out, out_ptr, by_slot_ptr, item_bytes = self._scatter_plan[0]
-        lib.segvec_scatter_obs(out_ptr, item_bytes, len(index), ffi.from_buffer("int64_t[]", obs_slots),
-                               ffi.from_buffer("int64_t[]", chain_slots), by_slot_ptr)
-
-    def _scatter_obs(self, count: int) -> None:
-        """Copies the batch's observations to their slots (and finished rows' obs[horizon]) in C."""
-        for out, out_ptr, by_slot_ptr, item_bytes in self._scatter_plan:
-            lib.segvec_scatter_obs(out_ptr, item_bytes, count, self._obs_slots_ptr, self._chain_slots_ptr,
-                                   by_slot_ptr)
-
-    def _publish(self, env_ids: np.ndarray) -> None:
-        check(lib.segvec_publish(self.storage.core, len(env_ids), ffi.from_buffer("int32_t[]", env_ids)))
-
     # ---- reset ------------------------------------------------------------------------------------
     def reset(self, env_ids: np.ndarray, seeds: list, options: dict | None) -> BatchResult:
         """Resets `env_ids` (RESETTING: the learner has flushed their rows) and writes their observations.
@@ -208,10 +181,7 @@ class EnvRunner:
             done.append(env_index)
         ids = np.asarray(done, np.int32)
         if done:
-            check(lib.segvec_commit_resets(self.storage.core, len(ids), ffi.from_buffer("int32_t[]", ids),
-                                           ffi.from_buffer("int64_t[]", self._obs_slots)))
-            self._chain_slots[:len(ids)] = -1
-            self._scatter_obs(len(ids))
+            self._scatter(self.core.commit_resets(ids))
             self._mark_infos(infos)
         self._fail(failures)
         return BatchResult(ids, infos, {}, failures)
@@ -229,9 +199,7 @@ class EnvRunner:
         """
         storage = self.storage
         count = len(env_ids)
-        check(lib.segvec_cursor_slots(storage.core, count, ffi.from_buffer("int32_t[]", env_ids),
-                                      lib.SEGVEC_STEP_SLOT, self._action_slots_ptr))
-        slots = self._action_slots[:count]
+        slots = self.core.cursor_slots(env_ids)
         if self._flat_action:
             actions = storage.action_by_slot[0][slots]
         else:
@@ -287,7 +255,7 @@ class EnvRunner:
                 failures.append(EnvFailure(env_index, "step (interrupted)", error))
                 unstepped = np.asarray(ids_list[position + 1:], np.int32)
                 if len(unstepped):
-                    check(lib.segvec_return_envs(storage.core, len(unstepped), ffi.from_buffer("int32_t[]", unstepped)))
+                    self.core.return_envs(unstepped)
                 break
             ids.append(env_index)
             observations.append(obs)
@@ -315,7 +283,7 @@ class EnvRunner:
         done = len(ids)
         id_array = np.asarray(ids, np.int32)
         if done:
-            outcomes = self._outcomes
+            outcomes = self.core.outcomes
             outcomes[:done, 0] = rewards
             outcomes[:done, 1] = terminated
             outcomes[:done, 2] = truncated
@@ -323,12 +291,12 @@ class EnvRunner:
             for position, special in enumerate(specials):
                 if special is not None:
                     outcomes[position, 3:] = special
-            check(lib.segvec_commit_steps(storage.core, done, ffi.from_buffer("int32_t[]", id_array),
-                                          self._outcomes_ptr, self._obs_slots_ptr, self._chain_slots_ptr))
+            obs_slots, chain_slots = self.core.commit_steps(id_array)
             if staged is None:
-                self._scatter_obs(done)
-            elif len(staged):
-                self._scatter_staged(staged)
+                self._scatter(obs_slots, chain_slots)
+            elif len(staged):  # rows that filled: their new row is known now
+                index = np.asarray(staged, np.int64)
+                self._scatter(obs_slots[index], chain_slots[index], leaves=(0,))
         if infos or final_infos:
             self._mark_infos(infos, final_infos)
         self._fail(failures)
@@ -370,8 +338,7 @@ class EnvRunner:
     def _fail(self, failures: list) -> None:
         """Marks the envs of `failures` FAILED in the core (the learner owns them until it resets them)."""
         if failures:
-            ids = np.asarray([f.env_index for f in failures], np.int32)
-            check(lib.segvec_fail_envs(self.storage.core, len(ids), ffi.from_buffer("int32_t[]", ids)))
+            self.core.fail_envs([f.env_index for f in failures])
 
     def mark_for_restart(self, env_ids, reason: str) -> None:
         """The learner holds these envs of a dead worker: restart each instead of its next step."""
@@ -415,10 +382,9 @@ class EnvRunner:
             failure = EnvFailure(env_index, "step (and rebuilding it after that)", rebuild_error)
             failure.__cause__ = error if isinstance(error, BaseException) else None
             raise failure from None
-        slot = np.empty(1, np.int64)
-        check(lib.segvec_restart_env(storage.core, env_index, ffi.from_buffer("int64_t[]", slot)))
+        slot = self.core.restart_env(env_index)
         for by_slot, out in zip(storage.obs_by_slot, self._obs_out):
-            by_slot[slot[0]] = out[0]
+            by_slot[slot] = out[0]
         storage.env_has_info[env_index] = 1
         info = dict(info)
         info["env_restarted"] = True
@@ -434,8 +400,7 @@ class EnvRunner:
 
     def publish(self, env_ids: np.ndarray) -> None:
         """Hands `env_ids` to the learner (their observations and infos must be in place)."""
-        if len(env_ids):
-            self._publish(np.ascontiguousarray(env_ids, dtype=np.int32))
+        self.core.publish(env_ids)
 
     def close(self) -> None:
         """Closes every env, ignoring errors of individual envs' close()."""

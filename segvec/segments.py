@@ -12,15 +12,10 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 from gymnasium.vector import AutoresetMode
 
-from segvec._core import check, ffi, lib
 from segvec.advantages import gae_numpy
 
 if TYPE_CHECKING:
     from segvec.torch_utils import TorchSegments
-
-_ROW_ARRAYS = ("action", "value", "logprob", "reward", "terminated", "truncated", "episode_start", "mask",
-               "policy_version")
-
 
 class SegmentBatch:
     """``n`` complete segment rows, shaped ``[n, horizon, ...]`` (observations ``[n, horizon + 1, ...]``).
@@ -76,9 +71,7 @@ class SegmentBatch:
         # next_value, by the C core: into the block's own rows when they are adjacent (a view), else fresh.
         next_value = take(storage.next_value) if contiguous else np.empty((n, T), np.float32)
         if n:
-            check(lib.segvec_fill_next_values(
-                storage.core, n, ffi.from_buffer("int32_t[]", rows), int(autoreset_mode == AutoresetMode.SAME_STEP),
-                ffi.from_buffer("float[]", next_value, require_writable=True)), "next_value")
+            storage.core.fill_next_values(rows, autoreset_mode == AutoresetMode.SAME_STEP, next_value)
         data["next_value"] = next_value
         data["final_obs"] = final_obs
         self._data = data

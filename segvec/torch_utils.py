@@ -36,13 +36,29 @@ def _as_tensor(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array))
 
 
-def _inside(array: np.ndarray, pointer, nbytes: int) -> bool:
-    """True when `array`'s memory lies within the block at `pointer` (so it is page-locked already)."""
-    from segvec._core import ffi
-
-    start = int(ffi.cast("uintptr_t", pointer))
+def _inside(array: np.ndarray, start: int, nbytes: int) -> bool:
+    """True when `array`'s memory lies within the block at address `start` (so it is page-locked already)."""
     address = array.__array_interface__["data"][0]
     return start <= address and address + array.nbytes <= start + nbytes
+
+
+def register_with_cuda(storage) -> bool:
+    """Page-locks a whole segment block for CUDA (once), so that host-to-device copies of zero-copy batch
+    views are asynchronous DMA with no staging copy; the block unregisters itself when it closes.  Returns
+    False when CUDA is absent or refuses (then callers stage through pinned memory)."""
+    registered = getattr(storage, "cuda_registered", None)
+    if registered is None:
+        registered = False
+        try:
+            if torch.cuda.is_available():
+                status = torch.cuda.cudart().cudaHostRegister(storage.address, storage.nbytes, 0)
+                registered = int(getattr(status, "value", status)) == 0
+        except Exception:  # noqa: BLE001 - any failure means: stage through pinned memory
+            registered = False
+        if registered:
+            storage.close_callbacks.append(lambda: torch.cuda.cudart().cudaHostUnregister(storage.address))
+        storage.cuda_registered = registered
+    return registered
 
 
 def _map(value: Any, fn):
@@ -86,8 +102,8 @@ def batch_to_torch(batch, device=None, non_blocking: bool = True) -> TorchSegmen
         pin = device.type == "cuda" and torch.cuda.is_available()
         # Zero-copy views lie in the shared block: page-lock it once and copy straight from it.
         storage = getattr(batch, "_storage", None)
-        registered = pin and storage is not None and storage.register_with_cuda()
-        block = (storage.pointer, storage.nbytes) if registered else None
+        registered = pin and storage is not None and register_with_cuda(storage)
+        block = (storage.address, storage.nbytes) if registered else None
 
         def convert(array: np.ndarray) -> torch.Tensor:
             host = _as_tensor(array)

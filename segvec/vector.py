@@ -1,45 +1,46 @@
 """`SegmentVecEnv`: a gymnasium VectorEnv whose envs write straight into shared segment memory.
 
-Three faces over one segment block:
+Three faces over one segment block, and one state machine (`AsyncState`, checked by `_guard`):
   - gymnasium: ``reset/step`` (+ ``*_async/*_wait``, ``call/get_attr/set_attr``), a drop-in VectorEnv;
   - async (EnvPool-style): ``async_reset``, ``recv`` (the first ``batch_size`` ready envs), ``send``;
   - segments: ``take_segments`` -> `SegmentBatch` with bootstrap values, ``flush``, ``stats``.
+Where the envs run is the backend's business (``segvec/backends/``); what the learner passes in is checked
+by ``checks.py``; infos are batched by ``infos.py``; SAME_STEP truncation bootstraps by ``truncations.py``.
 """
 from __future__ import annotations
 
 import enum
 import multiprocessing
-import os
 import time
 import warnings
 from typing import Any, Callable, Sequence
 
 import gymnasium
 import numpy as np
-from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from segvec._core import Geometry, check, ffi, lib
-from segvec.backends import MultiprocessingBackend, SerialBackend
+from segvec import checks
+from segvec._core import AT_WORKER, OUTSTANDING, EnvState, Geometry
+from segvec.backends import BACKENDS
 from segvec.errors import (
     AlreadyPendingCallError,
-    EnvError,
     ClosedEnvironmentError,
+    EnvError,
     NoAsyncCallError,
     NotEnoughSegmentsError,
     NotReceivedError,
     SegmentBufferExhausted,
     SpaceMismatchError,
 )
+from segvec.infos import collect_infos, spread_infos
 from segvec.segments import SegmentBatch
 from segvec.spaces import spaces_equal
-
-BACKENDS = ("serial", "multiprocessing")
+from segvec.truncations import TruncationLedger
 
 
 class AsyncState(enum.Enum):
-    """What the vector env waits for; one check per method."""
+    """What the vector env waits for.  Every public method checks it once, through `_guard`."""
 
     DEFAULT = "default"
     WAITING_RESET = "reset"
@@ -48,43 +49,7 @@ class AsyncState(enum.Enum):
     ASYNC = "async"  # the async face owns the envs (async_reset/recv/send)
 
 
-def add_info(infos: dict, env_info: dict, index: int, size: int) -> dict:
-    """Adds one env's info to batched infos (gymnasium's layout: arrays plus ``_key`` masks)."""
-    for key, value in env_info.items():
-        if key == "final_obs":
-            array = infos.get("final_obs")
-            if array is None:
-                array = np.full(size, None, dtype=object)
-            array[index] = value
-        elif isinstance(value, dict):
-            array = add_info(infos.get(key, {}), value, index, size)
-        else:
-            array = infos.get(key)
-            if array is None:
-                if type(value) in (int, float, bool) or issubclass(type(value), np.number):
-                    array = np.zeros(size, dtype=type(value))
-                elif isinstance(value, np.ndarray):
-                    array = np.zeros((size, *value.shape), dtype=value.dtype)
-                else:
-                    array = np.full(size, None, dtype=object)
-            array[index] = value
-        mask = infos.get(f"_{key}")
-        if mask is None:
-            mask = np.zeros(size, dtype=np.bool_)
-        mask[index] = True
-        infos[key], infos[f"_{key}"] = array, mask
-    return infos
-
-
-def _autoreset_mode(mode) -> AutoresetMode:
-    """Accepts an AutoresetMode, its value ("NextStep") or its name in any case ("next_step")."""
-    if isinstance(mode, AutoresetMode):
-        return mode
-    if isinstance(mode, str):
-        for member in AutoresetMode:
-            if mode in (member.value, member.name) or mode.replace("-", "_").upper() == member.name:
-                return member
-    raise ValueError(f"autoreset_mode must be one of {[m.name for m in AutoresetMode]}, got {mode!r}")
+IDLE = (AsyncState.DEFAULT, AsyncState.ASYNC)  # no call waits for its *_wait
 
 
 def _as_env_fns(env, num_envs: int, env_kwargs: dict | None) -> list[Callable]:
@@ -195,61 +160,34 @@ class SegmentVecEnv(VectorEnv):
         self._backend = None
         env_fns = list(env_fns)
         num_envs = len(env_fns)
-        if num_envs < 1:
-            raise ValueError("need at least one env")
         if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if not isinstance(horizon, (int, np.integer)) or horizon < 1:
-            raise ValueError(f"horizon must be an int >= 1, got {horizon!r}")
-        if backend == "serial":
-            if num_workers not in (None, 1):
-                raise ValueError("the serial backend runs every env in this process: leave num_workers unset")
-            num_workers = 1
-        elif num_workers is None:
-            num_workers = min(num_envs, os.cpu_count() or 1)
-            while num_envs % num_workers:
-                num_workers -= 1
-        if not isinstance(num_workers, (int, np.integer)) or num_workers < 1 or num_envs % num_workers:
-            raise ValueError(
-                f"num_envs ({num_envs}) must be a multiple of num_workers ({num_workers}); "
-                f"choose num_workers among {[w for w in range(1, num_envs + 1) if num_envs % w == 0]}")
-        batch_size = num_envs if batch_size is None else batch_size
-        if not isinstance(batch_size, (int, np.integer)) or not 1 <= batch_size <= num_envs:
-            raise ValueError(f"batch_size must be an int in [1, num_envs={num_envs}], got {batch_size!r}")
-        num_segments = 4 * num_envs if num_segments is None else num_segments
-        if not isinstance(num_segments, (int, np.integer)) or num_segments < 2 * num_envs:
-            raise ValueError(
-                f"num_segments must be >= 2 * num_envs = {2 * num_envs} (each env fills one row while its "
-                f"previous one waits for its bootstrap value), got {num_segments!r}")
-        self.autoreset_mode = _autoreset_mode(autoreset_mode)
-        self.num_envs, self.batch_size, self.horizon = num_envs, int(batch_size), int(horizon)
-        self.num_segments, self.num_workers = int(num_segments), int(num_workers)
+            raise ValueError(f"backend must be one of {tuple(BACKENDS)}, got {backend!r}")
+        self.horizon, self.batch_size, self.num_segments = checks.sizes(num_envs, horizon, batch_size, num_segments)
+        backend_type = BACKENDS[backend]
+        self.num_envs, self.num_workers = num_envs, backend_type.resolve_num_workers(num_envs, num_workers)
+        self.autoreset_mode = checks.autoreset_mode(autoreset_mode)
         self.backend_name = backend
         self.value_fn = value_fn
         self.policy_version = 0
 
-        if backend == "serial":
-            self._backend = SerialBackend(env_fns, self.autoreset_mode, restart_failed_envs)
-        else:
-            self._backend = MultiprocessingBackend(env_fns, self.autoreset_mode, self.num_workers, context,
-                                                   restart_failed_envs)
+        self._backend = backend_type(env_fns, self.autoreset_mode, self.num_workers, context, restart_failed_envs)
         try:
             env_spaces = self._backend.create_envs()
             self.single_observation_space, self.single_action_space = env_spaces[0]
             for index, (obs_space, act_space) in enumerate(env_spaces):
-                if not spaces_equal(obs_space, self.single_observation_space):
-                    raise SpaceMismatchError(
-                        f"env {index} has observation space {obs_space}, env 0 has "
-                        f"{self.single_observation_space}: all envs of one SegmentVecEnv must share spaces")
-                if not spaces_equal(act_space, self.single_action_space):
-                    raise SpaceMismatchError(
-                        f"env {index} has action space {act_space}, env 0 has {self.single_action_space}: "
-                        "all envs of one SegmentVecEnv must share spaces")
+                for kind, space, first in (("observation", obs_space, self.single_observation_space),
+                                           ("action", act_space, self.single_action_space)):
+                    if not spaces_equal(space, first):
+                        raise SpaceMismatchError(f"env {index} has {kind} space {space}, env 0 has {first}: "
+                                                 "all envs of one SegmentVecEnv must share spaces")
             geometry = Geometry.make(num_envs, self.num_workers, self.num_segments, self.horizon,
                                      self.single_observation_space, self.single_action_space,
                                      step_fields, segment_fields, poison=debug)
             self._storage = self._backend.attach(geometry)
-            self.metadata = dict(self._backend_metadata())
+            try:
+                self.metadata = dict(self._backend.env_metadata())
+            except EnvError:  # metadata is a courtesy
+                self.metadata = {"render_mode": None}
         except BaseException:
             self._backend.close(terminate=True)
             raise
@@ -258,69 +196,91 @@ class SegmentVecEnv(VectorEnv):
         self.action_space = batch_space(self.single_action_space, num_envs)
         self.render_mode = self.metadata.get("render_mode")
         storage = self._storage
-        self._obs_layout, self._action_layout = storage.obs_layout, storage.action_layout
+        self._core = storage.core
         self._state = AsyncState.DEFAULT
         self._pending_reset_ids: np.ndarray | None = None
+        self._call_request: tuple | None = None
         self._all_ids = np.arange(num_envs, dtype=np.int32)
-        self._pop_buffer = np.zeros(num_envs, np.int32)
-        self._truncation_obs: dict[tuple, list] = {}  # (row, env, start_step) -> [(t, leaves)]
-        self._truncation_noted = np.zeros(num_envs, bool)  # landed step's truncation noted before recv
-        self._reset_requested = np.zeros(num_envs, bool)   # reset at least once (for error messages)
-        self._episode_cursor = ffi.new("int64_t *")
-        self._step_field_names = frozenset(storage.step_fields)
-        self._obs_item_bytes = [leaf.nbytes for leaf in self._obs_layout.leaves]
-        # Buffers of the hot path and their C views, made once.
-        self._count_out = ffi.new("int32_t *")
-        self._pop_buffer_ptr = ffi.from_buffer("int32_t[]", self._pop_buffer)
-        self._slots = np.empty(num_envs, np.int64)
-        self._slots_ptr = ffi.from_buffer("int64_t[]", self._slots)
-        self._row_start = np.empty(num_envs, np.uint8)
-        self._row_start_ptr = ffi.from_buffer("uint8_t[]", self._row_start)
-        self._stats_out = ffi.new("segvec_stats_t *")
-        self._flat_action = self._action_layout.is_flat
-        self._action_bounds_cache = self._action_bounds()
-        self._segment_field_names = frozenset(storage.segment_fields)
+        self._undelivered = np.zeros(0, np.int32)  # received from the core during a partial reset of the
+        # async face, not returned by recv yet
+        self._reset_requested = np.zeros(num_envs, bool)  # reset at least once (for error messages)
+        self._episode_cursor = [0]
+        self._check_actions = checks.ActionCheck(storage.action_layout)
+        self._same_step = self.autoreset_mode == AutoresetMode.SAME_STEP
+        self._truncations = TruncationLedger(storage, value_fn)
         self.closed = False
 
-    def _backend_metadata(self) -> dict:
-        try:
-            metadata = self._backend.call("metadata", (), {})[0] if self.backend_name != "serial" \
-                else self._backend.envs[0].metadata
-        except Exception:  # noqa: BLE001 - metadata is a courtesy
-            metadata = {}
-        metadata = dict(metadata or {})
-        if self.backend_name == "serial":
-            metadata.setdefault("render_mode", getattr(self._backend.envs[0], "render_mode", None))
-        else:
-            metadata.setdefault("render_mode", self._backend.call("render_mode", (), {})[0])
-        return metadata
+    # ---- the state machine ----------------------------------------------------------------------
+    def _guard(self, method: str, waits_for: AsyncState | None = None, any_state: bool = False) -> None:
+        """The one check of every public method: the envs are open, and (unless `any_state`) either no
+        call is pending (`waits_for` None) or the pending call is the one `method` completes.
 
-    # ---- helpers --------------------------------------------------------------------------------
-    def _assert_open(self) -> None:
+        Raises:
+            ClosedEnvironmentError: after `close()`.
+            AlreadyPendingCallError: `method` starts a call while another waits for its ``*_wait``.
+            NoAsyncCallError: `method` completes a call that was not started.
+        """
         if self.closed:
             raise ClosedEnvironmentError(f"Trying to operate on `{type(self).__name__}`, after a call to `close()`.")
+        if any_state:
+            return
+        if waits_for is None and self._state not in IDLE:
+            raise AlreadyPendingCallError(
+                f"Calling `{method}` while waiting for a pending call to `{self._state.value}` to complete.",
+                str(self._state.value))
+        if waits_for is not None and self._state != waits_for:
+            started = {AsyncState.WAITING_RESET: "reset_async", AsyncState.WAITING_STEP: "step_async",
+                       AsyncState.WAITING_CALL: "call_async"}[waits_for]
+            raise NoAsyncCallError(f"Calling `{method}` without any prior call to `{started}`.", waits_for.value)
 
     @property
     def _outstanding(self) -> int:
-        """Envs reset or sent and not received yet: read from the core's env states."""
-        return self._storage.count_envs(lib.SEGVEC_MASK_OUTSTANDING)
+        """Envs reset or sent and not returned yet: the core's env states, and the envs a partial reset of
+        the async face received on the way."""
+        return self._core.count_envs(OUTSTANDING) + len(self._undelivered)
 
+    @staticmethod
+    def _deadline(timeout: float | None) -> float | None:
+        return None if timeout is None else time.monotonic() + timeout
+
+    # ---- receiving ------------------------------------------------------------------------------
     def _pop(self, count: int, deadline: float | None) -> np.ndarray:
         """Waits for `count` published envs and receives them (HELD)."""
         self._backend.wait(count, deadline)
-        n = self._count_out
-        check(lib.segvec_pop_ready(self._storage.core, count, self._pop_buffer_ptr, n))
-        return self._pop_buffer[:n[0]].copy()
+        return self._core.pop_ready(count)
 
-    def _receive_stragglers(self, wait: bool) -> None:
+    def _results(self, env_ids: np.ndarray, size: int, deadline: float | None = None):
+        """``(obs, rewards, terminations, truncations, infos)`` of received `env_ids`."""
+        storage = self._storage
+        obs = self._current_obs(env_ids)
+        select = slice(None) if env_ids is self._all_ids else env_ids  # every env: plain copies
+        rewards = storage.env_last_reward[select].astype(np.float64)
+        terminated = storage.env_last_terminated[select].copy()
+        truncated = storage.env_last_truncated[select].copy()
+        if self._same_step:
+            self._truncations.note(env_ids)
+        infos = collect_infos(self._backend, storage, env_ids, size, deadline)
+        return obs, rewards, terminated, truncated, infos
+
+    def _current_obs(self, env_ids: np.ndarray):
+        """Each env's current observation (a copy), gathered from its cursor slot by the C core."""
+        storage = self._storage
+        leaves = [self._core.gather_current(env_ids, by_slot, np.empty((len(env_ids),) + by_slot.shape[1:],
+                                                                       by_slot.dtype))
+                  for by_slot in storage.obs_by_slot]
+        return storage.obs_layout.structure(leaves)
+
+    def _receive_stragglers(self, wait: bool, keep: np.ndarray | None = None) -> None:
         """Receives envs still outstanding from a call the user gave up on (a timeout, an env error, a
         Ctrl-C) and drops their results, so that the next call starts from envs the learner holds.
 
-        With `wait`, waits until none is outstanding; an env error met meanwhile is logged as a warning
-        (that env is FAILED and the caller resets it), not raised.  Without, receives those published now.
+        With `wait`, waits until none is outstanding in the core; an env error met meanwhile is logged as a
+        warning (that env is FAILED and the caller resets it), not raised.  Without, receives those
+        published now.  Envs of `keep` (a partial reset of the async face: the envs it does not reset) are
+        kept for `recv` to return instead.
         """
         while True:
-            outstanding = self._outstanding
+            outstanding = self._core.count_envs(OUTSTANDING)
             if not outstanding:
                 return
             if wait:
@@ -330,219 +290,60 @@ class SegmentVecEnv(VectorEnv):
                     warnings.warn(f"while waiting for envs to finish before a reset: {error}", RuntimeWarning,
                                   stacklevel=3)
                     continue
-            ids = self._pop(outstanding, None) if wait else self._pop_published()
-            if self.autoreset_mode == AutoresetMode.SAME_STEP:
-                self._note_truncations(ids)
-            self._build_infos(ids, len(ids))
+            ids = self._core.pop_ready(outstanding if wait else self.num_envs)
+            kept = ids[np.isin(ids, keep)] if keep is not None else ids[:0]
+            dropped = ids[~np.isin(ids, kept)]
+            if self._same_step:
+                self._truncations.note(dropped)
+                self._truncations.note_early(kept)
+            collect_infos(self._backend, self._storage, dropped, len(dropped))
+            self._undelivered = np.concatenate([self._undelivered, kept])
             if not wait:
                 return
-
-    def _pop_published(self) -> np.ndarray:
-        """Receives every env published now, without waiting."""
-        n = self._count_out
-        check(lib.segvec_pop_ready(self._storage.core, self.num_envs, self._pop_buffer_ptr, n))
-        return self._pop_buffer[:n[0]].copy()
-
-    def _current_obs(self, env_ids: np.ndarray):
-        """Each env's current observation (a copy), gathered from its cursor slot by the C core."""
-        storage = self._storage
-        count = len(env_ids)
-        ids = ffi.from_buffer("int32_t[]", env_ids)
-        leaves = []
-        for by_slot, item_bytes in zip(storage.obs_by_slot, self._obs_item_bytes):
-            out = np.empty((count,) + by_slot.shape[1:], by_slot.dtype)
-            check(lib.segvec_gather_current(storage.core, count, ids, ffi.from_buffer(by_slot), item_bytes,
-                                            ffi.from_buffer(out, require_writable=True)))
-            leaves.append(out)
-        return self._obs_layout.structure(leaves)
-
-    def _build_infos(self, env_ids: np.ndarray, size: int, deadline: float | None = None) -> dict:
-        """Infos of `env_ids` (positions 0..len-1 of a batch of `size`), gymnasium layout."""
-        infos: dict = {}
-        storage = self._storage
-        flags = storage.env_has_info if env_ids is self._all_ids else storage.env_has_info[env_ids]
-        if not flags.any():
-            return infos
-        env_infos, final_infos = self._backend.infos_for(env_ids, deadline)
-        storage.env_has_info[env_ids] = 0
-        positions = {int(e): i for i, e in enumerate(env_ids)}
-        for env_index, final_info in final_infos.items():
-            final_obs = self._obs_layout.structure([leaf[env_index].copy() for leaf in storage.final_obs])
-            add_info(infos, {"final_obs": final_obs, "final_info": final_info}, positions[env_index], size)
-        for env_index, info in env_infos.items():
-            add_info(infos, info, positions[env_index], size)
-        return infos
-
-    def _note_truncations(self, env_ids: np.ndarray) -> None:
-        """SAME_STEP: keep final observations of truncations (value_fn evaluates them at once).
-
-        Called once per landed step: when the learner receives the env, or earlier when `flush` or a reset
-        closes its row before that (the row must not complete without its truncation value).
-        """
-        storage = self._storage
-        noted = self._truncation_noted[env_ids]
-        self._truncation_noted[env_ids] = False
-        truncated = storage.env_last_truncated[env_ids] & ~storage.env_last_terminated[env_ids] & ~noted
-        truncated &= storage.env_last_slot[env_ids] >= 0  # restarted envs carry their truncation value already
-        if not truncated.any():
-            return
-        ids = env_ids[truncated]
-        slots = storage.env_last_slot[ids]
-        final = [leaf[ids].copy() for leaf in storage.final_obs]
-        if self.value_fn is not None:
-            values = np.asarray(self.value_fn(self._obs_layout.structure(final)), np.float32).reshape(-1)
-            storage.truncation_value.reshape(-1)[slots] = values
-            return
-        rows, steps = slots // self.horizon, slots % self.horizon
-        for i, (row, t) in enumerate(zip(rows.tolist(), steps.tolist())):
-            key = (row, int(storage.row_env_id[row]), int(storage.row_start_step[row]))
-            self._truncation_obs.setdefault(key, []).append((t, [leaf[i] for leaf in final]))
-        if len(self._truncation_obs) > 2 * self.num_segments:  # forget rows that were recycled since
-            live = {(r, int(storage.row_env_id[r]), int(storage.row_start_step[r])) for r in range(self.num_segments)}
-            for key in [k for k in self._truncation_obs if k not in live]:
-                del self._truncation_obs[key]
-
-    def _results(self, env_ids: np.ndarray, size: int, deadline: float | None = None):
-        storage = self._storage
-        obs = self._current_obs(env_ids)
-        select = slice(None) if env_ids is self._all_ids else env_ids  # every env: plain copies
-        rewards = storage.env_last_reward[select].astype(np.float64)
-        terminated = storage.env_last_terminated[select].copy()
-        truncated = storage.env_last_truncated[select].copy()
-        if self.autoreset_mode == AutoresetMode.SAME_STEP:
-            self._note_truncations(env_ids)
-        infos = self._build_infos(env_ids, size, deadline)
-        return obs, rewards, terminated, truncated, infos
-
-    def _check_actions(self, actions, count: int) -> list[np.ndarray]:
-        leaves = [actions] if self._flat_action else self._action_layout.flatten(actions)
-        out = []
-        for leaf, space_value in zip(self._action_layout.leaves, leaves):
-            array = np.asarray(space_value)
-            expected = (count,) + leaf.shape
-            if array.shape != expected:
-                raise ValueError(f"actions{'/'.join(map(str, leaf.path)) and ' at ' + '/'.join(map(str, leaf.path))}"
-                                 f" have shape {array.shape}, expected {expected} for {count} envs")
-            if array.dtype != leaf.dtype and not np.can_cast(array.dtype, leaf.dtype, casting="same_kind"):
-                if not (np.issubdtype(leaf.dtype, np.integer) and np.issubdtype(array.dtype, np.integer)):
-                    raise TypeError(f"actions have dtype {array.dtype}, the action space needs {leaf.dtype}")
-            out.append(array)
-        self._check_action_bounds(out)
-        return out
-
-    def _action_bounds(self) -> list:
-        """Per action leaf: ``(space, low, high)`` for discrete spaces, None for Box (envs clip)."""
-        bounds = []
-        for leaf in self._action_layout.leaves:
-            space = self._action_layout.space
-            for key in leaf.path:
-                space = space[key]
-            if isinstance(space, spaces.Discrete):
-                bounds.append((space, space.start, space.start + space.n - 1))
-            elif isinstance(space, spaces.MultiDiscrete):
-                bounds.append((space, space.start, space.start + space.nvec - 1))
-            elif isinstance(space, spaces.MultiBinary):
-                bounds.append((space, 0, 1))
-            else:
-                bounds.append(None)
-        return bounds
-
-    def _check_action_bounds(self, leaves: list[np.ndarray]) -> None:
-        for bound, array in zip(self._action_bounds_cache, leaves):
-            if bound is None or not array.size:
-                continue
-            space, low, high = bound
-            if np.isscalar(low):
-                values = array if array.dtype == np.int64 and array.flags.c_contiguous else \
-                    np.ascontiguousarray(array, dtype=np.int64)
-                bad = lib.segvec_first_out_of_range(ffi.from_buffer("int64_t[]", values), values.size,
-                                                    int(low), int(high)) >= 0
-            else:
-                bad = np.any(array < low) or np.any(array > high)
-            if bad:
-                raise ValueError(f"actions out of the action space {space}: got values in "
-                                 f"[{array.min()}, {array.max()}]")
-
-    def _deadline(self, timeout: float | None) -> float | None:
-        return None if timeout is None else time.monotonic() + timeout
 
     # ---- sending --------------------------------------------------------------------------------
     def _send(self, actions, env_ids: np.ndarray, value=None, logprob=None, fields: dict | None = None) -> None:
         """Checks everything, then writes the send into the core and dispatches it; raises before the core
         changes anything (and rolls the envs back to HELD if writing fails anyway)."""
-        storage = self._storage
+        storage, core = self._storage, self._core
         count = len(env_ids)
         leaves = self._check_actions(actions, count)
-        fields = self._check_fields(fields or {}, count)
-        values = None if value is None else self._per_env(value, count, "value")
-        logprobs = None if logprob is None else self._per_env(logprob, count, "logprob")
-        ids_ptr = ffi.from_buffer("int32_t[]", env_ids)
-        slots, row_start = self._slots[:count], self._row_start[:count]
-        status = lib.segvec_prepare_send(
-            storage.core, count, ids_ptr,
-            ffi.NULL if values is None else ffi.from_buffer("float[]", values),
-            ffi.NULL if logprobs is None else ffi.from_buffer("float[]", logprobs),
-            int(self.policy_version), self._slots_ptr, self._row_start_ptr)
-        if status == lib.SEGVEC_ERR_NOT_HELD:
+        fields = checks.learner_fields(fields or {}, storage, count)
+        values = None if value is None else checks.per_env(value, count, "value")
+        logprobs = None if logprob is None else checks.per_env(logprob, count, "logprob")
+        try:
+            slots, row_start = core.prepare_send(env_ids, values, logprobs, self.policy_version)
+        except NotReceivedError:
             self._explain_not_held(env_ids)
-        if status == lib.SEGVEC_ERR_NO_FREE_ROW:
+            raise
+        except SegmentBufferExhausted:
             raise SegmentBufferExhausted(
                 f"no free segment row for the envs that start a new row with this step: every row is filling, "
-                f"awaiting its bootstrap or taken by the learner ({self.stats()['segments_taken']} taken so far). "
+                f"awaiting its bootstrap or taken by the learner ({self.stats()['taken_rows']} taken now). "
                 "Release the batches you hold (batch.release(), or take them with `with`) and send again, or "
-                "raise num_segments. Nothing was sent.")
-        check(status, "send")
+                "raise num_segments. Nothing was sent.") from None
         try:
             for by_slot, array in zip(storage.action_by_slot, leaves):
                 by_slot[slots] = array
             for name, array in fields.items():
-                if name in self._step_field_names:
+                if name in storage.step_fields:
                     storage.step_fields_by_slot[name][slots] = array
-                else:
-                    starts = row_start.astype(bool)
-                    if starts.any():
-                        storage.segment_fields[name][storage.env_row[env_ids[starts]]] = array[starts]
+                elif row_start.any():
+                    storage.segment_fields[name][storage.env_row[env_ids[row_start]]] = array[row_start]
         except BaseException:
-            check(lib.segvec_cancel_send(storage.core, count, ids_ptr), "send")
+            core.cancel_send(env_ids)
             raise
-        check(lib.segvec_dispatch(storage.core, count, ids_ptr), "send")
+        core.dispatch(env_ids)
         self._backend.after_dispatch()
-
-    def _check_fields(self, fields: dict, count: int) -> dict[str, np.ndarray]:
-        """Learner fields as arrays of shape ``(count, *shape)`` in their declared dtypes.
-
-        Raises:
-            TypeError: a field that was not declared, or of a dtype that does not convert.
-            ValueError: a field of the wrong shape.
-        """
-        storage = self._storage
-        unknown = set(fields) - self._step_field_names - self._segment_field_names
-        if unknown:
-            raise TypeError(f"unknown learner fields {sorted(unknown)}; declare them in step_fields/segment_fields")
-        out = {}
-        for name, value in fields.items():
-            target = storage.step_fields[name] if name in self._step_field_names else storage.segment_fields[name]
-            expected = (count,) + target.shape[2 if name in self._step_field_names else 1:]
-            if hasattr(value, "detach"):
-                value = value.detach().cpu().numpy()
-            try:
-                array = np.asarray(value).astype(target.dtype, copy=False, casting="same_kind")
-            except (TypeError, ValueError) as error:
-                raise TypeError(f"field {name!r} has dtype {np.asarray(value).dtype}, declared {target.dtype}: "
-                                f"{error}") from error
-            if array.shape != expected:
-                raise ValueError(f"field {name!r} has shape {array.shape}, expected {expected} for {count} envs")
-            out[name] = array
-        return out
 
     def _explain_not_held(self, env_ids: np.ndarray) -> None:
         """Raises NotReceivedError saying why some of `env_ids` cannot be sent to."""
         states = self._storage.env_state[env_ids]
-        never = env_ids[(states == lib.SEGVEC_ENV_NEW) & ~self._reset_requested[env_ids]]
+        never = env_ids[(states == EnvState.NEW) & ~self._reset_requested[env_ids]]
         if len(never):
             raise NotReceivedError(f"envs {never.tolist()} were never reset: call reset() (or async_reset() and "
                                    "recv()) before step() or send()")
-        failed = env_ids[states == lib.SEGVEC_ENV_FAILED]
+        failed = env_ids[states == EnvState.FAILED]
         if len(failed):
             raise NotReceivedError(
                 f"envs {failed.tolist()} failed (an EnvError was raised for each): reset them before sending "
@@ -551,17 +352,8 @@ class SegmentVecEnv(VectorEnv):
         twice = unique[counts > 1]
         if len(twice):
             raise NotReceivedError(f"env(s) {twice.tolist()}: each appears twice in one send")
-        raise NotReceivedError(f"envs {env_ids[states != lib.SEGVEC_ENV_HELD].tolist()} were not received since "
+        raise NotReceivedError(f"envs {env_ids[states != EnvState.HELD].tolist()} were not received since "
                                "their last send (recv() returns the envs you may send to)")
-
-    @staticmethod
-    def _per_env(values, count: int, name: str) -> np.ndarray:
-        if hasattr(values, "detach"):
-            values = values.detach().cpu().numpy()
-        array = np.ascontiguousarray(np.asarray(values, np.float32).reshape(-1))
-        if len(array) != count:
-            raise ValueError(f"{name} must have one entry per env ({count}), got shape {np.shape(values)}")
-        return array
 
     # ---- gymnasium face -------------------------------------------------------------------------
     def reset(self, *, seed=None, options: dict | None = None):
@@ -582,56 +374,32 @@ class SegmentVecEnv(VectorEnv):
         Raises:
             AlreadyPendingCallError: a `reset_async`, `step_async` or `call_async` waits for its `*_wait`.
         """
-        self._assert_open()
-        if self._state not in (AsyncState.DEFAULT, AsyncState.ASYNC):
-            raise AlreadyPendingCallError(
-                f"Calling `reset_async` while waiting for a pending call to `{self._state.value}` to complete",
-                str(self._state.value))
-        seeds = self._seeds(seed)
+        self._guard("reset_async")
+        seeds = checks.seeds(seed, self.num_envs)
         options = dict(options) if options else None
         env_ids = self._all_ids
         if options is not None and "reset_mask" in options:
-            mask = options.pop("reset_mask")
-            if not isinstance(mask, np.ndarray):
-                raise TypeError(f"`options['reset_mask']` must be a numpy array, got {type(mask)}")
-            if mask.shape != (self.num_envs,):
-                raise ValueError(f"`options['reset_mask']` must have shape `({self.num_envs},)`, got {mask.shape}")
-            if mask.dtype != np.bool_:
-                raise TypeError(f"`options['reset_mask']` must have `dtype=np.bool_`, got {mask.dtype}")
-            if not mask.any():
-                raise ValueError("`options['reset_mask']` must contain at least one True value")
-            env_ids = self._all_ids[mask]
+            env_ids = checks.reset_mask(options.pop("reset_mask"), self.num_envs)
             seeds = [seeds[i] for i in env_ids]
-        self._receive_stragglers(wait=True)
+        partial = len(env_ids) < self.num_envs and self._state == AsyncState.ASYNC
+        self._receive_stragglers(wait=True, keep=np.setdiff1d(self._all_ids, env_ids) if partial else None)
+        self._undelivered = self._undelivered[~np.isin(self._undelivered, env_ids)]
+        self._backend.discard_errors(env_ids)
         self._flush_envs(env_ids)
-        check(lib.segvec_begin_resets(self._storage.core, len(env_ids), ffi.from_buffer("int32_t[]", env_ids)),
-              "reset")
+        self._core.begin_resets(env_ids)
         self._state = AsyncState.WAITING_RESET
         self._pending_reset_ids = env_ids
         self._reset_requested[env_ids] = True
         self._backend.reset(env_ids, seeds, options)
-
-    def _seeds(self, seed) -> list:
-        if seed is None:
-            return [None] * self.num_envs
-        if isinstance(seed, (int, np.integer)):
-            return [int(seed) + i for i in range(self.num_envs)]
-        seeds = list(seed)
-        if len(seeds) != self.num_envs:
-            raise ValueError(f"If seeds are passed as a list the length must match num_envs={self.num_envs} "
-                             f"but got length={len(seeds)}.")
-        return seeds
 
     def reset_wait(self, timeout: float | None = None):
         """Waits for `reset_async` and returns ``(obs, infos)`` for every env.
 
         Raises:
             NoAsyncCallError: no reset is pending.  multiprocessing.TimeoutError: `timeout` seconds passed.
+            EnvError: an env raised in reset (that env is FAILED: reset it again).
         """
-        self._assert_open()
-        if self._state != AsyncState.WAITING_RESET:
-            raise NoAsyncCallError("Calling `reset_wait` without any prior call to `reset_async`.",
-                                   AsyncState.WAITING_RESET.value)
+        self._guard("reset_wait", AsyncState.WAITING_RESET)
         env_ids = self._pending_reset_ids
         deadline = self._deadline(timeout)
         try:  # whatever happens, the reset is over: envs still resetting are received by the next call
@@ -641,8 +409,8 @@ class SegmentVecEnv(VectorEnv):
         obs = self._current_obs(self._all_ids)
         infos: dict = {}
         if self._storage.env_has_info[env_ids].any():
-            batch_infos = self._build_infos(env_ids, len(env_ids), deadline)
-            infos = _spread_infos(batch_infos, env_ids, self.num_envs)
+            infos = spread_infos(collect_infos(self._backend, self._storage, env_ids, len(env_ids), deadline),
+                                 env_ids, self.num_envs)
         return obs, infos
 
     def step(self, actions, **learner_fields):
@@ -663,24 +431,28 @@ class SegmentVecEnv(VectorEnv):
             NotReceivedError: an env was never reset, or failed (reset it first).
             SegmentBufferExhausted: the learner holds every row the envs could move to; nothing was sent.
         """
-        self._assert_open()
+        self._guard("step_async")
         if self._state == AsyncState.DEFAULT:
             self._receive_stragglers(wait=False)
-        if self._state not in (AsyncState.DEFAULT, AsyncState.ASYNC) or self._outstanding:
+        if self._outstanding:
             raise AlreadyPendingCallError(
-                f"Calling `step_async` while waiting for a pending call to `{self._state.value}` to complete "
-                f"({self._outstanding} envs in flight).", str(self._state.value))
+                f"Calling `step_async` while {self._outstanding} envs are in flight (sent on the async face, or "
+                "still stepping since a call that raised or timed out: reset() waits for them).",
+                str(self._state.value))
         value = learner_fields.pop("value", None)
         logprob = learner_fields.pop("logprob", None)
         self._send(actions, self._all_ids, value, logprob, learner_fields)
         self._state = AsyncState.WAITING_STEP
 
     def step_wait(self, timeout: float | None = None):
-        """Waits for `step_async` and returns the results in env order (see `step`)."""
-        self._assert_open()
-        if self._state != AsyncState.WAITING_STEP:
-            raise NoAsyncCallError("Calling `step_wait` without any prior call to `step_async`.",
-                                   AsyncState.WAITING_STEP.value)
+        """Waits for `step_async` and returns the results in env order (see `step`).
+
+        Raises:
+            NoAsyncCallError: no step is pending.
+            multiprocessing.TimeoutError: `timeout` seconds passed (the step stays pending: wait again).
+            EnvError: an env raised (that env is FAILED: reset it; the step is over).
+        """
+        self._guard("step_wait", AsyncState.WAITING_STEP)
         deadline = self._deadline(timeout)
         try:
             self._pop(self.num_envs, deadline)
@@ -698,23 +470,14 @@ class SegmentVecEnv(VectorEnv):
         return self.call_wait()
 
     def call_async(self, name: str, *args, **kwargs) -> None:
-        self._assert_open()
-        if self._state not in (AsyncState.DEFAULT, AsyncState.ASYNC):
-            raise AlreadyPendingCallError(
-                f"Calling `call_async` while waiting for a pending call to `{self._state.value}` to complete.",
-                str(self._state.value))
+        self._guard("call_async")
         self._call_request = (name, args, kwargs, self._state)
         self._state = AsyncState.WAITING_CALL
 
     def call_wait(self, timeout: float | None = None) -> tuple:
-        self._assert_open()
-        if self._state != AsyncState.WAITING_CALL:
-            raise NoAsyncCallError("Calling `call_wait` without any prior call to `call_async`.",
-                                   AsyncState.WAITING_CALL.value)
+        self._guard("call_wait", AsyncState.WAITING_CALL)
         name, args, kwargs, previous = self._call_request
         self._state = previous
-        if self.backend_name == "serial":
-            return tuple(self._backend.call(name, args, kwargs))
         return tuple(self._backend.call(name, args, kwargs, timeout=timeout))
 
     def call_at(self, env_ids, name, *args, **kwargs) -> tuple:
@@ -727,14 +490,10 @@ class SegmentVecEnv(VectorEnv):
             ValueError: an env id outside ``[0, num_envs)``.
             AlreadyPendingCallError: a reset, step or call is pending.
         """
-        self._assert_open()
+        self._guard("call_at")
         ids = [int(e) for e in np.asarray(env_ids, dtype=np.int64).reshape(-1)]
         if any(e < 0 or e >= self.num_envs for e in ids):
             raise ValueError(f"env_ids must be in [0, {self.num_envs}), got {ids}")
-        if self._state not in (AsyncState.DEFAULT, AsyncState.ASYNC):
-            raise AlreadyPendingCallError(
-                f"Calling `call_at` while waiting for a pending call to `{self._state.value}` to complete.",
-                str(self._state.value))
         if not ids:
             return ()
         return tuple(self._backend.call(name, args, kwargs, env_ids=ids))
@@ -745,16 +504,12 @@ class SegmentVecEnv(VectorEnv):
 
     def set_attr(self, name: str, values) -> None:
         """Sets attribute `name` on every env (one value for all, or a list/tuple of one per env)."""
-        self._assert_open()
+        self._guard("set_attr")
         if not isinstance(values, (list, tuple)):
             values = [values] * self.num_envs
         if len(values) != self.num_envs:
             raise ValueError("Values must be a list or tuple with length equal to the number of environments. "
                              f"Got `{len(values)}` values for {self.num_envs} environments.")
-        if self._state not in (AsyncState.DEFAULT, AsyncState.ASYNC):
-            raise AlreadyPendingCallError(
-                f"Calling `set_attr` while waiting for a pending call to `{self._state.value}` to complete.",
-                str(self._state.value))
         self._backend.set_attr(name, list(values))
 
     def render(self):
@@ -768,7 +523,7 @@ class SegmentVecEnv(VectorEnv):
         Raises:
             ValueError: the autoreset mode is DISABLED (the async face has no way to reset one env).
         """
-        self._assert_open()
+        self._guard("async_reset")
         if self.autoreset_mode == AutoresetMode.DISABLED:
             raise ValueError("the async face (async_reset/recv/send) needs autoreset: make the envs with "
                              "autoreset_mode NEXT_STEP or SAME_STEP, or use reset()/step() with DISABLED")
@@ -787,18 +542,22 @@ class SegmentVecEnv(VectorEnv):
             EnvError: an env raised (that env is FAILED: reset it; the others go on).
             WorkerDied: a worker died (without restart_failed_envs).
         """
-        self._assert_open()
-        if self._state == AsyncState.WAITING_RESET:
-            self._state = AsyncState.ASYNC
-        if self._state not in (AsyncState.ASYNC, AsyncState.DEFAULT):
-            raise AlreadyPendingCallError(f"Calling `recv` while a `{self._state.value}` call is pending.",
-                                          str(self._state.value))
-        if self._outstanding <= 0:
+        if self._state == AsyncState.WAITING_RESET and not self.closed:
+            self._state = AsyncState.ASYNC  # async_reset's reset completes through recv
+        self._guard("recv")
+        outstanding = self._outstanding
+        if outstanding <= 0:
+            self._backend.raise_errors()  # an error of the last envs sent comes first
             raise NoAsyncCallError("Calling `recv` with no env outstanding: call `async_reset` or `send` first.",
                                    AsyncState.ASYNC.value)
         self._state = AsyncState.ASYNC
         deadline = self._deadline(timeout)
-        env_ids = self._pop(min(self.batch_size, self._outstanding), deadline)
+        wanted = min(self.batch_size, outstanding)
+        if len(self._undelivered):  # envs a partial reset received on the way come first
+            env_ids, self._undelivered = self._undelivered[:wanted], self._undelivered[wanted:]
+            env_ids = np.concatenate([env_ids, self._core.pop_ready(wanted - len(env_ids))])
+        else:
+            env_ids = self._pop(wanted, deadline)
         obs, rewards, terminated, truncated, infos = self._results(env_ids, len(env_ids), deadline)
         infos["env_id"] = env_ids
         return obs, rewards, terminated, truncated, infos
@@ -819,10 +578,7 @@ class SegmentVecEnv(VectorEnv):
             SegmentBufferExhausted: the learner holds every row the envs could move to (release batches and
                 send again); nothing was sent.
         """
-        self._assert_open()
-        if self._state != AsyncState.ASYNC and self._state != AsyncState.DEFAULT:
-            raise AlreadyPendingCallError(f"Calling `send` while a `{self._state.value}` call is pending.",
-                                          str(self._state.value))
+        self._guard("send")
         ids = np.ascontiguousarray(np.asarray(env_ids).reshape(-1), dtype=np.int32)
         if len(ids) and (ids.min() < 0 or ids.max() >= self.num_envs):
             raise ValueError(f"env_ids must be in [0, {self.num_envs}), got {ids}")
@@ -833,6 +589,7 @@ class SegmentVecEnv(VectorEnv):
     @property
     def segments_ready(self) -> int:
         """Complete rows not yet taken."""
+        self._guard("segments_ready", any_state=True)
         return self._storage.stats()["complete_rows"]
 
     def take_segments(self, n: int | None = None) -> SegmentBatch:
@@ -841,8 +598,7 @@ class SegmentVecEnv(VectorEnv):
         Raises:
             ValueError (NotEnoughSegmentsError): `n` is more than `segments_ready`.
         """
-        self._assert_open()
-        storage = self._storage
+        self._guard("take_segments", any_state=True)
         ready = self.segments_ready
         all_rows = n is None
         if all_rows:
@@ -852,59 +608,28 @@ class SegmentVecEnv(VectorEnv):
         if n > ready:
             raise NotEnoughSegmentsError(f"take_segments({n}) but only {ready} segments are ready "
                                          f"(the buffer has {self.num_segments} rows)")
-        while True:
-            if all_rows:
-                n = self.segments_ready
-            rows = np.empty(n, np.int32)
-            status = lib.segvec_take(storage.core, n, ffi.from_buffer("int32_t[]", rows, require_writable=True))
-            if not (all_rows and status == lib.SEGVEC_ERR_NOT_ENOUGH):
-                break  # (a worker may recycle a complete row between the count and the take: count again)
-        check(status, "take_segments")
+        rows = self._core.take(n)
+        if rows is None:
+            raise NotEnoughSegmentsError(f"take_segments({n}): the complete rows were recycled meanwhile")
         rows.sort()
-        return SegmentBatch(storage, rows, self.autoreset_mode, self._final_obs_of(rows), self._release)
-
-    def _final_obs_of(self, rows: np.ndarray) -> tuple:
-        storage = self._storage
-        found_obs, positions = [], []
-        if self._truncation_obs:
-            for i, row in enumerate(rows.tolist()):
-                key = (row, int(storage.row_env_id[row]), int(storage.row_start_step[row]))
-                for t, leaves in self._truncation_obs.pop(key, ()):
-                    if t < storage.row_length[row]:
-                        found_obs.append(leaves)
-                        positions.append((i, t))
-        leaves = [np.stack([entry[j] for entry in found_obs]) if found_obs else
-                  np.zeros((0,) + leaf.shape, leaf.dtype) for j, leaf in enumerate(self._obs_layout.leaves)]
-        return self._obs_layout.structure(leaves), np.asarray(positions, np.int64).reshape(-1, 2)
+        return SegmentBatch(self._storage, rows, self.autoreset_mode, self._truncations.take(rows), self._release)
 
     def _release(self, rows: np.ndarray) -> None:
-        if self.closed:
-            return
-        check(lib.segvec_release(self._storage.core, len(rows), ffi.from_buffer("int32_t[]", rows)), "release")
+        if not self.closed:
+            self._core.release(rows)
 
     def flush(self, timeout: float | None = None) -> None:
         """Closes every row in progress as a partial segment, so all stepped data can be taken.
 
         Waits for envs whose actions are in flight to land first.  The tail bootstrap of a flushed row is
-        ``value_fn(current observation)`` when a value_fn is set, else NaN.
+        ``value_fn(current observation)`` when a value_fn is set, else the value already sent (NaN if none).
         """
-        self._assert_open()
-        self._wait_landed(self._deadline(timeout))
-        self._note_landed_truncations()
-        self._flush_envs(self._all_ids)
-
-    def _note_landed_truncations(self) -> None:
-        """SAME_STEP: notes truncations of envs that landed but were not received yet (see flush)."""
-        if self.autoreset_mode != AutoresetMode.SAME_STEP:
-            return
-        landed = self._all_ids[(self._storage.env_state == lib.SEGVEC_ENV_READY) & ~self._truncation_noted]
-        if len(landed):
-            self._note_truncations(landed)
-            self._truncation_noted[landed] = True
-
-    def _wait_landed(self, deadline) -> None:
+        self._guard("flush", any_state=True)
         if self._outstanding:
-            self._backend.wait(self._outstanding, deadline)
+            self._backend.wait(self._outstanding, self._deadline(timeout))
+        if self._same_step:
+            self._truncations.note_landed()
+        self._flush_envs(self._all_ids)
 
     def _flush_envs(self, env_ids: np.ndarray) -> None:
         """Closes the rows in progress of `env_ids` (see segvec_flush_envs); all or nothing.
@@ -916,60 +641,37 @@ class SegmentVecEnv(VectorEnv):
         tails = None
         if self.value_fn is not None:
             tails = np.asarray(self.value_fn(self._current_obs(env_ids)), np.float32).reshape(-1)
-        count = len(env_ids)
-        copy_from = np.empty(count, np.int64)
-        copy_to = np.empty(count, np.int64)
-        status = lib.segvec_flush_envs(
-            storage.core, count, ffi.from_buffer("int32_t[]", env_ids),
-            ffi.NULL if tails is None else ffi.from_buffer("float[]", tails),
-            ffi.from_buffer("int64_t[]", copy_from, require_writable=True),
-            ffi.from_buffer("int64_t[]", copy_to, require_writable=True))
-        if status == lib.SEGVEC_ERR_NO_FREE_ROW:
+        try:
+            copy_from, copy_to = self._core.flush_envs(env_ids, tails)
+        except SegmentBufferExhausted:
             raise SegmentBufferExhausted(
                 f"no free segment row to start after the rows being closed: every row is filling, awaiting its "
-                f"bootstrap or taken by the learner ({self.stats()['segments_taken']} taken so far). Release the "
-                "batches you hold (batch.release()) and try again, or raise num_segments. Nothing was flushed.")
-        check(status, "flush")
+                f"bootstrap or taken by the learner ({self.stats()['taken_rows']} taken now). Release the "
+                "batches you hold (batch.release()) and try again, or raise num_segments. Nothing was flushed.") \
+                from None
         moved = copy_from >= 0
         if moved.any():
             for by_slot in storage.obs_by_slot:
                 by_slot[copy_to[moved]] = by_slot[copy_from[moved]]
 
     def stats(self) -> dict:
-        """Counters: steps, episodes, segments_completed, segments_recycled, segments_taken, nan_rewards,..."""
-        self._assert_open()
+        """Counters: steps, episodes, segments_completed, segments_recycled, segments_taken, nan_rewards,
+        episodes_written, restarts, complete_rows, free_rows, taken_rows, rolled_back."""
+        self._guard("stats", any_state=True)
         return self._storage.stats()
 
     def episodes(self, max_n: int = 4096) -> dict:
         """Episodes finished since the last call: ``{"env_id", "return", "length"}`` arrays, and ``lost``."""
-        self._assert_open()
-        env_ids = np.empty(max_n, np.int32)
-        returns = np.empty(max_n, np.float64)
-        lengths = np.empty(max_n, np.int64)
-        n = ffi.new("int32_t *")
-        lost = ffi.new("int64_t *")
-        check(lib.segvec_read_episodes(
-            self._storage.core, self._episode_cursor, max_n, ffi.from_buffer("int32_t[]", env_ids),
-            ffi.from_buffer("double[]", returns), ffi.from_buffer("int64_t[]", lengths), n, lost))
-        k = n[0]
-        return {"env_id": env_ids[:k], "return": returns[:k], "length": lengths[:k], "lost": int(lost[0])}
+        self._guard("episodes", any_state=True)
+        return self._core.read_episodes(self._episode_cursor, max_n)
 
     # ---- shutdown -------------------------------------------------------------------------------
-    def close_extras(self, **kwargs) -> None:
-        """Stops the envs (and workers); see `close`."""
-        if self._backend is not None:
-            self._backend.close(terminate=kwargs.get("terminate", False))
-
     def close(self, terminate: bool = False, **kwargs) -> None:
         """Closes every env, stops workers and frees shared memory.  Idempotent; safe after errors."""
         if getattr(self, "closed", True) and getattr(self, "_backend", None) is None:
             return
-        if not self.closed:
-            self.closed = True
+        self.closed = True
         backend, self._backend = self._backend, None
-        storage = getattr(self, "_storage", None)
-        if storage is not None:
-            storage.unregister_from_cuda()
         if backend is not None:
             backend.close(terminate=terminate)
 
@@ -982,18 +684,3 @@ class SegmentVecEnv(VectorEnv):
     def __repr__(self) -> str:
         return (f"SegmentVecEnv({self.backend_name}, num_envs={self.num_envs}, batch_size={self.batch_size}, "
                 f"horizon={self.horizon}, num_segments={self.num_segments})")
-
-
-def _spread_infos(batch_infos: dict, env_ids: np.ndarray, size: int) -> dict:
-    """Re-indexes infos built for positions 0..k-1 of `env_ids` to env positions in a batch of `size`."""
-    out: dict = {}
-    for key, value in batch_infos.items():
-        if isinstance(value, dict):
-            out[key] = _spread_infos(value, env_ids, size)
-        else:
-            array = np.asarray(value)
-            full = np.zeros((size,) + array.shape[1:], dtype=array.dtype) if array.dtype != object \
-                else np.full(size, None, dtype=object)
-            full[env_ids] = array
-            out[key] = full
-    return out

@@ -614,8 +614,8 @@ def test_nothing_is_unpickled_from_shared_memory():
         hits = [line.strip() for line in path.read_text().splitlines() if unpickling.search(line)]
         if hits:
             found[path.name] = hits
-    assert set(found) <= {"backends.py"}, found
-    for line in found.get("backends.py", []):
+    assert set(found) <= {"multiprocessing.py", "worker.py"}, found  # the pipes' two ends
+    for line in found.get("multiprocessing.py", []) + found.get("worker.py", []):
         assert re.search(r"(conn|pipe)\.recv\(\)|loads\((type_bytes|payload)\)", line), line
 
     envs = make(fault_fns(NUM_ENVS), "serial")
@@ -807,3 +807,70 @@ class FaultEnvWith(FaultEnv):
     def __init__(self, space):
         super().__init__(0)
         self.observation_space = space
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_error_of_the_last_envs_sent_comes_before_no_async_call(backend):
+    """When every env sent failed, the next recv raises their EnvError, not NoAsyncCallError; after
+    async_reset the next recv returns the reset observations, not an old error."""
+    envs = make(fault_fns(2, "step", target=0, at_step=0, times=1), backend, num_workers=1)
+    envs.async_reset(seed=0)
+    *_, infos = envs.recv(timeout=5)
+    envs.send(zeros(1), [0])  # env 0 fails; env 1 is held
+    with pytest.raises(segvec.EnvError):
+        envs.recv(timeout=5)
+    envs.async_reset(seed=1)
+    *_, infos = envs.recv(timeout=5)
+    assert sorted(infos["env_id"].tolist()) == [0, 1]
+    closed_twice(envs)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_envs_failing_in_one_step_are_both_reset_at_once(backend):
+    """Two envs raise in the same step: the first error is raised, the second is dropped (with a warning)
+    by the reset of its env, which brings both back at once."""
+    fns = fault_fns(NUM_ENVS, "step", target=0, at_step=1, times=1)
+    fns[3] = fault_fns(NUM_ENVS, "step", target=3, at_step=1, times=1)[3]
+    envs = make(fns, backend)
+    envs.reset(seed=0)
+    envs.step(zeros())
+    with pytest.raises(segvec.EnvError):
+        envs.step(zeros())
+    with pytest.warns(RuntimeWarning, match="env 3 raised in step"):
+        envs.reset(seed=1)
+    _, rewards, *_ = envs.step(zeros())
+    assert rewards.tolist() == [1.0] * NUM_ENVS
+    closed_twice(envs)
+
+
+@pytest.mark.timeout(30)
+def test_a_call_that_timed_out_does_not_answer_the_next_one():
+    envs = make(fault_fns(NUM_ENVS), "multiprocessing")
+    envs.call_async("slow_call", 0.5)
+    with pytest.raises(multiprocessing.TimeoutError):
+        envs.call_wait(timeout=0.05)
+    time.sleep(0.6)  # the late answers arrive
+    assert envs.get_attr("index") == (0, 1, 2, 3)
+    assert envs.call("slow_call", 0.0) == (0, 1, 2, 3)
+    closed_twice(envs)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_partial_async_reset_keeps_the_other_envs_in_play(backend):
+    """async_reset with a reset_mask on the async face: the envs it does not reset keep coming from recv."""
+    envs = make(fault_fns(NUM_ENVS), backend, batch_size=2)
+    envs.async_reset(seed=0)
+    seen = set()
+    for _ in range(6):
+        *_, infos = envs.recv(timeout=5)
+        envs.send(zeros(len(infos["env_id"])), infos["env_id"])
+    envs.async_reset(seed=1, options={"reset_mask": np.array([True, False, False, False])})
+    for _ in range(10):
+        *_, infos = envs.recv(timeout=5)
+        seen.update(infos["env_id"].tolist())
+        envs.send(zeros(len(infos["env_id"])), infos["env_id"])
+    assert seen == {0, 1, 2, 3}
+    closed_twice(envs)

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import segvec
+from envs import reference_gae
 
 try:
     import torch
@@ -32,31 +33,6 @@ def run_python(code: str) -> subprocess.CompletedProcess:
 
 
 # ---- reference --------------------------------------------------------------------------------------
-def reference_gae(b, gamma, lam, rho=None, c=None):
-    """Plain Python GAE, row by row, backwards (V-trace weights when rho/c are given).
-
-    The recursion stops at terminated, truncated and t = length - 1 steps; masked-out steps and steps past
-    length get advantage and return 0 and reset it; next_value is 0 where terminated, whatever it holds.
-    """
-    n, T = b.reward.shape
-    adv, ret = np.zeros((n, T)), np.zeros((n, T))
-    for i in range(n):
-        running = 0.0
-        for t in reversed(range(T)):
-            if t >= b.length[i] or not b.mask[i, t]:
-                running = 0.0
-                continue
-            next_value = 0.0 if b.terminated[i, t] else float(b.next_value[i, t])
-            delta = float(b.reward[i, t]) + gamma * next_value - float(b.value[i, t])
-            stop = b.terminated[i, t] or b.truncated[i, t] or t == b.length[i] - 1
-            weight_delta = 1.0 if rho is None else float(rho[i, t])
-            weight_carry = 1.0 if c is None else float(c[i, t])
-            running = weight_delta * delta + (0.0 if stop else gamma * lam * weight_carry * running)
-            adv[i, t] = running
-            ret[i, t] = running + float(b.value[i, t])
-    return adv, ret
-
-
 def assert_same(actual, expected, rtol, atol):
     """Equal to `rtol` relative (`atol` absolute near 0), with NaN at exactly the same positions."""
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)

@@ -86,7 +86,7 @@ class Harness:
     def __init__(self, E: int, S: int, T: int):
         geometry = Geometry.make(E, 1, S, T, spaces.Box(-1, 1, (2,), np.float32), spaces.Discrete(2), poison=True)
         self.storage = Storage(geometry, shared=False)
-        self.core = self.storage.core
+        self.core = self.storage.core.handle
         self.model = Model(E, S, T)
         self.E, self.S, self.T = E, S, T
         self.snapshots: dict[int, tuple] = {}
@@ -381,7 +381,7 @@ class Core:
     def __init__(self, E=4, W=2, S=16, T=2):
         geometry = Geometry.make(E, W, S, T, spaces.Box(-1, 1, (2,), np.float32), spaces.Discrete(2), poison=True)
         self.storage = Storage(geometry, shared=False)
-        self.core, self.E, self.W, self.T = self.storage.core, E, W, T
+        self.core, self.E, self.W, self.T = self.storage.core.handle, E, W, T
         ids = i32(range(E))
         assert lib.segvec_begin_resets(self.core, E, ffi.from_buffer("int32_t[]", ids)) == 0
         assert lib.segvec_commit_resets(self.core, E, ffi.from_buffer("int32_t[]", ids),

@@ -13,6 +13,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import segvec  # noqa: E402
+from envs import reference_gae  # noqa: E402
 from segvec.advantages import gae_numpy_clipped  # noqa: E402
 from segvec.torch_utils import gae_torch  # noqa: E402
 
@@ -137,28 +138,6 @@ def test_to_torch_cuda_matches_host():
 
 
 # ---- GAE --------------------------------------------------------------------------------------------
-def reference_gae(b, gamma, lam, rho=None, c=None):
-    """Plain Python GAE, row by row, step by step (V-trace weights when rho/c are given)."""
-    n, T = b.reward.shape
-    adv = np.zeros((n, T))
-    ret = np.zeros((n, T))
-    for i in range(n):
-        running = 0.0
-        for t in reversed(range(T)):
-            if t >= b.length[i] or not b.mask[i, t]:
-                running = 0.0
-                continue
-            next_value = 0.0 if b.terminated[i, t] else float(b.next_value[i, t])
-            delta = float(b.reward[i, t]) + gamma * next_value - float(b.value[i, t])
-            stop = b.terminated[i, t] or b.truncated[i, t] or t == b.length[i] - 1
-            weight_delta = 1.0 if rho is None else rho[i, t]
-            weight_carry = 1.0 if c is None else c[i, t]
-            running = weight_delta * delta + (0.0 if stop else gamma * lam * weight_carry * running)
-            adv[i, t] = running
-            ret[i, t] = running + float(b.value[i, t])
-    return adv, ret
-
-
 @st.composite
 def random_batches(draw):
     n = draw(st.integers(1, 6))

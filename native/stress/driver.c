@@ -237,22 +237,27 @@ static int serve_resets(segvec_core_t *core, worker_t *wk, rng_t *rng, int32_t n
     return publish_chunks(core, wk, rng, n_ok, ok);
 }
 
+/* segvec_restart_env: the new episode starts at the cursor slot, in the same row; the driver writes its
+ * first observation there. */
+static void restart_one(segvec_core_t *core, worker_t *wk, int32_t e) {
+    int64_t slot, cursor;
+    OK(segvec_cursor_slots(core, 1, &e, SEGVEC_OBS_SLOT, &cursor));
+    OK(segvec_restart_env(core, e, &slot));
+    wk->restarts++;
+    CHECK(slot == cursor, "restart_env(%d): obs slot %lld is not the cursor %lld", e, (long long)slot,
+          (long long)cursor);
+    env_model_t *m = &g_model[e];
+    m->ctr++;
+    m->ep_len = 0;
+    m->needs_reset = 0;
+    G.obs[slot] = obs_code(e, m->ctr);
+}
+
 /* Envs whose step died with the previous worker (rolled back, IN_FLIGHT): restarted in place. */
 static int restart_lost(segvec_core_t *core, worker_t *wk, rng_t *rng, int32_t n, int32_t *ids) {
     for (int32_t i = 0; i < n; ++i) {
         DIE_POINT();
-        int32_t e = ids[i];
-        int64_t slot, cursor;
-        OK(segvec_cursor_slots(core, 1, &e, SEGVEC_OBS_SLOT, &cursor));
-        OK(segvec_restart_env(core, e, &slot));
-        wk->restarts++;
-        CHECK(slot == cursor, "restart_env(%d): obs slot %lld is not the cursor %lld", e, (long long)slot,
-              (long long)cursor);
-        env_model_t *m = &g_model[e];
-        m->ctr++;
-        m->ep_len = 0;
-        m->needs_reset = 0;
-        G.obs[slot] = obs_code(e, m->ctr);
+        restart_one(core, wk, ids[i]);
     }
     DIE_POINT();
     return publish_chunks(core, wk, rng, n, ids);
@@ -296,18 +301,7 @@ static int serve_steps(segvec_core_t *core, worker_t *wk, rng_t *rng, int32_t n,
     }
     for (int32_t i = 0; i < n_restart; ++i) {
         int32_t e = restarted[i];
-        int64_t slot, cursor;
-        OK(segvec_cursor_slots(core, 1, &e, SEGVEC_OBS_SLOT, &cursor));
-        OK(segvec_restart_env(core, e, &slot));
-        wk->restarts++;
-        /* segvec_restart_env: the new episode starts at the cursor slot, in the same row */
-        CHECK(slot == cursor, "restart_env(%d): obs slot %lld is not the cursor %lld", e, (long long)slot,
-              (long long)cursor);
-        env_model_t *m = &g_model[e];
-        m->ctr++;
-        m->ep_len = 0;
-        m->needs_reset = 0;
-        G.obs[slot] = obs_code(e, m->ctr);
+        restart_one(core, wk, e);
         publish[n_pub++] = e;
         DIE_POINT();
     }

@@ -1,0 +1,156 @@
+"""The learner's inputs, checked before the core sees any of them: sizes, actions, learner fields, values,
+reset masks and seeds.  Every check raises ValueError (wrong value or shape) or TypeError (wrong type or
+dtype) with a message that says what to change; none changes anything."""
+from __future__ import annotations
+
+import numpy as np
+from gymnasium import spaces
+from gymnasium.vector import AutoresetMode
+
+from segvec._core import first_out_of_range
+from segvec.spaces import SpaceLayout
+
+
+def autoreset_mode(mode) -> AutoresetMode:
+    """Accepts an AutoresetMode, its value ("NextStep") or its name in any case ("next_step")."""
+    if isinstance(mode, AutoresetMode):
+        return mode
+    if isinstance(mode, str):
+        for member in AutoresetMode:
+            if mode in (member.value, member.name) or mode.replace("-", "_").upper() == member.name:
+                return member
+    raise ValueError(f"autoreset_mode must be one of {[m.name for m in AutoresetMode]}, got {mode!r}")
+
+
+def sizes(num_envs: int, horizon, batch_size, num_segments) -> tuple[int, int, int]:
+    """``(horizon, batch_size, num_segments)`` with their defaults, checked against `num_envs`."""
+    if num_envs < 1:
+        raise ValueError("need at least one env")
+    if not isinstance(horizon, (int, np.integer)) or horizon < 1:
+        raise ValueError(f"horizon must be an int >= 1, got {horizon!r}")
+    batch_size = num_envs if batch_size is None else batch_size
+    if not isinstance(batch_size, (int, np.integer)) or not 1 <= batch_size <= num_envs:
+        raise ValueError(f"batch_size must be an int in [1, num_envs={num_envs}], got {batch_size!r}")
+    num_segments = 4 * num_envs if num_segments is None else num_segments
+    if not isinstance(num_segments, (int, np.integer)) or num_segments < 2 * num_envs:
+        raise ValueError(
+            f"num_segments must be >= 2 * num_envs = {2 * num_envs} (each env fills one row while its "
+            f"previous one waits for its bootstrap value), got {num_segments!r}")
+    return int(horizon), int(batch_size), int(num_segments)
+
+
+class ActionCheck:
+    """Checks a batch of actions against the action space: ``check(actions, count) -> leaf arrays``.
+
+    Shapes must be ``(count, *leaf_shape)``; dtypes must cast safely (same kind, or any integer for an
+    integer space); discrete values must lie in the space (Box actions are the env's to clip).
+    """
+
+    def __init__(self, layout: SpaceLayout):
+        self.layout = layout
+        self.flat = layout.is_flat
+        self.bounds = []  # per leaf: (space, low, high) for discrete spaces, None for Box
+        for leaf in layout.leaves:
+            space = layout.space
+            for key in leaf.path:
+                space = space[key]
+            if isinstance(space, spaces.Discrete):
+                self.bounds.append((space, space.start, space.start + space.n - 1))
+            elif isinstance(space, spaces.MultiDiscrete):
+                self.bounds.append((space, space.start, space.start + space.nvec - 1))
+            elif isinstance(space, spaces.MultiBinary):
+                self.bounds.append((space, 0, 1))
+            else:
+                self.bounds.append(None)
+
+    def __call__(self, actions, count: int) -> list[np.ndarray]:
+        leaves = [actions] if self.flat else self.layout.flatten(actions)
+        out = []
+        for leaf, space_value in zip(self.layout.leaves, leaves):
+            array = np.asarray(space_value)
+            expected = (count,) + leaf.shape
+            if array.shape != expected:
+                raise ValueError(f"actions{'/'.join(map(str, leaf.path)) and ' at ' + '/'.join(map(str, leaf.path))}"
+                                 f" have shape {array.shape}, expected {expected} for {count} envs")
+            if array.dtype != leaf.dtype and not np.can_cast(array.dtype, leaf.dtype, casting="same_kind"):
+                if not (np.issubdtype(leaf.dtype, np.integer) and np.issubdtype(array.dtype, np.integer)):
+                    raise TypeError(f"actions have dtype {array.dtype}, the action space needs {leaf.dtype}")
+            out.append(array)
+        for bound, array in zip(self.bounds, out):
+            if bound is None or not array.size:
+                continue
+            space, low, high = bound
+            if np.isscalar(low):
+                values = array if array.dtype == np.int64 and array.flags.c_contiguous else \
+                    np.ascontiguousarray(array, dtype=np.int64)
+                bad = first_out_of_range(values, int(low), int(high)) >= 0
+            else:
+                bad = np.any(array < low) or np.any(array > high)
+            if bad:
+                raise ValueError(f"actions out of the action space {space}: got values in "
+                                 f"[{array.min()}, {array.max()}]")
+        return out
+
+
+def learner_fields(fields: dict, storage, count: int) -> dict[str, np.ndarray]:
+    """Learner fields as arrays of shape ``(count, *shape)`` in their declared dtypes.
+
+    Raises:
+        TypeError: a field that was not declared, or of a dtype that does not convert.
+        ValueError: a field of the wrong shape.
+    """
+    unknown = set(fields) - set(storage.step_fields) - set(storage.segment_fields)
+    if unknown:
+        raise TypeError(f"unknown learner fields {sorted(unknown)}; declare them in step_fields/segment_fields")
+    out = {}
+    for name, value in fields.items():
+        per_step = name in storage.step_fields
+        target = storage.step_fields[name] if per_step else storage.segment_fields[name]
+        expected = (count,) + target.shape[2 if per_step else 1:]
+        if hasattr(value, "detach"):
+            value = value.detach().cpu().numpy()
+        try:
+            array = np.asarray(value).astype(target.dtype, copy=False, casting="same_kind")
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"field {name!r} has dtype {np.asarray(value).dtype}, declared {target.dtype}: "
+                            f"{error}") from error
+        if array.shape != expected:
+            raise ValueError(f"field {name!r} has shape {array.shape}, expected {expected} for {count} envs")
+        out[name] = array
+    return out
+
+
+def per_env(values, count: int, name: str) -> np.ndarray:
+    """One float32 per env (e.g. value, logprob), from numpy, a sequence or a torch tensor."""
+    if hasattr(values, "detach"):
+        values = values.detach().cpu().numpy()
+    array = np.ascontiguousarray(np.asarray(values, np.float32).reshape(-1))
+    if len(array) != count:
+        raise ValueError(f"{name} must have one entry per env ({count}), got shape {np.shape(values)}")
+    return array
+
+
+def reset_mask(mask, num_envs: int) -> np.ndarray:
+    """The envs a ``reset(options={"reset_mask": mask})`` resets."""
+    if not isinstance(mask, np.ndarray):
+        raise TypeError(f"`options['reset_mask']` must be a numpy array, got {type(mask)}")
+    if mask.shape != (num_envs,):
+        raise ValueError(f"`options['reset_mask']` must have shape `({num_envs},)`, got {mask.shape}")
+    if mask.dtype != np.bool_:
+        raise TypeError(f"`options['reset_mask']` must have `dtype=np.bool_`, got {mask.dtype}")
+    if not mask.any():
+        raise ValueError("`options['reset_mask']` must contain at least one True value")
+    return np.flatnonzero(mask).astype(np.int32)
+
+
+def seeds(seed, num_envs: int) -> list:
+    """Per-env seeds: None for all, an int i gives env e the seed i + e, or a list of one per env."""
+    if seed is None:
+        return [None] * num_envs
+    if isinstance(seed, (int, np.integer)):
+        return [int(seed) + i for i in range(num_envs)]
+    seeds_ = list(seed)
+    if len(seeds_) != num_envs:
+        raise ValueError(f"If seeds are passed as a list the length must match num_envs={num_envs} "
+                         f"but got length={len(seeds_)}.")
+    return seeds_
