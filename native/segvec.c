@@ -480,6 +480,41 @@ static int64_t now_ms(void) {
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+/* The one wait of the core.  `check(c, arg)` says whether the wait is over: KEEP_WAITING, or the status
+ * to return.  A short spin, then YIELD_WINDOW_NS of checks that yield the core between them, then sleeps
+ * on the futex `word` (announced in `*sleeping` so that wakers know to wake) in slices of at most
+ * WAIT_SLICE_MS, until `timeout_ms` (< 0: one slice) has passed: SEGVEC_ERR_TIMEOUT, so the caller can look
+ * after dead processes and signals.  The check runs again after `*sleeping` is set and before sleeping,
+ * and the futex sleeps only while the word still holds the value read before that check, so a wake-up
+ * between the two is never lost. */
+#define KEEP_WAITING 1
+typedef int (*wait_check_t)(segvec_core_t *c, void *arg);
+
+static int wait_for(segvec_core_t *c, atomic_uint *word, atomic_uint *sleeping, int32_t timeout_ms,
+                    wait_check_t check, void *arg) {
+    int64_t deadline = now_ms() + (timeout_ms < 0 ? WAIT_SLICE_MS : timeout_ms);
+    int64_t yield_until = now_ns() + YIELD_WINDOW_NS;
+    for (int pass = 0;; ++pass) {
+        for (int spin = 0;; ++spin) {
+            int status = check(c, arg);
+            if (status != KEEP_WAITING) return status;
+            if (spin < SPIN_CHECKS) cpu_relax();
+            else if (pass == 0 && now_ns() < yield_until) sched_yield();
+            else break;
+        }
+        int64_t left = deadline - now_ms();
+        if (left <= 0) return SEGVEC_ERR_TIMEOUT;
+        unsigned seen = atomic_load_explicit(word, memory_order_seq_cst);
+        atomic_store_explicit(sleeping, 1, memory_order_seq_cst);
+        int status = check(c, arg);
+        int rc = 0;
+        if (status == KEEP_WAITING) rc = futex_wait(word, seen, (int)(left < WAIT_SLICE_MS ? left : WAIT_SLICE_MS));
+        atomic_store_explicit(sleeping, 0, memory_order_relaxed);
+        if (status != KEEP_WAITING) return status;
+        if (rc == EINTR) return SEGVEC_ERR_INTERRUPTED;
+    }
+}
+
 /* ---- ready queues (one SPSC queue per worker, merged by stamp) -------------------------------- */
 
 static inline ready_entry_t *ready_entry(segvec_core_t *c, int32_t w, uint64_t index) {
@@ -519,35 +554,23 @@ int segvec_publish(segvec_core_t *c, int32_t n, const int32_t *env_ids) {
     return SEGVEC_OK;
 }
 
+/* The learner's wait is over when `min_count` envs are published, or a worker posted an alert. */
+static int ready_or_alert(segvec_core_t *c, void *min_count) {
+    if (ready_available(c) >= *(int32_t *)min_count) return SEGVEC_OK;
+    if (atomic_load_explicit(&c->shared->alert_seq, memory_order_acquire) != c->alert_seen) {
+        c->alert_seen = atomic_load(&c->shared->alert_seq);
+        return SEGVEC_ERR_ALERT;
+    }
+    return KEEP_WAITING;
+}
+
 int segvec_wait_ready(segvec_core_t *c, int32_t min_count, int32_t timeout_ms, int32_t *ready_out) {
     shared_t *sh = c->shared;
-    int64_t deadline = now_ms() + (timeout_ms < 0 ? WAIT_SLICE_MS : timeout_ms);
     if (min_count > c->E) min_count = c->E;
-    int64_t yield_until = now_ns() + YIELD_WINDOW_NS;
-    for (int pass = 0;; ++pass) {
-        for (int spin = 0;; ++spin) {
-            int32_t ready = ready_available(c);
-            if (ready >= min_count) { *ready_out = ready; return SEGVEC_OK; }
-            if (atomic_load_explicit(&sh->alert_seq, memory_order_acquire) != c->alert_seen) {
-                c->alert_seen = atomic_load(&sh->alert_seq);
-                *ready_out = ready;
-                return SEGVEC_ERR_ALERT;
-            }
-            if (spin < SPIN_CHECKS) cpu_relax();
-            else if (pass == 0 && now_ns() < yield_until) sched_yield();
-            else break;
-        }
-        int64_t left = deadline - now_ms();
-        if (left <= 0) { *ready_out = ready_available(c); return SEGVEC_ERR_TIMEOUT; }
-        atomic_store(&sh->learner_wanted, min_count);
-        atomic_store_explicit(&sh->learner_waiting, 1, memory_order_seq_cst);
-        unsigned seq = atomic_load_explicit(&sh->ready_seq, memory_order_seq_cst);
-        int rc = 0;
-        if (ready_available(c) < min_count && atomic_load(&sh->alert_seq) == c->alert_seen)
-            rc = futex_wait(&sh->ready_seq, seq, (int)(left < WAIT_SLICE_MS ? left : WAIT_SLICE_MS));
-        atomic_store_explicit(&sh->learner_waiting, 0, memory_order_relaxed);
-        if (rc == EINTR) { *ready_out = ready_available(c); return SEGVEC_ERR_INTERRUPTED; }
-    }
+    atomic_store(&sh->learner_wanted, min_count);
+    int status = wait_for(c, &sh->ready_seq, &sh->learner_waiting, timeout_ms, ready_or_alert, &min_count);
+    *ready_out = ready_available(c);
+    return status;
 }
 
 int segvec_pop_ready(segvec_core_t *c, int32_t max_n, int32_t *env_ids_out, int32_t *n_out) {
@@ -914,37 +937,23 @@ int segvec_read_episodes(segvec_core_t *c, int64_t *cursor, int32_t max_n, int32
 
 /* ---- worker side ------------------------------------------------------------------------------ */
 
+/* Worker w's wait is over at shutdown, or when it was kicked or got actions since its last wait. */
+static int work_or_shutdown(segvec_core_t *c, void *slot) {
+    worker_slot_t *ws = (worker_slot_t *)slot;
+    if (atomic_load_explicit(&c->shared->shutdown, memory_order_acquire)) return SEGVEC_ERR_SHUTDOWN;
+    unsigned now = atomic_load_explicit(&ws->seq, memory_order_acquire);
+    if (now != ws->seen_seq || atomic_load_explicit(&ws->queue_tail, memory_order_acquire) !=
+                                   atomic_load_explicit(&ws->queue_head, memory_order_relaxed)) {
+        ws->seen_seq = now; /* a kick that lands between two waits is not lost */
+        return SEGVEC_OK;
+    }
+    return KEEP_WAITING;
+}
+
 int segvec_worker_wait(segvec_core_t *c, int32_t w, int32_t timeout_ms) {
     if (w < 0 || w >= c->W) return SEGVEC_ERR_INVALID;
     worker_slot_t *ws = &c->workers[w];
-    shared_t *sh = c->shared;
-    int64_t deadline = now_ms() + (timeout_ms < 0 ? WAIT_SLICE_MS : timeout_ms);
-    unsigned seen = ws->seen_seq;
-    int64_t yield_until = now_ns() + YIELD_WINDOW_NS;
-    for (int pass = 0;; ++pass) {
-        for (int spin = 0;; ++spin) {
-            if (atomic_load_explicit(&sh->shutdown, memory_order_acquire)) return SEGVEC_ERR_SHUTDOWN;
-            unsigned now = atomic_load_explicit(&ws->seq, memory_order_acquire);
-            if (now != seen || /* kicked (or pushed) since the last return */
-                atomic_load_explicit(&ws->queue_tail, memory_order_acquire) !=
-                atomic_load_explicit(&ws->queue_head, memory_order_relaxed)) {
-                ws->seen_seq = now;
-                return SEGVEC_OK;
-            }
-            if (spin < SPIN_CHECKS) cpu_relax();
-            else if (pass == 0 && now_ns() < yield_until) sched_yield();
-            else break;
-        }
-        int64_t left = deadline - now_ms();
-        if (left <= 0) return SEGVEC_ERR_TIMEOUT;
-        atomic_store_explicit(&ws->waiting, 1, memory_order_seq_cst);
-        int rc = 0;
-        if (atomic_load_explicit(&ws->seq, memory_order_seq_cst) == seen &&
-            atomic_load(&ws->queue_tail) == atomic_load(&ws->queue_head) && !atomic_load(&sh->shutdown))
-            rc = futex_wait(&ws->seq, seen, (int)(left < WAIT_SLICE_MS ? left : WAIT_SLICE_MS));
-        atomic_store_explicit(&ws->waiting, 0, memory_order_relaxed);
-        if (rc == EINTR) return SEGVEC_ERR_INTERRUPTED;
-    }
+    return wait_for(c, &ws->seq, &ws->waiting, timeout_ms, work_or_shutdown, ws);
 }
 
 int segvec_worker_pop(segvec_core_t *c, int32_t w, int32_t max_n, int32_t *env_ids_out, int32_t *n_out) {
