@@ -597,8 +597,9 @@ int segvec_pop_ready(segvec_core_t *c, int32_t max_n, int32_t *env_ids_out, int3
         env_ids_out[n++] = e;
         if (++head[w] == tail[w]) active[best] = active[--n_active];
     }
-    for (int32_t w = 0; w < c->W; ++w)
-        atomic_store_explicit(&c->workers[w].ready_head, head[w], memory_order_release);
+    for (int32_t w = 0; w < c->W; ++w) /* only the queues it took from: the others' lines stay put */
+        if (head[w] != atomic_load_explicit(&c->workers[w].ready_head, memory_order_relaxed))
+            atomic_store_explicit(&c->workers[w].ready_head, head[w], memory_order_release);
     *n_out = n;
     return SEGVEC_OK;
 }

@@ -83,6 +83,9 @@ class Wait(enum.Enum):
     SHUTDOWN = lib.SEGVEC_ERR_SHUTDOWN
 
 
+_WAITS = {member.value: member for member in Wait}  # (a dict lookup: Wait(status) costs more on a hot path)
+
+
 def check(status: int, context: str = "") -> int:
     """Turns a C status code into an exception (the only place that does); returns non-error codes."""
     if status >= 0:
@@ -295,12 +298,25 @@ class Core:
         self._copy_from, self._copy_from_ptr = self._buffer(E, np.int64)
         self._copy_to, self._copy_to_ptr = self._buffer(E, np.int64)
         self._outcomes = np.zeros((E, 6), np.float64)  # segvec_outcome_t rows, see native/segvec.h
+        self._last_ids, self._last_ids_ptr = None, None
+        self._obs_leaves: list = []
         self._outcomes_ptr = ffi.cast("segvec_outcome_t *", ffi.from_buffer(self._outcomes))
 
     @property
     def handle(self):
         """The raw ``segvec_core_t *`` (for tests that drive the C calls themselves)."""
         return self._core
+
+    def _env_ids(self, env_ids: np.ndarray):
+        """A C view of an int32 array of env ids; the last one is kept, since the synchronous faces pass the
+        same array (every env) to several calls of one step."""
+        if env_ids is not self._last_ids:
+            self._last_ids, self._last_ids_ptr = env_ids, ffi.from_buffer("int32_t[]", env_ids)
+        return self._last_ids_ptr
+
+    def watch_observations(self, obs_by_slot: list[np.ndarray]) -> None:
+        """The block's observation leaves (``[S * (T + 1), *leaf_shape]``), for `gather_current`."""
+        self._obs_leaves = [(ffi.from_buffer(leaf), leaf[0].nbytes, leaf.shape[1:], leaf.dtype) for leaf in obs_by_slot]
 
     @staticmethod
     def _buffer(n: int, dtype):
@@ -318,6 +334,11 @@ class Core:
         """Number of envs whose state bit ``1 << state`` is in `state_mask` (a snapshot)."""
         check(lib.segvec_count_envs(self._core, state_mask, self._count))
         return int(self._count[0])
+
+    def complete_rows(self) -> int:
+        """Rows complete and not taken now (one counter of `stats`)."""
+        check(lib.segvec_read_stats(self._core, self._stats))
+        return int(self._stats.complete_rows)
 
     def post_alert(self) -> None:
         lib.segvec_post_alert(self._core)
@@ -341,11 +362,14 @@ class Core:
                                       self._slots_ptr))
         return self._slots[:len(env_ids)]
 
-    def gather_current(self, env_ids: np.ndarray, by_slot: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """``out[i] = by_slot[current observation slot of env_ids[i]]`` (one observation leaf)."""
-        check(lib.segvec_gather_current(self._core, len(env_ids), ffi.from_buffer("int32_t[]", env_ids),
-                                        ffi.from_buffer(by_slot), by_slot.itemsize * int(np.prod(by_slot.shape[1:])),
-                                        ffi.from_buffer(out, require_writable=True)))
+    def gather_current(self, env_ids: np.ndarray) -> list[np.ndarray]:
+        """Each env's current observation, per leaf (fresh arrays ``[len(env_ids), *leaf_shape]``)."""
+        n, ids = len(env_ids), self._env_ids(env_ids)
+        out = []
+        for src, item_bytes, shape, dtype in self._obs_leaves:
+            leaf = np.empty((n,) + shape, dtype)
+            check(lib.segvec_gather_current(self._core, n, ids, src, item_bytes, ffi.from_buffer(leaf, require_writable=True)))
+            out.append(leaf)
         return out
 
     # ---- learner ----------------------------------------------------------------------------------
@@ -364,7 +388,7 @@ class Core:
     def wait_ready(self, min_count: int, timeout_ms: int) -> tuple[Wait, int]:
         """Waits (at most `timeout_ms`, and ~100 ms at a time) for `min_count` published envs."""
         status = lib.segvec_wait_ready(self._core, min_count, timeout_ms, self._count)
-        return Wait(status), int(self._count[0])
+        return _WAITS[status], int(self._count[0])
 
     def pop_ready(self, max_n: int) -> np.ndarray:
         """Receives up to `max_n` published envs, oldest publication first (a copy)."""
@@ -380,7 +404,7 @@ class Core:
         """
         n = len(env_ids)
         check(lib.segvec_prepare_send(
-            self._core, n, ffi.from_buffer("int32_t[]", env_ids),
+            self._core, n, self._env_ids(env_ids),
             ffi.NULL if values is None else ffi.from_buffer("float[]", values),
             ffi.NULL if logprobs is None else ffi.from_buffer("float[]", logprobs),
             int(policy_version), self._slots_ptr, self._row_start_ptr), "send")
@@ -390,7 +414,7 @@ class Core:
         check(lib.segvec_cancel_send(self._core, len(env_ids), ffi.from_buffer("int32_t[]", env_ids)), "send")
 
     def dispatch(self, env_ids: np.ndarray) -> None:
-        check(lib.segvec_dispatch(self._core, len(env_ids), ffi.from_buffer("int32_t[]", env_ids)), "send")
+        check(lib.segvec_dispatch(self._core, len(env_ids), self._env_ids(env_ids)), "send")
 
     def fill_next_values(self, rows: np.ndarray, same_step: bool, out: np.ndarray) -> None:
         """Bootstraps of every step of taken `rows` into `out` ([n, T] float32, C-contiguous)."""
@@ -422,7 +446,7 @@ class Core:
 
     # ---- worker -----------------------------------------------------------------------------------
     def worker_wait(self, worker: int, timeout_ms: int) -> Wait:
-        return Wait(lib.segvec_worker_wait(self._core, worker, timeout_ms))
+        return _WAITS[lib.segvec_worker_wait(self._core, worker, timeout_ms)]
 
     def worker_pop(self, worker: int) -> np.ndarray:
         """The envs whose actions are in for `worker`, in dispatch order (a view)."""
@@ -434,11 +458,14 @@ class Core:
         """``[E, 6]`` float64 rows of ``segvec_outcome_t`` that `commit_steps` reads."""
         return self._outcomes
 
-    def commit_steps(self, env_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Records ``outcomes[:n]``; returns ``(new observation slots, finished rows' obs[horizon] slots)``."""
+    def commit_steps(self, env_ids: np.ndarray, scatter: "Scatter | None" = None) -> tuple[np.ndarray, np.ndarray]:
+        """Records ``outcomes[:n]``; returns ``(new observation slots, finished rows' obs[horizon] slots)``.
+        With `scatter`, also copies the staged observations to those slots."""
         n = len(env_ids)
         check(lib.segvec_commit_steps(self._core, n, ffi.from_buffer("int32_t[]", env_ids), self._outcomes_ptr,
                                       self._obs_slots_ptr, self._chain_slots_ptr), "commit")
+        if scatter is not None:
+            scatter.run(n, self._obs_slots_ptr, self._chain_slots_ptr)
         return self._obs_slots[:n], self._chain_slots[:n]
 
     def commit_resets(self, env_ids: np.ndarray) -> np.ndarray:
@@ -462,10 +489,10 @@ class Core:
         ids = _i32(env_ids)
         check(lib.segvec_return_envs(self._core, len(ids), ffi.from_buffer("int32_t[]", ids)), "return")
 
-    def publish(self, env_ids) -> None:
+    def publish(self, env_ids: np.ndarray) -> None:
+        """Hands `env_ids` (a contiguous int32 array) to the learner."""
         if len(env_ids):
-            ids = _i32(env_ids)
-            check(lib.segvec_publish(self._core, len(ids), ffi.from_buffer("int32_t[]", ids)), "publish")
+            check(lib.segvec_publish(self._core, len(env_ids), ffi.from_buffer("int32_t[]", env_ids)), "publish")
 
 
 # ---- kernels (no core) ------------------------------------------------------------------------------
@@ -482,9 +509,10 @@ class Scatter:
                       for out, dst in zip(staging, by_slot)]
 
     def __call__(self, obs_slots: np.ndarray, chain_slots: np.ndarray | None = None, leaves=None) -> None:
-        n = len(obs_slots)
-        obs_ptr = ffi.from_buffer("int64_t[]", obs_slots)
-        chain_ptr = ffi.NULL if chain_slots is None else ffi.from_buffer("int64_t[]", chain_slots)
+        self.run(len(obs_slots), ffi.from_buffer("int64_t[]", obs_slots),
+                 ffi.NULL if chain_slots is None else ffi.from_buffer("int64_t[]", chain_slots), leaves)
+
+    def run(self, n: int, obs_ptr, chain_ptr, leaves=None) -> None:
         for i, (src, dst, item_bytes) in enumerate(self._plan):
             if leaves is None or i in leaves:
                 lib.segvec_scatter_obs(src, item_bytes, n, obs_ptr, chain_ptr, dst)
@@ -599,6 +627,7 @@ class Storage:
         self.obs_by_slot = [a.reshape((S * (T + 1),) + a.shape[2:]) for a in self.obs]
         self.action_by_slot = [a.reshape((S * T,) + a.shape[2:]) for a in self.action]
         self.step_fields_by_slot = {k: a.reshape((S * T,) + a.shape[2:]) for k, a in self.step_fields.items()}
+        self.core.watch_observations(self.obs_by_slot)
 
     def stats(self) -> dict[str, int]:
         return self.core.stats()

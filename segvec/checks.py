@@ -99,6 +99,8 @@ def learner_fields(fields: dict, storage, count: int) -> dict[str, np.ndarray]:
         TypeError: a field that was not declared, or of a dtype that does not convert.
         ValueError: a field of the wrong shape.
     """
+    if not fields:
+        return {}
     unknown = set(fields) - set(storage.step_fields) - set(storage.segment_fields)
     if unknown:
         raise TypeError(f"unknown learner fields {sorted(unknown)}; declare them in step_fields/segment_fields")

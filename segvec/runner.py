@@ -76,6 +76,7 @@ class EnvRunner:
         self.horizon = storage.geometry.horizon
         n = len(envs)
         self.core = storage.core
+        self._own = slice(first_env, first_env + n)  # this runner's envs in [E] arrays
         self._obs_out = [np.zeros((n,) + leaf.shape, leaf.dtype) for leaf in self.obs_layout.leaves]
         self._pending_restart: list = [None] * n  # reason: rebuild the env instead of its next step
         self._restarts_marked = False
@@ -207,7 +208,7 @@ class EnvRunner:
             actions = [self.action_layout.structure([leaf[i] for leaf in leaves]) for i in range(count)]
         same_step = self.autoreset_mode == AutoresetMode.SAME_STEP
         next_step = self.autoreset_mode == AutoresetMode.NEXT_STEP
-        needs_reset = storage.env_needs_reset[env_ids].tolist() if next_step else None
+        needs_reset = storage.env_needs_reset[self._own].tolist() if next_step else None  # by local index
         infos: dict[int, dict] = {}
         final_infos: dict[int, dict] = {}
         envs, first, pending_restart = self.envs, self.first_env, self._pending_restart
@@ -229,7 +230,7 @@ class EnvRunner:
             env = envs[local]
             special = None
             try:
-                if next_step and needs_reset[position]:
+                if next_step and needs_reset[local]:
                     obs, info = env.reset()
                     reward, term, trunc = 0.0, False, False
                     special = (0.0, 1.0, 0.0)
@@ -281,7 +282,7 @@ class EnvRunner:
                     [column[i] for i in keep] for column in (ids, observations, rewards, terminated, truncated, specials))
                 self._stack_obs(observations, ids)
         done = len(ids)
-        id_array = np.asarray(ids, np.int32)
+        id_array = env_ids if done == count else np.asarray(ids, np.int32)  # every env stepped: the same ids
         if done:
             outcomes = self.core.outcomes
             outcomes[:done, 0] = rewards
@@ -291,10 +292,8 @@ class EnvRunner:
             for position, special in enumerate(specials):
                 if special is not None:
                     outcomes[position, 3:] = special
-            obs_slots, chain_slots = self.core.commit_steps(id_array)
-            if staged is None:
-                self._scatter(obs_slots, chain_slots)
-            elif len(staged):  # rows that filled: their new row is known now
+            obs_slots, chain_slots = self.core.commit_steps(id_array, self._scatter if staged is None else None)
+            if staged is not None and len(staged):  # rows that filled: their new row is known now
                 index = np.asarray(staged, np.int64)
                 self._scatter(obs_slots[index], chain_slots[index], leaves=(0,))
         if infos or final_infos:

@@ -264,11 +264,7 @@ class SegmentVecEnv(VectorEnv):
 
     def _current_obs(self, env_ids: np.ndarray):
         """Each env's current observation (a copy), gathered from its cursor slot by the C core."""
-        storage = self._storage
-        leaves = [self._core.gather_current(env_ids, by_slot, np.empty((len(env_ids),) + by_slot.shape[1:],
-                                                                       by_slot.dtype))
-                  for by_slot in storage.obs_by_slot]
-        return storage.obs_layout.structure(leaves)
+        return self._storage.obs_layout.structure(self._core.gather_current(env_ids))
 
     def _receive_stragglers(self, wait: bool, keep: np.ndarray | None = None) -> None:
         """Receives envs still outstanding from a call the user gave up on (a timeout, an env error, a
@@ -590,7 +586,7 @@ class SegmentVecEnv(VectorEnv):
     def segments_ready(self) -> int:
         """Complete rows not yet taken."""
         self._guard("segments_ready", any_state=True)
-        return self._storage.stats()["complete_rows"]
+        return self._core.complete_rows()
 
     def take_segments(self, n: int | None = None) -> SegmentBatch:
         """Takes `n` complete rows (the oldest), or all complete rows when `n` is None; never blocks.

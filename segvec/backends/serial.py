@@ -68,7 +68,7 @@ class SerialBackend(Backend):
             raise result.interrupt
 
     def after_dispatch(self) -> None:
-        self._take(self.runner.step(np.array(self.storage.core.worker_pop(0))))
+        self._take(self.runner.step(self.storage.core.worker_pop(0)))
 
     def reset(self, env_ids: np.ndarray, seeds: list, options) -> None:
         self._take(self.runner.reset(env_ids, seeds, options))

@@ -190,6 +190,6 @@ def _serve(worker_index: int, runner: EnvRunner, conn) -> None:
                         lambda env, offset: set_env_attr(env, name, values[offset]))
             elif command == Command.METADATA:
                 _answer(conn, runner, message[1], "metadata", [0], lambda env, _: env_metadata(env))
-        batch = core.worker_pop(worker_index)
+        batch = core.worker_pop(worker_index)  # (a view of the core's buffer; stepping does not touch it)
         if len(batch):
-            _report(conn, runner, runner.step(np.array(batch)))
+            _report(conn, runner, runner.step(batch))
