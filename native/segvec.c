@@ -26,6 +26,8 @@
 #endif
 
 #define SEGVEC_MAGIC 0x5345475645433032ull /* "SEGVEC02" */
+/* The counter of stats field `name` (segvec_stats_t), in the shared block `sh`. */
+#define COUNTER(sh, name) (&(sh)->counters[offsetof(segvec_stats_t, name) / sizeof(int64_t)])
 #define CACHE_LINE 64
 #define WAIT_SLICE_MS 100
 #define SPIN_CHECKS 64
@@ -75,6 +77,28 @@ typedef struct {
 typedef struct { INTERNAL_ARRAYS(OFFSET_FIELD) } internal_offsets_t;
 #undef OFFSET_FIELD
 
+/* The row pool: the free FIFO and the completed FIFO of row indices (learner only, under the learner's pool
+ * mutex).  Counters grow forever; the ring index is counter % S.  A FIFO (not a stack) for free rows keeps
+ * rows of one round adjacent, so a synchronous rollout is usually taken as one contiguous slab. */
+typedef struct {
+    int64_t free_head, free_tail;
+    int64_t complete_head, complete_tail;
+} row_pool_t;
+
+/* How the workers reach the learner: the stamps that order the ready queues, the learner's futex word and
+ * what it waits for, alerts (a worker posted an error) and the shutdown flag the workers wait on. */
+typedef struct {
+    atomic_uint_fast64_t publish_stamp;
+    _Alignas(CACHE_LINE) atomic_uint ready_seq;  /* futex word of the learner */
+    atomic_uint learner_waiting;                 /* 1 while the learner sleeps on ready_seq */
+    atomic_int learner_wanted;                   /* wake it when this many envs are ready */
+    atomic_uint alert_seq;                       /* bumped by segvec_post_alert */
+    atomic_uint shutdown;
+} learner_signals_t;
+
+_Static_assert(sizeof(atomic_int_fast64_t) == sizeof(int64_t), "one 64-bit counter per segvec_stats_t field");
+
+/* The start of every block: what it is, where its arrays lie, and the small types above. */
 typedef struct {
     uint64_t magic;
     int32_t version;
@@ -82,32 +106,10 @@ typedef struct {
     segvec_layout_t layout;
     internal_offsets_t internal;
 
-    /* Row pool (learner only, under the learner's pool mutex): free FIFO and completed FIFO.  Counters
-     * grow forever; the ring index is counter % S.  A FIFO (not a stack) for free rows keeps rows of one
-     * round adjacent, so a synchronous rollout is usually taken as one contiguous slab (zero-copy). */
-    _Alignas(CACHE_LINE) int64_t free_head, free_tail;
-    int64_t complete_head, complete_tail;
-
-    /* Ready queues: stamps come from one counter, so the learner can receive the oldest first. */
-    _Alignas(CACHE_LINE) atomic_uint_fast64_t publish_stamp;
-    _Alignas(CACHE_LINE) atomic_uint ready_seq;              /* futex word of the learner */
-    atomic_uint learner_waiting;
-    atomic_int learner_wanted;                               /* wake when this many are ready */
-    atomic_uint alert_seq;                                   /* bumped by segvec_post_alert */
-    atomic_uint shutdown;
-
-    _Alignas(CACHE_LINE) atomic_int_fast64_t steps;
-    atomic_int_fast64_t episodes;
-    atomic_int_fast64_t segments_completed;
-    atomic_int_fast64_t segments_recycled;
-    atomic_int_fast64_t segments_taken;
-    atomic_int_fast64_t nan_rewards;
-    atomic_int_fast64_t restarts;
-    atomic_int_fast64_t complete_rows;
-    atomic_int_fast64_t free_rows;
-    atomic_int_fast64_t taken_rows;
-    atomic_int_fast64_t rolled_back;
-    atomic_uint_fast64_t episode_ticket;
+    _Alignas(CACHE_LINE) row_pool_t pool;
+    _Alignas(CACHE_LINE) learner_signals_t signals;
+    /* Counters: one per field of segvec_stats_t (the header lists them once), read by segvec_read_stats. */
+    _Alignas(CACHE_LINE) atomic_int_fast64_t counters[sizeof(segvec_stats_t) / sizeof(int64_t)];
 } shared_t;
 
 struct segvec_core {
@@ -228,7 +230,7 @@ static void bind(segvec_core_t *c, shared_t *sh) {
     INTERNAL_ARRAYS(BIND_INTERNAL)
 #undef BIND_PUBLIC
 #undef BIND_INTERNAL
-    c->alert_seen = atomic_load(&sh->alert_seq);
+    c->alert_seen = atomic_load(&sh->signals.alert_seq);
 }
 
 /* ---- env states ------------------------------------------------------------------------------- */
@@ -283,7 +285,7 @@ static void reset_row_data(segvec_core_t *c, int32_t row) {
 
 static int64_t rows_available_locked(const segvec_core_t *c) {
     const shared_t *sh = c->shared;
-    return (sh->free_tail - sh->free_head) + (sh->complete_tail - sh->complete_head);
+    return (sh->pool.free_tail - sh->pool.free_head) + (sh->pool.complete_tail - sh->pool.complete_head);
 }
 
 /* Can `needed` new rows be had by a call that also completes `completing` rows?  Rows free or complete
@@ -293,7 +295,7 @@ static int64_t rows_available_locked(const segvec_core_t *c) {
 static int rows_obtainable_locked(const segvec_core_t *c, int64_t needed, int64_t completing) {
     int64_t available = rows_available_locked(c);
     if (needed <= available) return 1;
-    return atomic_load(&c->shared->taken_rows) == 0 && needed <= available + completing;
+    return atomic_load(COUNTER(c->shared, taken_rows)) == 0 && needed <= available + completing;
 }
 
 /* A row for env `env`, RESERVED with fresh contents: the oldest free row, else the oldest complete row
@@ -301,16 +303,16 @@ static int rows_obtainable_locked(const segvec_core_t *c, int64_t needed, int64_
 static int32_t reserve_row_locked(segvec_core_t *c, int32_t env) {
     shared_t *sh = c->shared;
     int32_t row;
-    if (sh->free_head < sh->free_tail) {
-        row = c->free_ring[sh->free_head % c->S];
-        sh->free_head++;
-        atomic_fetch_sub(&sh->free_rows, 1);
+    if (sh->pool.free_head < sh->pool.free_tail) {
+        row = c->free_ring[sh->pool.free_head % c->S];
+        sh->pool.free_head++;
+        atomic_fetch_sub(COUNTER(sh, free_rows), 1);
     } else {
-        SEGVEC_ASSERT(sh->complete_head < sh->complete_tail);
-        row = c->complete_ring[sh->complete_head % c->S];
-        sh->complete_head++;
-        atomic_fetch_sub(&sh->complete_rows, 1);
-        atomic_fetch_add(&sh->segments_recycled, 1);
+        SEGVEC_ASSERT(sh->pool.complete_head < sh->pool.complete_tail);
+        row = c->complete_ring[sh->pool.complete_head % c->S];
+        sh->pool.complete_head++;
+        atomic_fetch_sub(COUNTER(sh, complete_rows), 1);
+        atomic_fetch_add(COUNTER(sh, segments_recycled), 1);
     }
     SEGVEC_ASSERT(c->row_state[row] == SEGVEC_ROW_FREE || c->row_state[row] == SEGVEC_ROW_COMPLETE);
     reset_row_data(c, row);
@@ -332,18 +334,18 @@ static void complete_row_locked(segvec_core_t *c, int32_t row) {
     shared_t *sh = c->shared;
     SEGVEC_ASSERT(c->row_state[row] == SEGVEC_ROW_FILLING || c->row_state[row] == SEGVEC_ROW_AWAITING_BOOTSTRAP);
     c->row_state[row] = SEGVEC_ROW_COMPLETE;
-    c->complete_ring[sh->complete_tail % c->S] = row;
-    sh->complete_tail++;
-    atomic_fetch_add(&sh->complete_rows, 1);
-    atomic_fetch_add(&sh->segments_completed, 1);
+    c->complete_ring[sh->pool.complete_tail % c->S] = row;
+    sh->pool.complete_tail++;
+    atomic_fetch_add(COUNTER(sh, complete_rows), 1);
+    atomic_fetch_add(COUNTER(sh, segments_completed), 1);
 }
 
 static void free_row_locked(segvec_core_t *c, int32_t row) {
     shared_t *sh = c->shared;
     c->row_state[row] = SEGVEC_ROW_FREE;
-    c->free_ring[sh->free_tail % c->S] = row;
-    sh->free_tail++;
-    atomic_fetch_add(&sh->free_rows, 1);
+    c->free_ring[sh->pool.free_tail % c->S] = row;
+    sh->pool.free_tail++;
+    atomic_fetch_add(COUNTER(sh, free_rows), 1);
 }
 
 /* ---- set-up ----------------------------------------------------------------------------------- */
@@ -373,9 +375,9 @@ int segvec_format(void *block, int64_t block_bytes, const segvec_config_t *confi
         core.row_env_id[r] = -1;
         core.free_ring[r] = r;
     }
-    sh->free_head = 0;
-    sh->free_tail = core.S;
-    atomic_store(&sh->free_rows, core.S);
+    sh->pool.free_head = 0;
+    sh->pool.free_tail = core.S;
+    atomic_store(COUNTER(sh, free_rows), core.S);
     /* Env e starts in row e: the first round of a synchronous rollout is rows [0, E). */
     for (int32_t e = 0; e < core.E; ++e) {
         int32_t row = reserve_row_locked(&core, e);
@@ -417,18 +419,8 @@ int segvec_detach(segvec_core_t *core) {
 
 int segvec_read_stats(segvec_core_t *core, segvec_stats_t *out) {
     shared_t *sh = core->shared;
-    out->steps = atomic_load(&sh->steps);
-    out->episodes = atomic_load(&sh->episodes);
-    out->segments_completed = atomic_load(&sh->segments_completed);
-    out->segments_recycled = atomic_load(&sh->segments_recycled);
-    out->segments_taken = atomic_load(&sh->segments_taken);
-    out->nan_rewards = atomic_load(&sh->nan_rewards);
-    out->episodes_written = (int64_t)atomic_load(&sh->episode_ticket);
-    out->restarts = atomic_load(&sh->restarts);
-    out->complete_rows = atomic_load(&sh->complete_rows);
-    out->free_rows = atomic_load(&sh->free_rows);
-    out->taken_rows = atomic_load(&sh->taken_rows);
-    out->rolled_back = atomic_load(&sh->rolled_back);
+    int64_t *values = (int64_t *)out;
+    for (size_t i = 0; i < sizeof(segvec_stats_t) / sizeof(int64_t); ++i) values[i] = atomic_load(&sh->counters[i]);
     return SEGVEC_OK;
 }
 
@@ -543,22 +535,22 @@ int segvec_publish(segvec_core_t *c, int32_t n, const int32_t *env_ids) {
         uint64_t tail = atomic_load_explicit(&ws->ready_tail, memory_order_relaxed);
         ready_entry_t *entry = ready_entry(c, w, tail);
         entry->env = e;
-        entry->stamp = atomic_fetch_add_explicit(&sh->publish_stamp, 1, memory_order_relaxed);
+        entry->stamp = atomic_fetch_add_explicit(&sh->signals.publish_stamp, 1, memory_order_relaxed);
         /* The entry, the env's slots and its state become the learner's with this store. */
         atomic_store_explicit(&ws->ready_tail, tail + 1, memory_order_release);
     }
-    atomic_fetch_add_explicit(&sh->ready_seq, 1, memory_order_seq_cst);
-    if (atomic_load_explicit(&sh->learner_waiting, memory_order_seq_cst) &&
-        ready_available(c) >= atomic_load(&sh->learner_wanted))
-        futex_wake_all(&sh->ready_seq);
+    atomic_fetch_add_explicit(&sh->signals.ready_seq, 1, memory_order_seq_cst);
+    if (atomic_load_explicit(&sh->signals.learner_waiting, memory_order_seq_cst) &&
+        ready_available(c) >= atomic_load(&sh->signals.learner_wanted))
+        futex_wake_all(&sh->signals.ready_seq);
     return SEGVEC_OK;
 }
 
 /* The learner's wait is over when `min_count` envs are published, or a worker posted an alert. */
 static int ready_or_alert(segvec_core_t *c, void *min_count) {
     if (ready_available(c) >= *(int32_t *)min_count) return SEGVEC_OK;
-    if (atomic_load_explicit(&c->shared->alert_seq, memory_order_acquire) != c->alert_seen) {
-        c->alert_seen = atomic_load(&c->shared->alert_seq);
+    if (atomic_load_explicit(&c->shared->signals.alert_seq, memory_order_acquire) != c->alert_seen) {
+        c->alert_seen = atomic_load(&c->shared->signals.alert_seq);
         return SEGVEC_ERR_ALERT;
     }
     return KEEP_WAITING;
@@ -567,8 +559,8 @@ static int ready_or_alert(segvec_core_t *c, void *min_count) {
 int segvec_wait_ready(segvec_core_t *c, int32_t min_count, int32_t timeout_ms, int32_t *ready_out) {
     shared_t *sh = c->shared;
     if (min_count > c->E) min_count = c->E;
-    atomic_store(&sh->learner_wanted, min_count);
-    int status = wait_for(c, &sh->ready_seq, &sh->learner_waiting, timeout_ms, ready_or_alert, &min_count);
+    atomic_store(&sh->signals.learner_wanted, min_count);
+    int status = wait_for(c, &sh->signals.ready_seq, &sh->signals.learner_waiting, timeout_ms, ready_or_alert, &min_count);
     *ready_out = ready_available(c);
     return status;
 }
@@ -606,9 +598,9 @@ int segvec_pop_ready(segvec_core_t *c, int32_t max_n, int32_t *env_ids_out, int3
 
 int segvec_post_alert(segvec_core_t *c) {
     shared_t *sh = c->shared;
-    atomic_fetch_add_explicit(&sh->alert_seq, 1, memory_order_release);
-    atomic_fetch_add_explicit(&sh->ready_seq, 1, memory_order_seq_cst);
-    futex_wake_all(&sh->ready_seq);
+    atomic_fetch_add_explicit(&sh->signals.alert_seq, 1, memory_order_release);
+    atomic_fetch_add_explicit(&sh->signals.ready_seq, 1, memory_order_seq_cst);
+    futex_wake_all(&sh->signals.ready_seq);
     return SEGVEC_OK;
 }
 
@@ -720,7 +712,7 @@ int segvec_kick_worker(segvec_core_t *c, int32_t w) {
 }
 
 int segvec_shutdown(segvec_core_t *c) {
-    atomic_store(&c->shared->shutdown, 1);
+    atomic_store(&c->shared->signals.shutdown, 1);
     for (int32_t w = 0; w < c->W; ++w) segvec_kick_worker(c, w);
     return SEGVEC_OK;
 }
@@ -769,7 +761,7 @@ int segvec_recover_worker(segvec_core_t *c, int32_t w, int32_t *lost_out, int32_
         if (state == SEGVEC_ENV_IN_FLIGHT || (state == SEGVEC_ENV_READY && !published)) {
             roll_back(c, e);
             set_env_state(c, e, SEGVEC_ENV_IN_FLIGHT);
-            atomic_fetch_add(&c->shared->rolled_back, 1);
+            atomic_fetch_add(COUNTER(c->shared, rolled_back), 1);
             lost_out[n_lost++] = e;
         }
     }
@@ -869,20 +861,20 @@ int segvec_take(segvec_core_t *c, int32_t n, int32_t *rows_out) {
     shared_t *sh = c->shared;
     if (n < 0) return SEGVEC_ERR_INVALID;
     pool_lock(c);
-    if (sh->complete_tail - sh->complete_head < n) {
+    if (sh->pool.complete_tail - sh->pool.complete_head < n) {
         pool_unlock(c);
         return SEGVEC_ERR_NOT_ENOUGH;
     }
     for (int32_t i = 0; i < n; ++i) {
-        int32_t row = c->complete_ring[sh->complete_head % c->S];
-        sh->complete_head++;
+        int32_t row = c->complete_ring[sh->pool.complete_head % c->S];
+        sh->pool.complete_head++;
         SEGVEC_ASSERT(c->row_state[row] == SEGVEC_ROW_COMPLETE);
         c->row_state[row] = SEGVEC_ROW_TAKEN;
         rows_out[i] = row;
     }
-    atomic_fetch_sub(&sh->complete_rows, n);
-    atomic_fetch_add(&sh->segments_taken, n);
-    atomic_fetch_add(&sh->taken_rows, n);
+    atomic_fetch_sub(COUNTER(sh, complete_rows), n);
+    atomic_fetch_add(COUNTER(sh, segments_taken), n);
+    atomic_fetch_add(COUNTER(sh, taken_rows), n);
     pool_unlock(c);
     return SEGVEC_OK;
 }
@@ -898,7 +890,7 @@ int segvec_release(segvec_core_t *c, int32_t n, const int32_t *rows) {
         c->row_state[rows[i]] = SEGVEC_ROW_FREE; /* so a row named twice fails its second check */
     }
     for (int32_t i = 0; i < n; ++i) free_row_locked(c, rows[i]);
-    atomic_fetch_sub(&c->shared->taken_rows, n);
+    atomic_fetch_sub(COUNTER(c->shared, taken_rows), n);
     pool_unlock(c);
     return SEGVEC_OK;
 }
@@ -910,7 +902,7 @@ int segvec_release(segvec_core_t *c, int32_t n, const int32_t *rows) {
 int segvec_read_episodes(segvec_core_t *c, int64_t *cursor, int32_t max_n, int32_t *env_ids_out,
                          double *returns_out, int64_t *lengths_out, int32_t *n_out, int64_t *lost_out) {
     shared_t *sh = c->shared;
-    uint64_t end = atomic_load_explicit(&sh->episode_ticket, memory_order_acquire);
+    uint64_t end = atomic_load_explicit(COUNTER(sh, episodes_written), memory_order_acquire);
     uint64_t at = (uint64_t)*cursor;
     int64_t lost = 0;
     int32_t n = 0;
@@ -941,7 +933,7 @@ int segvec_read_episodes(segvec_core_t *c, int64_t *cursor, int32_t max_n, int32
 /* Worker w's wait is over at shutdown, or when it was kicked or got actions since its last wait. */
 static int work_or_shutdown(segvec_core_t *c, void *slot) {
     worker_slot_t *ws = (worker_slot_t *)slot;
-    if (atomic_load_explicit(&c->shared->shutdown, memory_order_acquire)) return SEGVEC_ERR_SHUTDOWN;
+    if (atomic_load_explicit(&c->shared->signals.shutdown, memory_order_acquire)) return SEGVEC_ERR_SHUTDOWN;
     unsigned now = atomic_load_explicit(&ws->seq, memory_order_acquire);
     if (now != ws->seen_seq || atomic_load_explicit(&ws->queue_tail, memory_order_acquire) !=
                                    atomic_load_explicit(&ws->queue_head, memory_order_relaxed)) {
@@ -974,7 +966,7 @@ int segvec_worker_pop(segvec_core_t *c, int32_t w, int32_t max_n, int32_t *env_i
 
 static void record_episode(segvec_core_t *c, int32_t e) {
     shared_t *sh = c->shared;
-    uint64_t ticket = atomic_fetch_add_explicit(&sh->episode_ticket, 1, memory_order_relaxed);
+    uint64_t ticket = atomic_fetch_add_explicit(COUNTER(sh, episodes_written), 1, memory_order_relaxed);
     uint64_t k = ticket % (uint64_t)c->K;
     atomic_store_explicit(&c->episode_seq[k], 0, memory_order_relaxed);
     atomic_thread_fence(memory_order_release);
@@ -982,7 +974,7 @@ static void record_episode(segvec_core_t *c, int32_t e) {
     __atomic_store(&c->episode_return[k], &c->env_return[e], __ATOMIC_RELAXED);
     __atomic_store(&c->episode_length[k], &c->env_length[e], __ATOMIC_RELAXED);
     atomic_store_explicit(&c->episode_seq[k], ticket + 1, memory_order_release);
-    atomic_fetch_add_explicit(&sh->episodes, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(COUNTER(sh, episodes), 1, memory_order_relaxed);
 }
 
 int segvec_commit_steps(segvec_core_t *c, int32_t n, const int32_t *env_ids, const segvec_outcome_t *outcomes,
@@ -1049,8 +1041,8 @@ int segvec_commit_steps(segvec_core_t *c, int32_t n, const int32_t *env_ids, con
         obs_slot_out[i] = (int64_t)row * (c->T + 1) + t;
         c->episode_start[(int64_t)row * c->T + t] = started;
     }
-    atomic_fetch_add_explicit(&sh->steps, real_steps, memory_order_relaxed);
-    if (nan_rewards) atomic_fetch_add_explicit(&sh->nan_rewards, nan_rewards, memory_order_relaxed);
+    atomic_fetch_add_explicit(COUNTER(sh, steps), real_steps, memory_order_relaxed);
+    if (nan_rewards) atomic_fetch_add_explicit(COUNTER(sh, nan_rewards), nan_rewards, memory_order_relaxed);
     return SEGVEC_OK;
 }
 
@@ -1095,7 +1087,7 @@ int segvec_restart_env(segvec_core_t *c, int32_t e, int64_t *obs_slot_out) {
     c->logprob[slot] = NAN;
     begin_episode(c, e, obs_slot_out);
     c->env_last_truncated[e] = 1;
-    atomic_fetch_add(&c->shared->restarts, 1);
+    atomic_fetch_add(COUNTER(c->shared, restarts), 1);
     return SEGVEC_OK;
 }
 

@@ -298,7 +298,8 @@ class Core:
         self._copy_from, self._copy_from_ptr = self._buffer(E, np.int64)
         self._copy_to, self._copy_to_ptr = self._buffer(E, np.int64)
         self._outcomes = np.zeros((E, 6), np.float64)  # segvec_outcome_t rows, see native/segvec.h
-        self._last_ids, self._last_ids_ptr = None, None
+        self._id_views: dict[int, tuple] = {}
+        self._pop_views = [self._ids[:n] for n in range(E + 1)]  # worker_pop's results, one view per length
         self._obs_leaves: list = []
         self._outcomes_ptr = ffi.cast("segvec_outcome_t *", ffi.from_buffer(self._outcomes))
 
@@ -308,11 +309,15 @@ class Core:
         return self._core
 
     def _env_ids(self, env_ids: np.ndarray):
-        """A C view of an int32 array of env ids; the last one is kept, since the synchronous faces pass the
-        same array (every env) to several calls of one step."""
-        if env_ids is not self._last_ids:
-            self._last_ids, self._last_ids_ptr = env_ids, ffi.from_buffer("int32_t[]", env_ids)
-        return self._last_ids_ptr
+        """A C view of an int32 array of env ids.  The views of the arrays that come back step after step
+        (every env's ids, the views `worker_pop` returns) are kept, by identity (the cache holds the arrays,
+        so an id is never reused while cached); anything else is viewed afresh."""
+        entry = self._id_views.get(id(env_ids))
+        if entry is None:
+            if len(self._id_views) >= 64:
+                self._id_views.clear()
+            entry = self._id_views[id(env_ids)] = (env_ids, ffi.from_buffer("int32_t[]", env_ids))
+        return entry[1]
 
     def watch_observations(self, obs_by_slot: list[np.ndarray]) -> None:
         """The block's observation leaves (``[S * (T + 1), *leaf_shape]``), for `gather_current`."""
@@ -358,8 +363,7 @@ class Core:
     def cursor_slots(self, env_ids: np.ndarray, observation: bool = False) -> np.ndarray:
         """Each env's current slot: step slots (r * T + t), or observation slots (r * (T + 1) + t)."""
         kind = lib.SEGVEC_OBS_SLOT if observation else lib.SEGVEC_STEP_SLOT
-        check(lib.segvec_cursor_slots(self._core, len(env_ids), ffi.from_buffer("int32_t[]", env_ids), kind,
-                                      self._slots_ptr))
+        check(lib.segvec_cursor_slots(self._core, len(env_ids), self._env_ids(env_ids), kind, self._slots_ptr))
         return self._slots[:len(env_ids)]
 
     def gather_current(self, env_ids: np.ndarray) -> list[np.ndarray]:
@@ -396,7 +400,7 @@ class Core:
         return self._ids[:self._count[0]].copy()
 
     def prepare_send(self, env_ids: np.ndarray, values, logprobs, policy_version: int) -> tuple[np.ndarray, np.ndarray]:
-        """Stamps a send; returns ``(step slots, row starts)``.  All or nothing.
+        """Stamps a send; returns ``(step slots, row starts as uint8)``.  All or nothing.
 
         Raises:
             NotReceivedError: an env is not held (not received, failed, or named twice).
@@ -408,7 +412,7 @@ class Core:
             ffi.NULL if values is None else ffi.from_buffer("float[]", values),
             ffi.NULL if logprobs is None else ffi.from_buffer("float[]", logprobs),
             int(policy_version), self._slots_ptr, self._row_start_ptr), "send")
-        return self._slots[:n], self._row_start[:n].view(np.bool_)
+        return self._slots[:n], self._row_start[:n]
 
     def cancel_send(self, env_ids: np.ndarray) -> None:
         check(lib.segvec_cancel_send(self._core, len(env_ids), ffi.from_buffer("int32_t[]", env_ids)), "send")
@@ -451,7 +455,7 @@ class Core:
     def worker_pop(self, worker: int) -> np.ndarray:
         """The envs whose actions are in for `worker`, in dispatch order (a view)."""
         check(lib.segvec_worker_pop(self._core, worker, len(self._ids), self._ids_ptr, self._count))
-        return self._ids[:self._count[0]]
+        return self._pop_views[self._count[0]]
 
     @property
     def outcomes(self) -> np.ndarray:
@@ -462,7 +466,7 @@ class Core:
         """Records ``outcomes[:n]``; returns ``(new observation slots, finished rows' obs[horizon] slots)``.
         With `scatter`, also copies the staged observations to those slots."""
         n = len(env_ids)
-        check(lib.segvec_commit_steps(self._core, n, ffi.from_buffer("int32_t[]", env_ids), self._outcomes_ptr,
+        check(lib.segvec_commit_steps(self._core, n, self._env_ids(env_ids), self._outcomes_ptr,
                                       self._obs_slots_ptr, self._chain_slots_ptr), "commit")
         if scatter is not None:
             scatter.run(n, self._obs_slots_ptr, self._chain_slots_ptr)
@@ -492,7 +496,7 @@ class Core:
     def publish(self, env_ids: np.ndarray) -> None:
         """Hands `env_ids` (a contiguous int32 array) to the learner."""
         if len(env_ids):
-            check(lib.segvec_publish(self._core, len(env_ids), ffi.from_buffer("int32_t[]", env_ids)), "publish")
+            check(lib.segvec_publish(self._core, len(env_ids), self._env_ids(env_ids)), "publish")
 
 
 # ---- kernels (no core) ------------------------------------------------------------------------------

@@ -55,8 +55,8 @@ def collect_infos(backend, storage, env_ids: np.ndarray, size: int, deadline: fl
     SAME_STEP envs whose episode ended get ``final_obs`` (from the block) and ``final_info``.
     """
     infos: dict = {}
-    flags = storage.env_has_info[env_ids]
-    if not flags.any():
+    every_env = len(env_ids) == len(storage.env_has_info)  # (then a slice: no gather of the flags)
+    if not (storage.env_has_info if every_env else storage.env_has_info[env_ids]).any():
         return infos
     env_infos, final_infos = backend.infos_for(env_ids, deadline)
     storage.env_has_info[env_ids] = 0

@@ -32,7 +32,7 @@ class ObservationMismatch(ValueError):
     """An env returned an observation that does not fit its space's shape/dtype."""
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class BatchResult:
     """What a runner did with a batch of envs.
 
@@ -214,9 +214,10 @@ class EnvRunner:
         envs, first, pending_restart = self.envs, self.first_env, self._pending_restart
         check_restarts = any(reason is not None for reason in pending_restart) if self._restarts_marked else False
         # Per-env results go to plain lists (cheaper than numpy item writes), converted once below.  Most
-        # steps are real transitions that neither start nor end an episode; `specials` holds the others'
-        # (valid, episode_started, needs_reset), see segvec_outcome_t.
-        ids, observations, rewards, terminated, truncated, specials = [], [], [], [], [], []
+        # steps are real transitions that neither start nor end an episode; `specials` holds the others as
+        # (index in the lists, (valid, episode_started, needs_reset)), see segvec_outcome_t.  `skipped`:
+        # batch positions with no entry in the lists (restarted or failed envs).
+        observations, rewards, terminated, truncated, specials, skipped = [], [], [], [], [], []
         restarted: list[int] = []
         failures: list[EnvFailure] = []
         interrupt = None
@@ -226,14 +227,14 @@ class EnvRunner:
             if check_restarts and pending_restart[local] is not None:
                 reason, pending_restart[local] = pending_restart[local], None
                 self._restart_in_batch(env_index, reason, False, infos, restarted, failures)
+                skipped.append(position)
                 continue
             env = envs[local]
-            special = None
             try:
                 if next_step and needs_reset[local]:
                     obs, info = env.reset()
                     reward, term, trunc = 0.0, False, False
-                    special = (0.0, 1.0, 0.0)
+                    specials.append((len(observations), (0.0, 1.0, 0.0)))
                 else:
                     obs, reward, term, trunc, info = env.step(action)
                     if type(reward) is not float:
@@ -243,55 +244,61 @@ class EnvRunner:
                             self._stage_final_obs(env_index, obs)
                             final_infos[env_index] = info
                             obs, info = env.reset()
-                            special = (1.0, 1.0, 0.0)
+                            specials.append((len(observations), (1.0, 1.0, 0.0)))
                         elif next_step:
-                            special = (1.0, 0.0, 1.0)
+                            specials.append((len(observations), (1.0, 0.0, 1.0)))
             except Exception as error:  # noqa: BLE001 - reported to the learner with its traceback
                 final_infos.pop(env_index, None)
+                if specials and specials[-1][0] == len(observations):
+                    specials.pop()
                 self._env_failed(env_index, error, infos, restarted, failures)
+                skipped.append(position)
                 continue
             except BaseException as error:  # KeyboardInterrupt: stop here, hand everything back
                 final_infos.pop(env_index, None)
+                if specials and specials[-1][0] == len(observations):
+                    specials.pop()
                 interrupt = error
                 failures.append(EnvFailure(env_index, "step (interrupted)", error))
                 unstepped = np.asarray(ids_list[position + 1:], np.int32)
                 if len(unstepped):
                     self.core.return_envs(unstepped)
+                skipped.extend(range(position, count))
                 break
-            ids.append(env_index)
             observations.append(obs)
             rewards.append(reward)
             terminated.append(term)
             truncated.append(trunc)
-            specials.append(special)
             if info:
                 infos[env_index] = info
+        id_array = np.delete(env_ids, skipped).astype(np.int32) if skipped else env_ids
         staged = None  # large observations: positions whose observation still waits in the staging buffer
-        if self._direct_obs and ids and self._write_obs_in_place(observations, ids):
+        if self._direct_obs and observations and self._write_obs_in_place(observations, id_array):
             staged = self._staged
         else:
-            for position, error in self._misfits(observations, ids):
-                env_index = ids[position]
-                final_infos.pop(env_index, None)
-                infos.pop(env_index, None)
-                self._env_failed(env_index, error, infos, restarted, failures)
-                ids[position] = None
-            if None in ids:
-                keep = [i for i, env_index in enumerate(ids) if env_index is not None]
-                ids, observations, rewards, terminated, truncated, specials = (
-                    [column[i] for i in keep] for column in (ids, observations, rewards, terminated, truncated, specials))
-                self._stack_obs(observations, ids)
-        done = len(ids)
-        id_array = env_ids if done == count else np.asarray(ids, np.int32)  # every env stepped: the same ids
+            misfits = self._misfits(observations, id_array)
+            if misfits:
+                ids = id_array.tolist()
+                for position, error in misfits:
+                    final_infos.pop(ids[position], None)
+                    infos.pop(ids[position], None)
+                    self._env_failed(ids[position], error, infos, restarted, failures)
+                bad = {position for position, _ in misfits}
+                keep = [i for i in range(len(ids)) if i not in bad]
+                specials = [(keep.index(i), special) for i, special in specials if i not in bad]
+                id_array = id_array[keep]
+                observations, rewards, terminated, truncated = (
+                    [column[i] for i in keep] for column in (observations, rewards, terminated, truncated))
+                self._stack_obs(observations, id_array)
+        done = len(id_array)
         if done:
             outcomes = self.core.outcomes
             outcomes[:done, 0] = rewards
             outcomes[:done, 1] = terminated
             outcomes[:done, 2] = truncated
             outcomes[:done, 3:] = (1.0, 0.0, 0.0)  # valid, not an episode start, no reset pending
-            for position, special in enumerate(specials):
-                if special is not None:
-                    outcomes[position, 3:] = special
+            for index, special in specials:
+                outcomes[index, 3:] = special
             obs_slots, chain_slots = self.core.commit_steps(id_array, self._scatter if staged is None else None)
             if staged is not None and len(staged):  # rows that filled: their new row is known now
                 index = np.asarray(staged, np.int64)
@@ -302,7 +309,7 @@ class EnvRunner:
         finished = np.concatenate([id_array, np.asarray(restarted, np.int32)]) if restarted else id_array
         return BatchResult(finished, infos, final_infos, failures, interrupt)
 
-    def _misfits(self, observations: list, ids: list) -> list[tuple[int, ObservationMismatch]]:
+    def _misfits(self, observations: list, ids) -> list[tuple[int, ObservationMismatch]]:
         """Stacks the observations into the per-batch buffers; returns ``(position, error)`` of each one
         that does not fit the space (empty when all fit)."""
         if self._stack_obs(observations, ids) is None:
@@ -310,11 +317,11 @@ class EnvRunner:
         misfits = []
         for position, obs in enumerate(observations):
             try:
-                self._put_obs(position, obs, ids[position])
+                self._put_obs(position, obs, int(ids[position]))
             except (ObservationMismatch, KeyError, IndexError, TypeError, ValueError) as error:
                 if not isinstance(error, ObservationMismatch):
                     error = ObservationMismatch(
-                        f"env {ids[position]} returned an observation that does not fit its space: {error!r}")
+                        f"env {int(ids[position])} returned an observation that does not fit its space: {error!r}")
                 misfits.append((position, error))
         return misfits
 

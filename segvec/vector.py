@@ -325,7 +325,8 @@ class SegmentVecEnv(VectorEnv):
                 if name in storage.step_fields:
                     storage.step_fields_by_slot[name][slots] = array
                 elif row_start.any():
-                    storage.segment_fields[name][storage.env_row[env_ids[row_start]]] = array[row_start]
+                    starts = row_start.astype(bool)
+                    storage.segment_fields[name][storage.env_row[env_ids[starts]]] = array[starts]
         except BaseException:
             core.cancel_send(env_ids)
             raise
@@ -428,7 +429,7 @@ class SegmentVecEnv(VectorEnv):
             SegmentBufferExhausted: the learner holds every row the envs could move to; nothing was sent.
         """
         self._guard("step_async")
-        if self._state == AsyncState.DEFAULT:
+        if self._state == AsyncState.DEFAULT and self._outstanding:
             self._receive_stragglers(wait=False)
         if self._outstanding:
             raise AlreadyPendingCallError(
