@@ -106,14 +106,15 @@ class EnvRunner:
         for staging, value in zip(self.storage.final_obs, values):
             staging[env_index] = value
 
-    def _stack_obs(self, observations: list, env_ids):
+    def _stack_obs(self, observations: list, env_ids) -> list[tuple[int, ObservationMismatch]]:
         """Stacks observations into the per-batch leaf buffers, checking shapes and dtypes.
 
-        Returns None, or ``(position, ObservationMismatch)`` for the first observation that does not fit.
+        Returns ``(position, ObservationMismatch)`` for each observation that does not fit (empty when all
+        do; those positions are left unwritten).
         """
         count = len(observations)
         if not count:
-            return None
+            return []
         if self._flat_obs:
             # Fast path: numpy refuses a ragged list, casting="no" refuses an observation of another dtype
             # (it makes the whole list convert to that dtype), and the first one's shape is checked.
@@ -122,18 +123,19 @@ class EnvRunner:
             if type(first) is np.ndarray and first.shape == shape:
                 try:
                     np.copyto(self._obs_out[0][:count], observations, casting="no")
-                    return None
+                    return []
                 except (ValueError, TypeError):
                     pass
-        for position, obs in enumerate(observations):  # slow path: find the culprit, or structured obs
+        misfits = []
+        for position, obs in enumerate(observations):  # slow path: find the culprits, or structured obs
             try:
                 self._put_obs(position, obs, int(env_ids[position]))
             except (ObservationMismatch, KeyError, IndexError, TypeError, ValueError) as error:
                 if not isinstance(error, ObservationMismatch):
                     error = ObservationMismatch(
                         f"env {int(env_ids[position])} returned an observation that does not fit its space: {error!r}")
-                return position, error
-        return None
+                misfits.append((position, error))
+        return misfits
 
     def _write_obs_in_place(self, observations: list, ids: np.ndarray) -> bool:
         """Large observations: writes each straight into its next slot, one copy instead of a staging copy
@@ -276,7 +278,7 @@ class EnvRunner:
         if self._direct_obs and observations and self._write_obs_in_place(observations, id_array):
             staged = self._staged
         else:
-            misfits = self._misfits(observations, id_array)
+            misfits = self._stack_obs(observations, id_array)
             if misfits:
                 ids = id_array.tolist()
                 for position, error in misfits:
@@ -308,22 +310,6 @@ class EnvRunner:
         self._fail(failures)
         finished = np.concatenate([id_array, np.asarray(restarted, np.int32)]) if restarted else id_array
         return BatchResult(finished, infos, final_infos, failures, interrupt)
-
-    def _misfits(self, observations: list, ids) -> list[tuple[int, ObservationMismatch]]:
-        """Stacks the observations into the per-batch buffers; returns ``(position, error)`` of each one
-        that does not fit the space (empty when all fit)."""
-        if self._stack_obs(observations, ids) is None:
-            return []
-        misfits = []
-        for position, obs in enumerate(observations):
-            try:
-                self._put_obs(position, obs, int(ids[position]))
-            except (ObservationMismatch, KeyError, IndexError, TypeError, ValueError) as error:
-                if not isinstance(error, ObservationMismatch):
-                    error = ObservationMismatch(
-                        f"env {int(ids[position])} returned an observation that does not fit its space: {error!r}")
-                misfits.append((position, error))
-        return misfits
 
     def _env_failed(self, env_index: int, error, infos: dict, restarted: list, failures: list) -> None:
         """An env raised in the middle of a batch: restart it (restart_failed_envs) or report it."""
