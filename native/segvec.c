@@ -526,16 +526,19 @@ static int32_t ready_available(segvec_core_t *c) {
 
 int segvec_publish(segvec_core_t *c, int32_t n, const int32_t *env_ids) {
     shared_t *sh = c->shared;
+    for (int32_t i = 0; i < n; ++i)
+        if (!valid_env(c, env_ids[i])) return SEGVEC_ERR_INVALID;
+    /* One claim of stamps for the whole call: the counter is shared by every worker. */
+    uint64_t stamp = n ? atomic_fetch_add_explicit(&sh->signals.publish_stamp, (uint64_t)n, memory_order_relaxed) : 0;
     for (int32_t i = 0; i < n; ++i) {
         int32_t e = env_ids[i];
-        if (!valid_env(c, e)) return SEGVEC_ERR_INVALID;
         int32_t w = e / c->envs_per_worker;
         worker_slot_t *ws = &c->workers[w];
         atomic_store_explicit(&c->env_state[e], SEGVEC_ENV_READY, memory_order_relaxed);
         uint64_t tail = atomic_load_explicit(&ws->ready_tail, memory_order_relaxed);
         ready_entry_t *entry = ready_entry(c, w, tail);
         entry->env = e;
-        entry->stamp = atomic_fetch_add_explicit(&sh->signals.publish_stamp, 1, memory_order_relaxed);
+        entry->stamp = stamp + (uint64_t)i;
         /* The entry, the env's slots and its state become the learner's with this store. */
         atomic_store_explicit(&ws->ready_tail, tail + 1, memory_order_release);
     }
@@ -559,6 +562,8 @@ static int ready_or_alert(segvec_core_t *c, void *min_count) {
 int segvec_wait_ready(segvec_core_t *c, int32_t min_count, int32_t timeout_ms, int32_t *ready_out) {
     shared_t *sh = c->shared;
     if (min_count > c->E) min_count = c->E;
+    int32_t ready = ready_available(c);
+    if (ready >= min_count) { *ready_out = ready; return SEGVEC_OK; } /* (no store to the workers' line) */
     atomic_store(&sh->signals.learner_wanted, min_count);
     int status = wait_for(c, &sh->signals.ready_seq, &sh->signals.learner_waiting, timeout_ms, ready_or_alert, &min_count);
     *ready_out = ready_available(c);
