@@ -107,8 +107,7 @@ enum segvec_env_state {
 
 /* Bit masks of env states, for segvec_count_envs: 1 << state. */
 enum segvec_env_mask {
-    SEGVEC_MASK_OUTSTANDING = (1 << 3) | (1 << 4) | (1 << 5),  /* IN_FLIGHT | READY | RESETTING */
-    SEGVEC_MASK_AT_WORKER = (1 << 3) | (1 << 5)                /* IN_FLIGHT | RESETTING */
+    SEGVEC_MASK_OUTSTANDING = (1 << 3) | (1 << 4) | (1 << 5)   /* IN_FLIGHT | READY | RESETTING */
 };
 
 /* Sizes of one core; fixed for its life. */

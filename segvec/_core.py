@@ -69,7 +69,6 @@ class RowState(enum.IntEnum):
 
 
 OUTSTANDING = lib.SEGVEC_MASK_OUTSTANDING  # env states of envs sent or reset and not received yet
-AT_WORKER = lib.SEGVEC_MASK_AT_WORKER      # env states of envs their worker is stepping or resetting
 POISON_REWARD = lib.SEGVEC_POISON_REWARD_MILLI / 1000
 
 
@@ -596,7 +595,7 @@ class Storage:
         self.obs_layout = SpaceLayout(g.observation_space, "observation")
         self.action_layout = SpaceLayout(g.action_space, "action")
         plan, self.nbytes = self.plan(g)
-        S, T, E = g.num_segments, g.horizon, g.num_envs
+        S, T = g.num_segments, g.horizon
 
         self.block = block if block is not None else MemoryBlock(self.nbytes, shared=shared)
         raw = np.frombuffer(self.block.buffer, dtype=np.uint8, count=self.nbytes)
@@ -635,9 +634,6 @@ class Storage:
 
     def stats(self) -> dict[str, int]:
         return self.core.stats()
-
-    def count_envs(self, state_mask: int) -> int:
-        return self.core.count_envs(state_mask)
 
     def close(self) -> None:
         """Runs the close callbacks (once); the mapping stays valid while views of it live."""

@@ -21,7 +21,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from segvec import checks
-from segvec._core import AT_WORKER, OUTSTANDING, EnvState, Geometry
+from segvec._core import OUTSTANDING, EnvState, Geometry
 from segvec.backends import BACKENDS
 from segvec.errors import (
     AlreadyPendingCallError,
@@ -622,8 +622,9 @@ class SegmentVecEnv(VectorEnv):
         ``value_fn(current observation)`` when a value_fn is set, else the value already sent (NaN if none).
         """
         self._guard("flush", any_state=True)
-        if self._outstanding:
-            self._backend.wait(self._outstanding, self._deadline(timeout))
+        in_core = self._core.count_envs(OUTSTANDING)  # (not the envs a partial reset received on the way)
+        if in_core:
+            self._backend.wait(in_core, self._deadline(timeout))
         if self._same_step:
             self._truncations.note_landed()
         self._flush_envs(self._all_ids)

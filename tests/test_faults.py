@@ -874,3 +874,23 @@ def test_a_partial_async_reset_keeps_the_other_envs_in_play(backend):
         envs.send(zeros(len(infos["env_id"])), infos["env_id"])
     assert seen == {0, 1, 2, 3}
     closed_twice(envs)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_flush_after_a_partial_async_reset_waits_only_for_envs_in_flight(backend):
+    """The envs a partial async_reset received on the way are not in flight: flush does not wait for them."""
+    envs = make(fault_fns(NUM_ENVS), backend, batch_size=2)
+    envs.async_reset(seed=0)
+    for _ in range(4):
+        *_, infos = envs.recv(timeout=5)
+        envs.send(zeros(len(infos["env_id"])), infos["env_id"])
+    envs.async_reset(seed=1, options={"reset_mask": np.array([True, False, False, False])})
+    envs.flush(timeout=5)
+    seen = set()
+    for _ in range(4):
+        *_, infos = envs.recv(timeout=5)
+        seen.update(infos["env_id"].tolist())
+        envs.send(zeros(len(infos["env_id"])), infos["env_id"])
+    assert seen == {0, 1, 2, 3}
+    closed_twice(envs)

@@ -17,7 +17,6 @@ import time
 import traceback
 
 import cloudpickle
-import numpy as np
 
 from segvec._core import MemoryBlock, Storage, Wait
 from segvec.backends.base import call_env, env_metadata, set_env_attr
