@@ -1155,12 +1155,6 @@ int segvec_scatter_obs(const void *obs, int64_t item_bytes, int32_t n, const int
     return SEGVEC_OK;
 }
 
-int64_t segvec_first_out_of_range(const int64_t *values, int64_t n, int64_t low, int64_t high) {
-    for (int64_t i = 0; i < n; ++i)
-        if (values[i] < low || values[i] > high) return i;
-    return -1;
-}
-
 int segvec_gae(int32_t n, int32_t T, const float *reward, const float *value, const float *next_value,
                const uint8_t *terminated, const uint8_t *truncated, const uint8_t *mask,
                const int32_t *length, float gamma, float lam, float *adv, float *ret) {

@@ -300,8 +300,6 @@ int segvec_gather_current(segvec_core_t *core, int32_t n, const int32_t *env_ids
  * >= 0 (a finished row's obs[horizon]): the scatter after segvec_commit_steps, one call per leaf. */
 int segvec_scatter_obs(const void *obs, int64_t item_bytes, int32_t n, const int64_t *obs_slots,
                        const int64_t *chain_slots, void *dst);
-/* Index of the first value outside [low, high] (a discrete action out of its space), or -1. */
-int64_t segvec_first_out_of_range(const int64_t *values, int64_t n, int64_t low, int64_t high);
 /* GAE over rows of length T (contiguous [n, T] arrays; the caller checks the shapes).
  * delta = r + gamma * next_value * (1 - term) - v; the recursion stops at terminated or truncated steps,
  * at t = length - 1, and skips masked-out steps (advantage 0).  returns = advantages + value. */

@@ -14,6 +14,7 @@ from segvec.errors import (
     NotReceivedError,
     SegmentBufferExhausted,
     SegvecError,
+    SharedMemorySpaceError,
     SpaceMismatchError,
     WorkerDied,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "SegmentBufferExhausted",
     "SegmentVecEnv",
     "SegvecError",
+    "SharedMemorySpaceError",
     "SpaceMismatchError",
     "WorkerDied",
     "gae",

@@ -521,10 +521,6 @@ class Scatter:
                 lib.segvec_scatter_obs(src, item_bytes, n, obs_ptr, chain_ptr, dst)
 
 
-def first_out_of_range(values: np.ndarray, low: int, high: int) -> int:
-    """Index of the first value of a contiguous int64 array outside ``[low, high]``, or -1."""
-    return int(lib.segvec_first_out_of_range(ffi.from_buffer("int64_t[]", values), values.size, low, high))
-
 
 def gae_kernel(reward, value, next_value, terminated, truncated, mask, length, gamma: float, lam: float,
                advantages: np.ndarray, returns: np.ndarray) -> None:
@@ -602,6 +598,8 @@ class Storage:
         self.core = Core(ffi.from_buffer(self.block.buffer), self.nbytes, g, format_block)
         self.address = self.core.address  # where the block starts in this process's memory
         self.close_callbacks: list = []   # run by close(): e.g. torch unregistering the block from CUDA
+        self.objects = None  # the learner's ObjectStore (segvec/objects.py) when a space has parts that
+        # travel pickled; None in workers and for spaces that live wholly in the block
 
         def view(offset, shape, dtype):
             dtype = np.dtype(dtype)

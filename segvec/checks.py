@@ -3,12 +3,42 @@ reset masks and seeds.  Every check raises ValueError (wrong value or shape) or 
 dtype) with a message that says what to change; none changes anything."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from gymnasium import spaces
 from gymnasium.vector import AutoresetMode
 
-from segvec._core import first_out_of_range
 from segvec.spaces import SpaceLayout
+
+
+def observation_mode(mode) -> None:
+    """``"same"``, ``"different"``, or a tuple ``(observation_space, single_observation_space)``."""
+    if isinstance(mode, tuple) and len(mode) == 2:
+        if not all(isinstance(space, spaces.Space) for space in mode):
+            raise TypeError(f"Expected both elements of observation_mode to be Spaces, got {type(mode[0])} and "
+                            f"{type(mode[1])}")
+        return
+    if not (isinstance(mode, str) and mode in ("same", "different")):
+        raise ValueError("Invalid `observation_mode`, expected: 'same' or 'different' or tuple of single and batch "
+                         f"observation space, actual got {mode}")
+
+
+def max_concurrency(limit, num_envs: int, num_workers, backend: str):
+    """The ``num_workers`` that keeps at most `limit` envs stepping at once (each worker steps one env at a
+    time): the largest divisor of `num_envs` within `limit` and the CPU count, unless given."""
+    if limit is None:
+        return num_workers
+    if not isinstance(limit, (int, np.integer)) or isinstance(limit, bool) or limit < 1:
+        raise ValueError(f"`max_concurrency` must be a positive int or None, got {limit!r}")
+    if backend != "multiprocessing":
+        return num_workers  # one env steps at a time already
+    if num_workers is not None:
+        if num_workers > limit:
+            raise ValueError(f"num_workers={num_workers} would step more envs at once than max_concurrency={limit}")
+        return num_workers
+    cap = min(int(limit), os.cpu_count() or 1, num_envs)
+    return max(w for w in range(1, cap + 1) if num_envs % w == 0)
 
 
 def autoreset_mode(mode) -> AutoresetMode:
@@ -40,55 +70,39 @@ def sizes(num_envs: int, horizon, batch_size, num_segments) -> tuple[int, int, i
 
 
 class ActionCheck:
-    """Checks a batch of actions against the action space: ``check(actions, count) -> leaf arrays``.
+    """Checks a batch of actions against the action space's layout: ``check(actions, count) -> leaf arrays``.
 
-    Shapes must be ``(count, *leaf_shape)``; dtypes must cast safely (same kind, or any integer for an
-    integer space); discrete values must lie in the space (Box actions are the env's to clip).
+    Shapes must be ``(count, *leaf_shape)`` (one number per env is accepted for a one-element leaf, as
+    gymnasium's vector envs accept it); dtypes must cast safely (same kind, or any integer for an integer
+    space).  Values are not checked against the space: like gymnasium's vector envs, segvec hands every
+    action to its env, which is the judge of what it accepts (its error comes back with its traceback).
     """
 
     def __init__(self, layout: SpaceLayout):
         self.layout = layout
         self.flat = layout.is_flat
-        self.bounds = []  # per leaf: (space, low, high) for discrete spaces, None for Box
-        for leaf in layout.leaves:
-            space = layout.space
-            for key in leaf.path:
-                space = space[key]
-            if isinstance(space, spaces.Discrete):
-                self.bounds.append((space, space.start, space.start + space.n - 1))
-            elif isinstance(space, spaces.MultiDiscrete):
-                self.bounds.append((space, space.start, space.start + space.nvec - 1))
-            elif isinstance(space, spaces.MultiBinary):
-                self.bounds.append((space, 0, 1))
-            else:
-                self.bounds.append(None)
+        self.reshaped = False  # the last call took one number per env for a flat one-element space
 
     def __call__(self, actions, count: int) -> list[np.ndarray]:
         leaves = [actions] if self.flat else self.layout.flatten(actions)
+        self.reshaped = False
         out = []
         for leaf, space_value in zip(self.layout.leaves, leaves):
             array = np.asarray(space_value)
             expected = (count,) + leaf.shape
+            if array.ndim == 0:
+                raise TypeError(f"actions must be a batch of {count} (one per env), got the scalar {space_value!r}")
             if array.shape != expected:
-                raise ValueError(f"actions{'/'.join(map(str, leaf.path)) and ' at ' + '/'.join(map(str, leaf.path))}"
-                                 f" have shape {array.shape}, expected {expected} for {count} envs")
+                if array.shape == (count,) and int(np.prod(leaf.shape)) == 1:
+                    array = array.reshape(expected)  # one number per env for a one-element leaf
+                    self.reshaped = self.flat
+                else:
+                    where = f" at {'/'.join(map(str, leaf.path))}" if leaf.path else ""
+                    raise ValueError(f"actions{where} have shape {array.shape}, expected {expected} for {count} envs")
             if array.dtype != leaf.dtype and not np.can_cast(array.dtype, leaf.dtype, casting="same_kind"):
                 if not (np.issubdtype(leaf.dtype, np.integer) and np.issubdtype(array.dtype, np.integer)):
                     raise TypeError(f"actions have dtype {array.dtype}, the action space needs {leaf.dtype}")
             out.append(array)
-        for bound, array in zip(self.bounds, out):
-            if bound is None or not array.size:
-                continue
-            space, low, high = bound
-            if np.isscalar(low):
-                values = array if array.dtype == np.int64 and array.flags.c_contiguous else \
-                    np.ascontiguousarray(array, dtype=np.int64)
-                bad = first_out_of_range(values, int(low), int(high)) >= 0
-            else:
-                bad = np.any(array < low) or np.any(array > high)
-            if bad:
-                raise ValueError(f"actions out of the action space {space}: got values in "
-                                 f"[{array.min()}, {array.max()}]")
         return out
 
 
@@ -141,7 +155,8 @@ def reset_mask(mask, num_envs: int) -> np.ndarray:
     if mask.dtype != np.bool_:
         raise TypeError(f"`options['reset_mask']` must have `dtype=np.bool_`, got {mask.dtype}")
     if not mask.any():
-        raise ValueError("`options['reset_mask']` must contain at least one True value")
+        raise ValueError("`options['reset_mask']` must contain a boolean array with at least one True value, "
+                         f"got reset_mask={mask}")
     return np.flatnonzero(mask).astype(np.int32)
 
 

@@ -13,6 +13,7 @@ __all__ = [
     "NotReceivedError",
     "SegmentBufferExhausted",
     "SegvecError",
+    "SharedMemorySpaceError",
     "SpaceMismatchError",
     "WorkerDied",
     "make_env_error",
@@ -94,6 +95,11 @@ class WorkerDied(SegvecError):
 
 class SpaceMismatchError(ValueError, RuntimeError):
     """The envs of one vector env disagree on their observation or action space."""
+
+
+class SharedMemorySpaceError(TypeError, ValueError):
+    """A space with no fixed shape (Text, Graph, Sequence, OneOf, a user-defined Space) under
+    ``shared_memory=True``; ``shared_memory=False`` sends such parts pickled."""
 
 
 class SegmentBufferExhausted(SegvecError):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from segvec.objects import FINAL_OBS_KEY, OBJECTS_KEY
+
 
 def add_info(infos: dict, env_info: dict, index: int, size: int) -> dict:
     """Adds one env's info at batch position `index` to batched `infos` (of batch `size`); returns it."""
@@ -52,7 +54,8 @@ def spread_infos(batch_infos: dict, env_ids: np.ndarray, size: int) -> dict:
 def collect_infos(backend, storage, env_ids: np.ndarray, size: int, deadline: float | None = None) -> dict:
     """The infos of `env_ids` (at batch positions 0..len-1 of a batch of `size`), their flags cleared.
 
-    SAME_STEP envs whose episode ended get ``final_obs`` (from the block) and ``final_info``.
+    SAME_STEP envs whose episode ended get ``final_obs`` (the env's own object) and ``final_info``.  The
+    parts of observations with no fixed shape go to ``storage.objects`` on the way.
     """
     infos: dict = {}
     every_env = len(env_ids) == len(storage.env_has_info)  # (then a slice: no gather of the flags)
@@ -62,8 +65,16 @@ def collect_infos(backend, storage, env_ids: np.ndarray, size: int, deadline: fl
     storage.env_has_info[env_ids] = 0
     positions = {int(e): i for i, e in enumerate(env_ids)}
     for env_index, final_info in final_infos.items():
-        final_obs = storage.obs_layout.structure([leaf[env_index].copy() for leaf in storage.final_obs])
+        final_info = dict(final_info)
+        final_obs = final_info.pop(FINAL_OBS_KEY, None)
+        if storage.objects is not None:
+            storage.objects.final[env_index] = final_obs
         add_info(infos, {"final_obs": final_obs, "final_info": final_info}, positions[env_index], size)
     for env_index, info in env_infos.items():
+        if OBJECTS_KEY in info:
+            info = dict(info)
+            storage.objects.receive(env_index, info.pop(OBJECTS_KEY))
+            if not info:
+                continue
         add_info(infos, info, positions[env_index], size)
     return infos

@@ -15,6 +15,7 @@ import numpy as np
 from gymnasium.vector import AutoresetMode
 
 from segvec._core import Scatter, Storage
+from segvec.objects import FINAL_OBS_KEY, OBJECTS_KEY, AsGiven
 
 
 class EnvFailure(Exception):
@@ -86,10 +87,20 @@ class EnvRunner:
         # Observations of 1 KiB and more go straight to their slots (see _write_obs_in_place).
         self._direct_obs = self._flat_obs and self.obs_layout.leaves[0].nbytes >= 1024
         self._scatter = Scatter(self._obs_out, storage.obs_by_slot)
+        # Parts of spaces with no fixed shape travel pickled (segvec/objects.py): observations' object leaves
+        # of each staged position, and the object leaves of actions the learner sent ahead, by env index.
+        self._object_obs = self.obs_layout.has_objects
+        self._objects_out: list = [None] * n
+        self._object_actions: dict[int, list] = {}
+        # 0-d float actions reach the env as float64 scalars (a Python float subclass, as the float64 array a
+        # user passes to gymnasium's vector envs gives them), whatever the space's float dtype.
+        self._widen = [leaf.shape == () and leaf.dtype.kind == "f" for leaf in self.action_layout.leaves]
 
     # ---- writing observations ---------------------------------------------------------------------
     def _put_obs(self, i: int, obs: Any, env_index: int) -> None:
         values = (obs,) if self._flat_obs else self.obs_layout.flatten(obs)
+        if self._object_obs:
+            self._objects_out[i] = self.obs_layout.flatten_objects(obs)
         for out, value, (shape, dtype) in zip(self._obs_out, values, self._obs_checks):
             array = np.asarray(value)
             if array.shape != shape:
@@ -184,7 +195,10 @@ class EnvRunner:
             done.append(env_index)
         ids = np.asarray(done, np.int32)
         if done:
-            self._scatter(self.core.commit_resets(ids))
+            slots = self.core.commit_resets(ids)
+            self._scatter(slots)
+            if self._object_obs:
+                self._attach_objects(infos, ids, slots)
             self._mark_infos(infos)
         self._fail(failures)
         return BatchResult(ids, infos, {}, failures)
@@ -203,10 +217,21 @@ class EnvRunner:
         storage = self.storage
         count = len(env_ids)
         slots = self.core.cursor_slots(env_ids)
+        leaves = [by_slot[slots].astype(np.float64) if widen else by_slot[slots]
+                  for by_slot, widen in zip(storage.action_by_slot, self._widen)]
         if self._flat_action:
-            actions = storage.action_by_slot[0][slots]
+            actions = leaves[0]
+            if self._object_actions:  # actions the user gave in another form than the slot's (AsGiven)
+                actions = list(actions)
+                for i, e in enumerate(env_ids.tolist()):
+                    given = self._object_actions.pop(e, None)
+                    if isinstance(given, AsGiven):
+                        actions[i] = given.action
+        elif self.action_layout.has_objects:
+            pending = self._object_actions
+            actions = [self.action_layout.structure([leaf[i] for leaf in leaves], pending.pop(int(e)))
+                       for i, e in enumerate(env_ids.tolist())]
         else:
-            leaves = [by_slot[slots] for by_slot in storage.action_by_slot]
             actions = [self.action_layout.structure([leaf[i] for leaf in leaves]) for i in range(count)]
         same_step = self.autoreset_mode == AutoresetMode.SAME_STEP
         next_step = self.autoreset_mode == AutoresetMode.NEXT_STEP
@@ -244,7 +269,7 @@ class EnvRunner:
                     if term or trunc:
                         if same_step:
                             self._stage_final_obs(env_index, obs)
-                            final_infos[env_index] = info
+                            final_infos[env_index] = {**info, FINAL_OBS_KEY: obs}
                             obs, info = env.reset()
                             specials.append((len(observations), (1.0, 1.0, 0.0)))
                         elif next_step:
@@ -305,6 +330,8 @@ class EnvRunner:
             if staged is not None and len(staged):  # rows that filled: their new row is known now
                 index = np.asarray(staged, np.int64)
                 self._scatter(obs_slots[index], chain_slots[index], leaves=(0,))
+            if self._object_obs:
+                self._attach_objects(infos, id_array, obs_slots, chain_slots)
         if infos or final_infos:
             self._mark_infos(infos, final_infos)
         self._fail(failures)
@@ -379,9 +406,29 @@ class EnvRunner:
             by_slot[slot] = out[0]
         storage.env_has_info[env_index] = 1
         info = dict(info)
+        if self._object_obs:
+            info[OBJECTS_KEY] = (slot, -1, self._objects_out[0])
         info["env_restarted"] = True
         info["env_error"] = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
         return info
+
+    def _attach_objects(self, infos: dict, env_ids: np.ndarray, slots: np.ndarray, chain_slots=None) -> None:
+        """Adds each env's object leaves, with the slots they belong at, to its info message (the k-th env
+        of `env_ids` is the k-th observation staged)."""
+        for k, env_index in enumerate(env_ids.tolist()):
+            chain = -1 if chain_slots is None else int(chain_slots[k])
+            infos[env_index] = {**infos.get(env_index, {}), OBJECTS_KEY: (int(slots[k]), chain, self._objects_out[k])}
+
+    def put_object_actions(self, actions: dict) -> None:
+        """Keeps the object leaves of actions (or whole actions `AsGiven`) that the learner sent ahead of
+        dispatching them, by env index."""
+        self._object_actions.update(actions)
+
+    def lacks_object_actions(self, env_ids: np.ndarray) -> bool:
+        """True when an env of `env_ids` was dispatched before its object leaves arrived (read on)."""
+        if not self.action_layout.has_objects:
+            return False
+        return any(int(e) not in self._object_actions for e in env_ids)
 
     def _mark_infos(self, infos: dict, final_infos: dict | None = None) -> None:
         flags = self.storage.env_has_info

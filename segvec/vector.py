@@ -17,8 +17,11 @@ from typing import Any, Callable, Sequence
 
 import gymnasium
 import numpy as np
+from gymnasium import logger
+from gymnasium.spaces import Space
+from gymnasium.spaces.utils import is_space_dtype_shape_equiv
 from gymnasium.vector import AutoresetMode, VectorEnv
-from gymnasium.vector.utils import batch_space
+from gymnasium.vector.utils import batch_differing_spaces, batch_space
 
 from segvec import checks
 from segvec._core import OUTSTANDING, EnvState, Geometry
@@ -34,9 +37,17 @@ from segvec.errors import (
     SpaceMismatchError,
 )
 from segvec.infos import collect_infos, spread_infos
+from segvec.objects import AsGiven, ObjectStore
 from segvec.segments import SegmentBatch
-from segvec.spaces import spaces_equal
+from segvec.spaces import SpaceLayout, spaces_equal
 from segvec.truncations import TruncationLedger
+
+
+def _same_shape_and_dtype(a: Space, b: Space) -> bool:
+    try:
+        return bool(is_space_dtype_shape_equiv(a, b))
+    except (TypeError, NotImplementedError, AttributeError):  # spaces gymnasium cannot compare so
+        return a == b
 
 
 class AsyncState(enum.Enum):
@@ -50,6 +61,7 @@ class AsyncState(enum.Enum):
 
 
 IDLE = (AsyncState.DEFAULT, AsyncState.ASYNC)  # no call waits for its *_wait
+ERROR_GRACE_S = 2.0  # after an env error, how long reset_wait/step_wait go on collecting the other envs' errors
 
 
 def _as_env_fns(env, num_envs: int, env_kwargs: dict | None) -> list[Callable]:
@@ -116,6 +128,20 @@ class SegmentVecEnv(VectorEnv):
         value_fn: optional ``obs_batch -> values``; gives the value of final observations of truncated
             episodes (SAME_STEP) and of the current observations at ``flush``.
         context: multiprocessing context or start method name (``"fork"``, ``"spawn"``, ``"forkserver"``).
+        shared_memory: True (default): every part of both spaces must have a fixed shape and dtype, or
+            `SharedMemorySpaceError` (a TypeError and ValueError) is raised.  False: parts with no fixed shape
+            (Text, Graph, Sequence, OneOf, user-defined spaces) travel pickled and are kept as Python objects
+            in this process; segments hold them as object arrays.  Fixed-size parts always live in shared
+            memory.
+        copy: accepted for gymnasium's AsyncVectorEnv; observations returned by ``reset``/``step``/``recv``
+            are always fresh arrays that no later call overwrites, whatever its value.
+        daemon: whether worker processes are daemons (they then cannot start processes of their own).
+        worker: gymnasium's custom worker function; not supported (segvec's workers write into segment
+            memory): anything but None raises ValueError.
+        observation_mode: ``"same"`` (every env has the same observation space), ``"different"`` (spaces
+            may differ in bounds but share shapes and dtypes; ``observation_space`` batches them), or a tuple
+            ``(observation_space, single_observation_space)`` to set both.
+        max_concurrency: at most this many envs step at once (multiprocessing: caps ``num_workers``).
         restart_failed_envs: rebuild (with its factory) and reset an env that raises in ``step`` instead of
             raising EnvError, and replace a worker that dies.  The new episode starts at the same slot of the
             same row: the transition before it becomes truncated, bootstrapped by the value already sent for
@@ -155,6 +181,12 @@ class SegmentVecEnv(VectorEnv):
         context: Any = None,
         restart_failed_envs: bool = False,
         debug: bool = False,
+        shared_memory: bool = True,
+        copy: bool = True,
+        daemon: bool = True,
+        worker: Callable | None = None,
+        observation_mode: str | tuple = "same",
+        max_concurrency: int | None = None,
     ):
         self.closed = True  # until construction succeeds: close() is safe at any point
         self._backend = None
@@ -162,24 +194,29 @@ class SegmentVecEnv(VectorEnv):
         num_envs = len(env_fns)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {tuple(BACKENDS)}, got {backend!r}")
+        if worker is not None:
+            raise ValueError("a custom `worker` function is not supported: segvec's workers write observations "
+                             "into shared segment memory themselves. Wrap the env instead (gymnasium.Wrapper) to "
+                             "change what a step does.")
+        checks.observation_mode(observation_mode)
         self.horizon, self.batch_size, self.num_segments = checks.sizes(num_envs, horizon, batch_size, num_segments)
         backend_type = BACKENDS[backend]
+        num_workers = checks.max_concurrency(max_concurrency, num_envs, num_workers, backend)
         self.num_envs, self.num_workers = num_envs, backend_type.resolve_num_workers(num_envs, num_workers)
+        self.shared_memory, self.copy, self.observation_mode = bool(shared_memory), copy, observation_mode
         self.autoreset_mode = checks.autoreset_mode(autoreset_mode)
         self.backend_name = backend
         self.value_fn = value_fn
         self.policy_version = 0
 
-        self._backend = backend_type(env_fns, self.autoreset_mode, self.num_workers, context, restart_failed_envs)
+        self._backend = backend_type(env_fns, self.autoreset_mode, self.num_workers, context, restart_failed_envs,
+                                     daemon=daemon)
         try:
             env_spaces = self._backend.create_envs()
-            self.single_observation_space, self.single_action_space = env_spaces[0]
-            for index, (obs_space, act_space) in enumerate(env_spaces):
-                for kind, space, first in (("observation", obs_space, self.single_observation_space),
-                                           ("action", act_space, self.single_action_space)):
-                    if not spaces_equal(space, first):
-                        raise SpaceMismatchError(f"env {index} has {kind} space {space}, env 0 has {first}: "
-                                                 "all envs of one SegmentVecEnv must share spaces")
+            self._set_spaces(env_spaces, observation_mode)
+            obs_layout = SpaceLayout(self.single_observation_space, "observation")
+            if self.shared_memory:
+                obs_layout.require_shared_memory()
             geometry = Geometry.make(num_envs, self.num_workers, self.num_segments, self.horizon,
                                      self.single_observation_space, self.single_action_space,
                                      step_fields, segment_fields, poison=debug)
@@ -192,10 +229,10 @@ class SegmentVecEnv(VectorEnv):
             self._backend.close(terminate=True)
             raise
         self.metadata["autoreset_mode"] = self.autoreset_mode
-        self.observation_space = batch_space(self.single_observation_space, num_envs)
-        self.action_space = batch_space(self.single_action_space, num_envs)
         self.render_mode = self.metadata.get("render_mode")
         storage = self._storage
+        if obs_layout.has_objects:
+            storage.objects = ObjectStore(storage.obs_layout, self.num_segments, self.horizon, num_envs)
         self._core = storage.core
         self._state = AsyncState.DEFAULT
         self._pending_reset_ids: np.ndarray | None = None
@@ -209,6 +246,39 @@ class SegmentVecEnv(VectorEnv):
         self._same_step = self.autoreset_mode == AutoresetMode.SAME_STEP
         self._truncations = TruncationLedger(storage, value_fn)
         self.closed = False
+
+    def _set_spaces(self, env_spaces: list[tuple], mode) -> None:
+        """Sets the single and batched spaces from every env's ``(observation_space, action_space)``.
+
+        Raises:
+            SpaceMismatchError (a RuntimeError and ValueError): action spaces differ; observation spaces
+                differ under ``"same"``, or differ in shape or dtype otherwise.
+        """
+        n = len(env_spaces)
+        first_action = env_spaces[0][1]
+        for index, (_, action_space) in enumerate(env_spaces):
+            if not spaces_equal(action_space, first_action):
+                raise SpaceMismatchError(
+                    f"Some environments have an action space different from `{first_action}` (env {index} has "
+                    f"{action_space}). In order to batch actions, the action spaces from all environments must be "
+                    "equal.")
+        obs_spaces = [space for space, _ in env_spaces]
+        batched, single = mode if isinstance(mode, tuple) else (None, obs_spaces[0])
+        for index, space in enumerate(obs_spaces):
+            if mode == "same" and not spaces_equal(space, single):
+                raise SpaceMismatchError(
+                    "SegmentVecEnv(..., observation_mode='same') however the sub-environments observation spaces "
+                    f"are not equivalent. Env {index} has {space}, env 0 has {single}. If this is intentional, "
+                    "use `observation_mode='different'` instead.")
+            if mode != "same" and not _same_shape_and_dtype(space, single):
+                raise SpaceMismatchError(
+                    f"SegmentVecEnv(..., observation_mode={mode if isinstance(mode, str) else 'custom spaces'!r}) "
+                    f"however the sub-environment's observation spaces do not share a common shape and dtype: "
+                    f"env {index} has {space}, the single observation space is {single}.")
+        if batched is None:
+            batched = batch_space(single, n) if mode == "same" else batch_differing_spaces(obs_spaces)
+        self.single_observation_space, self.observation_space = single, batched
+        self.single_action_space, self.action_space = first_action, batch_space(first_action, n)
 
     # ---- the state machine ----------------------------------------------------------------------
     def _guard(self, method: str, waits_for: AsyncState | None = None, any_state: bool = False) -> None:
@@ -249,9 +319,41 @@ class SegmentVecEnv(VectorEnv):
         self._backend.wait(count, deadline)
         return self._core.pop_ready(count)
 
+    def _pop_all(self, count: int, deadline: float | None) -> None:
+        """The gymnasium face's wait: receives the `count` envs of a reset or step.
+
+        An env that raised is FAILED and never publishes: its error is kept and the wait goes on for the
+        other envs (at most `ERROR_GRACE_S` more), so that every env error of the call is seen.  The errors
+        are then logged as gymnasium's AsyncVectorEnv logs them (``gymnasium.logger.error``: the env, its
+        traceback, then "Raising the last exception back to the main process.") and the last is raised; the
+        envs published meanwhile are received, those still stepping are received by the next call.
+        """
+        errors: list[EnvError] = []
+        grace_end = None
+        while len(errors) < count:
+            wait_until = deadline if grace_end is None else min(grace_end, deadline or grace_end)
+            try:
+                self._backend.wait(count - len(errors), wait_until)
+                break
+            except EnvError as error:
+                errors.append(error)
+                grace_end = grace_end or time.monotonic() + ERROR_GRACE_S
+            except multiprocessing.TimeoutError:
+                if not errors:
+                    raise
+                break
+        self._core.pop_ready(count - len(errors))
+        if errors:
+            for error in errors:
+                logger.error("%s", f"Received the following error from Worker-{error.env_index} - Shutting it down")
+                logger.error("%s", error.worker_traceback or str(error))
+            logger.error("%s", "Raising the last exception back to the main process.")
+            raise errors[-1]
+
     def _results(self, env_ids: np.ndarray, size: int, deadline: float | None = None):
         """``(obs, rewards, terminations, truncations, infos)`` of received `env_ids`."""
         storage = self._storage
+        infos = collect_infos(self._backend, storage, env_ids, size, deadline)  # (first: it brings objects)
         obs = self._current_obs(env_ids)
         select = slice(None) if env_ids is self._all_ids else env_ids  # every env: plain copies
         rewards = storage.env_last_reward[select].astype(np.float64)
@@ -259,12 +361,16 @@ class SegmentVecEnv(VectorEnv):
         truncated = storage.env_last_truncated[select].copy()
         if self._same_step:
             self._truncations.note(env_ids)
-        infos = collect_infos(self._backend, storage, env_ids, size, deadline)
         return obs, rewards, terminated, truncated, infos
 
     def _current_obs(self, env_ids: np.ndarray):
-        """Each env's current observation (a copy), gathered from its cursor slot by the C core."""
-        return self._storage.obs_layout.structure(self._core.gather_current(env_ids))
+        """Each env's current observation (a copy), gathered from its cursor slot by the C core (parts with
+        no fixed shape: from the `ObjectStore`, each a tuple over the envs)."""
+        storage = self._storage
+        if storage.objects is None:
+            return storage.obs_layout.structure(self._core.gather_current(env_ids))
+        objects = storage.objects.current(self._core.cursor_slots(env_ids, observation=True))
+        return storage.obs_layout.structure(self._core.gather_current(env_ids), objects)
 
     def _receive_stragglers(self, wait: bool, keep: np.ndarray | None = None) -> None:
         """Receives envs still outstanding from a call the user gave up on (a timeout, an env error, a
@@ -304,6 +410,9 @@ class SegmentVecEnv(VectorEnv):
         storage, core = self._storage, self._core
         count = len(env_ids)
         leaves = self._check_actions(actions, count)
+        object_actions = self._object_actions(actions, env_ids) if storage.action_layout.has_objects else None
+        if self._check_actions.reshaped:  # the env gets the number as given, as gymnasium's vector envs do
+            object_actions = {int(e): AsGiven(actions[i]) for i, e in enumerate(env_ids.tolist())}
         fields = checks.learner_fields(fields or {}, storage, count)
         values = None if value is None else checks.per_env(value, count, "value")
         logprobs = None if logprob is None else checks.per_env(logprob, count, "logprob")
@@ -327,11 +436,28 @@ class SegmentVecEnv(VectorEnv):
                 elif row_start.any():
                     starts = row_start.astype(bool)
                     storage.segment_fields[name][storage.env_row[env_ids[starts]]] = array[starts]
+            if object_actions is not None:
+                self._backend.send_object_actions(object_actions)
         except BaseException:
             core.cancel_send(env_ids)
             raise
         core.dispatch(env_ids)
         self._backend.after_dispatch()
+
+    def _object_actions(self, actions, env_ids: np.ndarray) -> dict:
+        """``{env: [value per object leaf]}`` of a batch of actions (each object leaf a sequence, one per env).
+
+        Raises:
+            TypeError: an object leaf is not a sequence of one action per env.
+        """
+        layout, count = self._storage.action_layout, len(env_ids)
+        columns = []
+        for path, values in zip(layout.object_paths, layout.flatten_objects(actions)):
+            where = f" at {'/'.join(map(str, path))}" if path else ""
+            if isinstance(values, (str, bytes)) or not hasattr(values, "__len__") or len(values) != count:
+                raise TypeError(f"actions{where} must be a sequence of {count} actions (one per env), got {values!r}")
+            columns.append(list(values))
+        return {int(e): [column[i] for column in columns] for i, e in enumerate(env_ids.tolist())}
 
     def _explain_not_held(self, env_ids: np.ndarray) -> None:
         """Raises NotReceivedError saying why some of `env_ids` cannot be sent to."""
@@ -400,21 +526,21 @@ class SegmentVecEnv(VectorEnv):
         env_ids = self._pending_reset_ids
         deadline = self._deadline(timeout)
         try:  # whatever happens, the reset is over: envs still resetting are received by the next call
-            self._pop(len(env_ids), deadline)
+            self._pop_all(len(env_ids), deadline)
         finally:
             self._state = AsyncState.DEFAULT
-        obs = self._current_obs(self._all_ids)
         infos: dict = {}
-        if self._storage.env_has_info[env_ids].any():
+        if self._storage.env_has_info[env_ids].any():  # (before the observations: it brings their objects)
             infos = spread_infos(collect_infos(self._backend, self._storage, env_ids, len(env_ids), deadline),
                                  env_ids, self.num_envs)
-        return obs, infos
+        return self._current_obs(self._all_ids), infos
 
     def step(self, actions, **learner_fields):
         """Steps every env; returns ``(obs, rewards, terminations, truncations, infos)`` in env order.
 
         Accepts the learner fields of `send` (``value=``, ``logprob=``, step/segment fields) so that the
         gymnasium face fills segments with them.  Follows ``autoreset_mode`` like gymnasium's vector envs.
+        Envs that were never reset are reset first (no seed): an env's first observation starts its row.
         """
         self.step_async(actions, **learner_fields)
         return self.step_wait()
@@ -429,6 +555,9 @@ class SegmentVecEnv(VectorEnv):
             SegmentBufferExhausted: the learner holds every row the envs could move to; nothing was sent.
         """
         self._guard("step_async")
+        never = (self._storage.env_state == EnvState.NEW) & ~self._reset_requested
+        if self._state == AsyncState.DEFAULT and never.any():  # as gymnasium's vector envs allow
+            self.reset(options={"reset_mask": never})
         if self._state == AsyncState.DEFAULT and self._outstanding:
             self._receive_stragglers(wait=False)
         if self._outstanding:
@@ -452,7 +581,7 @@ class SegmentVecEnv(VectorEnv):
         self._guard("step_wait", AsyncState.WAITING_STEP)
         deadline = self._deadline(timeout)
         try:
-            self._pop(self.num_envs, deadline)
+            self._pop_all(self.num_envs, deadline)
         except multiprocessing.TimeoutError:
             raise  # still pending: step_wait may be called again
         except BaseException:
@@ -512,6 +641,16 @@ class SegmentVecEnv(VectorEnv):
     def render(self):
         """Returns the frames of every env (``call("render")``)."""
         return self.call("render")
+
+    @property
+    def np_random_seed(self) -> tuple:
+        """The ``np_random_seed`` of every env (the seed of its last seeded reset), in env order."""
+        return self.get_attr("np_random_seed")
+
+    @property
+    def np_random(self) -> tuple:
+        """The numpy random generator of every env, in env order (copies: the envs live elsewhere)."""
+        return self.get_attr("np_random")
 
     # ---- async face -----------------------------------------------------------------------------
     def async_reset(self, seed=None, options: dict | None = None) -> None:
@@ -651,6 +790,8 @@ class SegmentVecEnv(VectorEnv):
         if moved.any():
             for by_slot in storage.obs_by_slot:
                 by_slot[copy_to[moved]] = by_slot[copy_from[moved]]
+            if storage.objects is not None:
+                storage.objects.move(copy_from[moved], copy_to[moved])
 
     def stats(self) -> dict:
         """Counters: steps, episodes, segments_completed, segments_recycled, segments_taken, nan_rewards,
@@ -665,9 +806,17 @@ class SegmentVecEnv(VectorEnv):
 
     # ---- shutdown -------------------------------------------------------------------------------
     def close(self, terminate: bool = False, **kwargs) -> None:
-        """Closes every env, stops workers and frees shared memory.  Idempotent; safe after errors."""
+        """Closes every env, stops workers and frees shared memory.  Idempotent; safe after errors.
+
+        Closing while a ``reset_async``/``step_async``/``call_async`` waits for its ``*_wait`` warns (a
+        UserWarning, as gymnasium's AsyncVectorEnv does) and drops that call.
+        """
         if getattr(self, "closed", True) and getattr(self, "_backend", None) is None:
             return
+        state = getattr(self, "_state", AsyncState.DEFAULT)
+        if not self.closed and state not in IDLE:
+            warnings.warn(f"Calling `close` while waiting for a pending call to `{state.value}` to complete.",
+                          UserWarning, stacklevel=2)
         self.closed = True
         backend, self._backend = self._backend, None
         if backend is not None:

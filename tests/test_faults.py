@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -829,16 +830,26 @@ def test_an_error_of_the_last_envs_sent_comes_before_no_async_call(backend):
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_two_envs_failing_in_one_step_are_both_reset_at_once(backend):
-    """Two envs raise in the same step: the first error is raised, the second is dropped (with a warning)
-    by the reset of its env, which brings both back at once."""
+    """Two envs raise in the same step: both errors are logged as gymnasium's AsyncVectorEnv logs them (env,
+    traceback, then "Raising the last exception"), the last is raised, and one reset brings both back."""
     fns = fault_fns(NUM_ENVS, "step", target=0, at_step=1, times=1)
     fns[3] = fault_fns(NUM_ENVS, "step", target=3, at_step=1, times=1)[3]
     envs = make(fns, backend)
     envs.reset(seed=0)
     envs.step(zeros())
-    with pytest.raises(segvec.EnvError):
-        envs.step(zeros())
-    with pytest.warns(RuntimeWarning, match="env 3 raised in step"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(segvec.EnvError) as info:
+            envs.step(zeros())
+    logged = [str(w.message) for w in caught]
+    assert len(logged) == 5, logged
+    assert {logged[0], logged[2]} == {f"\x1b[31mERROR: Received the following error from Worker-{e} - Shutting it "
+                                      "down\x1b[0m" for e in (0, 3)}
+    assert "Traceback (most recent call last)" in logged[1] and "fails at step 1" in logged[3]
+    assert logged[4] == "\x1b[31mERROR: Raising the last exception back to the main process.\x1b[0m"
+    assert info.value.env_index == (0 if "Worker-0" in logged[2] else 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is left over to drop
         envs.reset(seed=1)
     _, rewards, *_ = envs.step(zeros())
     assert rewards.tolist() == [1.0] * NUM_ENVS

@@ -12,6 +12,7 @@ Life of a backend:
     attach(geometry)       build the segment block for that geometry; returns its `Storage`
     env_metadata()         env 0's ``metadata`` (with ``render_mode``)
     reset(ids, seeds, options)   reset RESETTING envs (their rows are flushed); they publish when done
+    send_object_actions(actions)   the object leaves of actions ({env: [values]}), before their dispatch
     after_dispatch()       actions were dispatched through the core (a backend that steps inline does it here)
     wait(min_count, deadline)    until min_count envs are published; raises the envs' errors
     infos_for(ids, deadline)     (infos, final_infos) of the envs whose ``env_has_info`` flag is set
@@ -96,6 +97,11 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def reset(self, env_ids: np.ndarray, seeds: list, options: dict | None) -> None:
         """Resets `env_ids` (RESETTING in the core) with ``seeds[i]`` and `options`; does not wait."""
+
+    @abc.abstractmethod
+    def send_object_actions(self, actions: dict) -> None:
+        """Hands over the parts of actions with no fixed shape (``{env: [value per object leaf]}``); called
+        just before those envs are dispatched (see ``segvec/objects.py``)."""
 
     @abc.abstractmethod
     def after_dispatch(self) -> None:

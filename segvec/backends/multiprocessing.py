@@ -43,8 +43,9 @@ class MultiprocessingBackend(Backend):
         return int(num_workers)
 
     def __init__(self, env_fns: list[Callable], autoreset_mode, num_workers: int, context=None,
-                 restart_failed_envs: bool = False):
+                 restart_failed_envs: bool = False, daemon: bool = True):
         super().__init__()
+        self.daemon = daemon  # daemon workers end with the learner but cannot start processes of their own
         self.env_fns = env_fns
         self.autoreset_mode = autoreset_mode
         self.restart_failed_envs = restart_failed_envs
@@ -99,7 +100,7 @@ class MultiprocessingBackend(Backend):
             target=worker_main, name=f"segvec-worker-{w}",
             args=(w, w * self.envs_per_worker, self._payloads[w], child, self.autoreset_mode,
                   self.restart_failed_envs),
-            daemon=True)
+            daemon=self.daemon)
         process.start()
         child.close()
         return process, parent
@@ -173,6 +174,14 @@ class MultiprocessingBackend(Backend):
     # ---- hot path -------------------------------------------------------------------------------
     def after_dispatch(self) -> None:
         pass
+
+    def send_object_actions(self, actions: dict) -> None:
+        k = self.envs_per_worker
+        by_worker: dict[int, dict] = {}
+        for env_index, values in actions.items():
+            by_worker.setdefault(env_index // k, {})[env_index] = values
+        for w, mine in by_worker.items():
+            self._send(w, (Command.ACTIONS, mine))  # (the dispatch that follows wakes the worker)
 
     def reset(self, env_ids: np.ndarray, seeds: list, options) -> None:
         k = self.envs_per_worker

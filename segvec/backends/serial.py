@@ -29,7 +29,7 @@ class SerialBackend(Backend):
         return 1
 
     def __init__(self, env_fns: list[Callable], autoreset_mode, num_workers: int = 1, context=None,
-                 restart_failed_envs: bool = False):
+                 restart_failed_envs: bool = False, daemon: bool = True):
         super().__init__()
         self.env_fns = env_fns
         self.autoreset_mode = autoreset_mode
@@ -66,6 +66,9 @@ class SerialBackend(Backend):
                 self._errors.append(error)
         if result.interrupt is not None:
             raise result.interrupt
+
+    def send_object_actions(self, actions: dict) -> None:
+        self.runner.put_object_actions(actions)
 
     def after_dispatch(self) -> None:
         self._take(self.runner.step(self.storage.core.worker_pop(0)))

@@ -2,7 +2,8 @@
 
 Actions never travel over the pipe: the learner writes them into the envs' slots and hands the envs over
 through the core's action queue (``segvec_worker_wait`` / ``segvec_worker_pop``).  The pipe carries the
-commands below, non-empty infos and errors.  Every message type is an enum member, never a string.
+commands below, non-empty infos and errors, and the parts of actions and observations that have no fixed
+shape (``segvec/objects.py``): those actions are sent before their envs are dispatched.  Every message type is an enum member, never a string.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ class Command(enum.IntEnum):
     CLOSE = 5         # (CLOSE,)
     RESTART_ENVS = 6  # (RESTART_ENVS, lost, held, reason, resetting, seeds, options): a replacement takes over
     METADATA = 7      # (METADATA, call_id): env 0's metadata
+    ACTIONS = 8       # (ACTIONS, {env: [object leaves of its action]}), sent before the envs are dispatched
 
 
 class Reply(enum.IntEnum):
@@ -166,29 +168,47 @@ def _serve(worker_index: int, runner: EnvRunner, conn) -> None:
         if status == Wait.TIMEOUT and os.getppid() != watched_pid:
             return  # the learner is gone
         while poller.poll(0):
-            message = conn.recv()
-            command = message[0]
-            if command == Command.CLOSE:
+            if not _obey(conn, runner, conn.recv()):
                 return
-            if command == Command.RESET:
-                _, env_ids, seeds, options = message
-                _report(conn, runner, runner.reset(env_ids, seeds, options))
-            elif command == Command.RESTART_ENVS:
-                _, lost, held, reason, resetting, seeds, options = message
-                runner.mark_for_restart(held, reason)
-                _report(conn, runner, runner.restart_envs(lost, reason))
-                if len(resetting):
-                    _report(conn, runner, runner.reset(resetting, seeds, options))
-            elif command == Command.CALL:
-                _, call_id, name, args, kwargs, offsets = message
-                _answer(conn, runner, call_id, f"call({name!r})", offsets,
-                        lambda env, _: call_env(env, name, args, kwargs))
-            elif command == Command.SET_ATTR:
-                _, call_id, name, values = message
-                _answer(conn, runner, call_id, f"set_attr({name!r})", None,
-                        lambda env, offset: set_env_attr(env, name, values[offset]))
-            elif command == Command.METADATA:
-                _answer(conn, runner, message[1], "metadata", [0], lambda env, _: env_metadata(env))
         batch = core.worker_pop(worker_index)  # (a view of the core's buffer; stepping does not touch it)
+        if len(batch) and poller.poll(0):  # actions sent pickled before this dispatch, while we popped
+            batch = batch.copy()  # (commands below reuse the core's buffer)
+            while poller.poll(0):
+                if not _obey(conn, runner, conn.recv()):
+                    return
+        if len(batch) and runner.lacks_object_actions(batch):  # (a large message still on its way)
+            batch = batch.copy()
+            while runner.lacks_object_actions(batch):
+                if not _obey(conn, runner, conn.recv()):
+                    return
         if len(batch):
             _report(conn, runner, runner.step(batch))
+
+
+def _obey(conn, runner: EnvRunner, message) -> bool:
+    """Carries out one command of the learner; False for CLOSE."""
+    command = message[0]
+    if command == Command.CLOSE:
+        return False
+    if command == Command.ACTIONS:
+        runner.put_object_actions(message[1])
+    elif command == Command.RESET:
+        _, env_ids, seeds, options = message
+        _report(conn, runner, runner.reset(env_ids, seeds, options))
+    elif command == Command.RESTART_ENVS:
+        _, lost, held, reason, resetting, seeds, options = message
+        runner.mark_for_restart(held, reason)
+        _report(conn, runner, runner.restart_envs(lost, reason))
+        if len(resetting):
+            _report(conn, runner, runner.reset(resetting, seeds, options))
+    elif command == Command.CALL:
+        _, call_id, name, args, kwargs, offsets = message
+        _answer(conn, runner, call_id, f"call({name!r})", offsets,
+                lambda env, _: call_env(env, name, args, kwargs))
+    elif command == Command.SET_ATTR:
+        _, call_id, name, values = message
+        _answer(conn, runner, call_id, f"set_attr({name!r})", None,
+                lambda env, offset: set_env_attr(env, name, values[offset]))
+    elif command == Command.METADATA:
+        _answer(conn, runner, message[1], "metadata", [0], lambda env, _: env_metadata(env))
+    return True
