@@ -2,12 +2,16 @@
 
 The reference is SB3's `DummyVecEnv` over the same envs, seeds and actions: observations, rewards, dones,
 ``terminal_observation``, ``TimeLimit.truncated``, every other info key and ``reset_infos`` must match step
-for step.  Then the per-index env access (``env_method/get_attr/set_attr/env_is_wrapped``), and a short
-PPO run end to end.
+for step.  Then SB3's VecEnv contract as DummyVecEnv keeps it: the per-index env access
+(``env_method/get_attr/set_attr/env_is_wrapped``, negative indices, IndexError), ``set_attr`` on the outermost
+wrapper, one action per env for Dict/Tuple action spaces, factories that return one env object refused,
+``seed/render/close`` and SB3's VecEnv wrappers; the ``env_fns`` constructor through SB3's ``make_vec_env``;
+and short PPO runs end to end.
 """
 from __future__ import annotations
 
 import functools
+import multiprocessing
 import subprocess
 import sys
 
@@ -17,9 +21,10 @@ import pytest
 
 pytest.importorskip("stable_baselines3", reason="stable-baselines3 is not installed (pip install -e .[sb3])")
 from stable_baselines3 import PPO  # noqa: E402
+from stable_baselines3.common.env_util import make_vec_env  # noqa: E402
 from stable_baselines3.common.evaluation import evaluate_policy  # noqa: E402
 from stable_baselines3.common.monitor import Monitor  # noqa: E402
-from stable_baselines3.common.vec_env import DummyVecEnv  # noqa: E402
+from stable_baselines3.common.vec_env import DummyVecEnv, VecFrameStack, VecNormalize  # noqa: E402
 
 import segvec  # noqa: E402
 from segvec.integrations.sb3 import SB3VecEnv, make_sb3_vec_env  # noqa: E402
@@ -168,18 +173,292 @@ def test_env_method_get_attr_set_attr_with_indices(backend):
         ours.close()
 
 
-def test_set_attr_reaches_the_env_under_wrappers():
-    """``set_attr`` sets an attribute where it lives in the wrapper stack (gymnasium's set_wrapper_attr)."""
-    env = make_sb3_vec_env("CartPole-v1", NUM_ENVS, backend="serial", horizon=8)
+@pytest.mark.parametrize("backend", ["serial", "multiprocessing"])
+def test_set_attr_sets_the_outermost_wrapper_like_sb3(backend):
+    """``set_attr`` sets the attribute on the outermost wrapper, as SB3's VecEnvs do: ``get_attr`` then finds
+    it there, and the env under the wrappers keeps its own; ``set_wrapper_attr`` reaches that one."""
+    ref = DummyVecEnv([cartpole] * NUM_ENVS)
+    ours = SB3VecEnv([cartpole] * NUM_ENVS, horizon=8, **backend_options(backend, NUM_ENVS))
     try:
-        env.set_attr("gravity", 2.0, indices=[1])
-        assert env.get_attr("gravity") == [9.8, 2.0, 9.8, 9.8]
-        assert env.env_method("get_wrapper_attr", "unwrapped", indices=1)[0].gravity == 2.0
-        assert env.env_is_wrapped(Monitor) == [True] * NUM_ENVS
-        assert env.env_is_wrapped(gymnasium.wrappers.TimeLimit, indices=[0, 3]) == [True, True]
-        assert env.env_is_wrapped(gymnasium.wrappers.RecordEpisodeStatistics, indices=2) == [False]
+        for env in (ref, ours):
+            assert not env.has_attr("dummy")
+            assert env.set_attr("gravity", 2.0, indices=[1]) is None
+            env.set_attr("dummy", 12)
+        assert ours.get_attr("gravity") == ref.get_attr("gravity") == [9.8, 2.0, 9.8, 9.8]
+        assert ours.get_attr("dummy") == ref.get_attr("dummy") == [12] * NUM_ENVS and ours.has_attr("dummy")
+        # the Monitor carries them; CartPole under it is unchanged
+        assert [env.unwrapped.gravity for env in ref.envs] == [9.8] * NUM_ENVS
+        assert [env.gravity for env in ours.env_method("get_wrapper_attr", "unwrapped")] == [9.8] * NUM_ENVS
+        assert ours.env_method("__getattribute__", "gravity", indices=1) == [2.0]  # Monitor's own
+        assert ours.env_method("set_wrapper_attr", "_max_episode_steps", 7, indices=[0]) == [True]
+        assert ours.get_attr("_max_episode_steps") == [7, 30, 30, 30]  # TimeLimit's
+        # keyword arguments reach the method whatever their names
+        assert ours.env_method("get_wrapper_attr", name="dummy", indices=2) == [12]
+        assert ours.env_method("set_wrapper_attr", name="gravity", value=3.0, indices=2) == [True]
+        assert ours.env_method("get_wrapper_attr", "unwrapped", indices=2)[0].gravity == 3.0  # where it lives
+    finally:
+        ref.close()
+        ours.close()
+
+
+def indexed_env(index: int) -> gymnasium.Env:
+    """A DictEnv whose ``max_length`` says which env it is, every other one under a Monitor."""
+    env = DictEnv(max_length=10 + index)
+    return Monitor(env) if index % 2 else env
+
+
+@pytest.mark.parametrize("backend", ["serial", "multiprocessing"])
+def test_indices_mean_what_they_mean_for_a_list(backend):
+    """Negative indices count from the end, ranges and arrays work, and an index out of range raises
+    IndexError before any env is touched: as with DummyVecEnv."""
+    fns = [functools.partial(indexed_env, i) for i in range(NUM_ENVS)]
+    ref = DummyVecEnv(fns)
+    ours = SB3VecEnv(fns, horizon=8, **backend_options(backend, NUM_ENVS))
+    try:
+        for indices in (None, 2, -1, -NUM_ENVS, [0, -1], [-1, 0, -1], range(1, 3), range(-2, 0), (3, 1),
+                        np.array([-3, 2]), []):
+            assert ours.get_attr("max_length", indices) == ref.get_attr("max_length", indices), indices
+            assert ours.env_method("get_wrapper_attr", "max_length", indices=indices) == \
+                ref.env_method("get_wrapper_attr", "max_length", indices=indices), indices
+            assert ours.env_is_wrapped(Monitor, indices) == ref.env_is_wrapped(Monitor, indices), indices
+        assert ours.env_is_wrapped(Monitor) == [False, True, False, True]
+        assert ours.get_attr("max_length", np.int64(-2)) == [12]  # a numpy integer is one index too
+        for env in (ref, ours):
+            env.set_attr("speed", 4.0, indices=-1)
+            env.set_attr("speed", 2.0, indices=[0, -2])
+        assert ours.get_attr("speed") == ref.get_attr("speed") == [2.0, 1.0, 2.0, 4.0]
+        for bad in (NUM_ENVS, -NUM_ENVS - 1, [0, NUM_ENVS], [-NUM_ENVS - 1], range(NUM_ENVS + 1)):
+            for env in (ref, ours):
+                with pytest.raises(IndexError):
+                    env.get_attr("speed", indices=bad)
+                with pytest.raises(IndexError):
+                    env.env_method("get_wrapper_attr", "speed", indices=bad)
+                with pytest.raises(IndexError):
+                    env.env_is_wrapped(Monitor, indices=bad)
+                with pytest.raises(IndexError):
+                    env.set_attr("speed", 9.0, indices=bad)
+        assert ours.get_attr("speed") == [2.0, 1.0, 2.0, 4.0]  # the envs in range were not set either
+        with pytest.raises(TypeError):
+            ours.get_attr("speed", indices=[1.0])
+    finally:
+        ref.close()
+        ours.close()
+
+
+class EchoEnv(gymnasium.Env):
+    """Observes the action it was given (observation space = action space); never ends."""
+
+    def __init__(self, space: gymnasium.spaces.Space):
+        self.observation_space = self.action_space = space
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.action_space.seed(seed)
+        return self.action_space.sample(), {}
+
+    def step(self, action):
+        return action, 0.0, False, False, {}
+
+
+ECHO_SPACES = {
+    "dict": gymnasium.spaces.Dict({"move": gymnasium.spaces.Discrete(3),
+                                   "force": gymnasium.spaces.Box(-1.0, 1.0, (2,), np.float32),
+                                   "grip": gymnasium.spaces.MultiBinary(2)}),
+    # two parts for two envs: a list of two tuples could be either layout but for its leaves
+    "tuple": gymnasium.spaces.Tuple((gymnasium.spaces.Box(-1.0, 1.0, (2,), np.float32),
+                                     gymnasium.spaces.MultiDiscrete([2, 5]))),
+}
+
+
+@pytest.mark.parametrize("backend", ["serial", "multiprocessing"])
+@pytest.mark.parametrize("kind", sorted(ECHO_SPACES))
+def test_step_async_takes_sb3_and_batched_actions_for_dict_and_tuple_spaces(backend, kind):
+    """A list of one action per env (SB3's layout, what DummyVecEnv takes) and the batched layout (a dict or
+    tuple of arrays) step the envs alike."""
+    space, num_envs = ECHO_SPACES[kind], 2
+    fns = [functools.partial(EchoEnv, space)] * num_envs
+    ref = DummyVecEnv(fns)
+    ours = SB3VecEnv(fns, horizon=8, **backend_options(backend, num_envs))
+    try:
+        space.seed(0)
+        for env in (ref, ours):
+            env.seed(1)
+        assert_same(dict(enumerate(ref.reset())) if kind == "tuple" else ref.reset(),
+                    dict(enumerate(ours.reset())) if kind == "tuple" else ours.reset(), "reset")
+        for step in range(3):
+            per_env = [space.sample() for _ in range(num_envs)]  # a list of dicts or of tuples
+            obs_ref = ref.step(per_env)[0]
+            obs, rewards, dones, infos = ours.step(per_env)
+            if kind == "tuple":
+                assert isinstance(obs, tuple)
+                obs_ref, obs = dict(enumerate(obs_ref)), dict(enumerate(obs))
+            assert_same(obs_ref, obs, f"step {step}, one action per env")
+            if kind == "dict":
+                batched = {key: np.stack([action[key] for action in per_env]) for key in space.spaces}
+            else:
+                batched = tuple(np.stack([action[i] for action in per_env]) for i in range(len(space.spaces)))
+            again = ours.step(batched)[0]
+            assert_same(obs, dict(enumerate(again)) if kind == "tuple" else again, f"step {step}, batched")
+        with pytest.raises(ValueError):
+            ours.step([space.sample()] * (num_envs + 1))  # one action too many, in either layout
+    finally:
+        ref.close()
+        ours.close()
+
+
+def test_step_async_stacks_nested_per_env_actions():
+    """One action per env of a Tuple space nested in a Dict space, as SB3 would pass them."""
+    space = gymnasium.spaces.Dict({"arm": gymnasium.spaces.Tuple((gymnasium.spaces.Discrete(4),
+                                                                  gymnasium.spaces.MultiBinary(3))),
+                                   "speed": gymnasium.spaces.Box(0.0, 1.0, (1,), np.float32)})
+    env = SB3VecEnv([functools.partial(EchoEnv, space)] * 3, backend="serial", horizon=8)
+    try:
+        env.reset()
+        space.seed(2)
+        actions = [space.sample() for _ in range(3)]
+        obs = env.step(actions)[0]
+        assert obs["arm"][0].tolist() == [int(action["arm"][0]) for action in actions]
+        np.testing.assert_array_equal(obs["arm"][1], np.stack([action["arm"][1] for action in actions]))
+        np.testing.assert_array_equal(obs["speed"], np.stack([action["speed"] for action in actions]))
     finally:
         env.close()
+
+
+def one_env_for_all(env: gymnasium.Env) -> gymnasium.Env:
+    """The mistaken factory: returns the env it was given, the same object on every call."""
+    return env
+
+
+def test_factories_returning_one_env_object_are_refused():
+    """Like DummyVecEnv, ValueError when the factories return one and the same env; wherever the envs live
+    together (this process, or one worker process), and whether Monitor-wrapped or not."""
+    shared = DictEnv()
+    same = functools.partial(one_env_for_all, shared)
+    with pytest.raises(ValueError):
+        DummyVecEnv([same] * 3)
+    children = set(multiprocessing.active_children())
+    with pytest.raises(ValueError, match="same env object"):
+        SB3VecEnv([same] * 3, backend="serial", horizon=8)
+    with pytest.raises(ValueError, match="same env object"):
+        SB3VecEnv([same] * 2, backend="multiprocessing", num_workers=1, horizon=8)
+    with pytest.raises(ValueError, match="same env object"):
+        make_vec_env(same, n_envs=2, vec_env_cls=SB3VecEnv, vec_env_kwargs={"backend": "serial", "horizon": 8})
+    with pytest.raises(ValueError, match="same env object"):
+        make_sb3_vec_env(same, 2, backend="serial", horizon=8)
+    assert set(multiprocessing.active_children()) <= children  # what SB3VecEnv made, it closed
+    given = segvec.make_vec([same] * 2, num_envs=2, backend="serial", horizon=8,
+                            autoreset_mode=gymnasium.vector.AutoresetMode.SAME_STEP)
+    try:
+        with pytest.raises(ValueError, match=r"envs \[0, 1\]"):
+            SB3VecEnv(given)
+        assert not given.closed  # what it was given stays the caller's
+    finally:
+        given.close()
+    distinct = SB3VecEnv([DictEnv] * 2, backend="multiprocessing", num_workers=1, horizon=8)
+    distinct.close()
+
+
+def test_constructor_arguments():
+    """Env factories with segvec options and start_method, or a SegmentVecEnv alone (also as ``vec_env=``)."""
+    made = segvec.make_vec("CartPole-v1", num_envs=2, backend="serial", horizon=8,
+                           autoreset_mode=gymnasium.vector.AutoresetMode.SAME_STEP)
+    try:
+        with pytest.raises(TypeError, match="no other arguments"):
+            SB3VecEnv(made, backend="serial")
+        with pytest.raises(TypeError, match="no other arguments"):
+            SB3VecEnv(made, "fork")
+        env = SB3VecEnv(vec_env=made)
+        assert env.vec_env is made and env.num_envs == 2
+    finally:
+        made.close()
+    for wrong in ("CartPole-v1", [cartpole, "CartPole-v1"], None, 3, DummyVecEnv([cartpole])):
+        with pytest.raises(TypeError):
+            SB3VecEnv(wrong)
+    with pytest.raises(ValueError, match="SAME_STEP"):
+        SB3VecEnv([cartpole], backend="serial", autoreset_mode="next_step")
+    with pytest.raises(ValueError, match="cannot find context for 'illegal_method'"):
+        SB3VecEnv([cartpole], start_method="illegal_method")
+    with pytest.raises(TypeError, match="start_method or context"):
+        SB3VecEnv([cartpole], start_method="fork", context="fork")
+    with pytest.raises(TypeError):
+        SB3VecEnv([cartpole], backend="serial", no_such_option=1)
+    env = SB3VecEnv([cartpole] * 2, backend="serial", horizon=8,
+                    autoreset_mode=gymnasium.vector.AutoresetMode.SAME_STEP)
+    assert env.vec_env.backend_name == "serial" and env.vec_env.horizon == 8
+    env.close()
+
+
+def test_start_method_starts_the_workers():
+    """``start_method`` is segvec's ``context``: here the workers are spawned (and import only gymnasium)."""
+    env = SB3VecEnv([functools.partial(gymnasium.make, "CartPole-v1")] * 2, "spawn", num_workers=2, horizon=8)
+    try:
+        assert env.vec_env._backend.context.get_start_method() == "spawn"
+        env.seed(0)
+        assert env.reset().shape == (2, 4)
+        assert env.step(np.array([0, 1]))[0].shape == (2, 4)
+    finally:
+        env.close()
+
+
+def test_make_vec_env_with_sb3_vec_env_then_ppo_learns():
+    """SB3's make_vec_env builds an SB3VecEnv (Monitor-wrapped envs, seeded) that starts where DummyVecEnv
+    starts; PPO learns on it end to end."""
+    torch = pytest.importorskip("torch")
+    ref = make_vec_env("CartPole-v1", n_envs=NUM_ENVS, seed=3)
+    env = make_vec_env("CartPole-v1", n_envs=NUM_ENVS, seed=3, vec_env_cls=SB3VecEnv,
+                       vec_env_kwargs={"num_workers": 2, "horizon": 16})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert isinstance(env, SB3VecEnv) and env.vec_env.num_workers == 2
+        assert env.env_is_wrapped(Monitor) == [True] * NUM_ENVS
+        assert env.render_mode == "rgb_array"  # make_vec_env's default for ids
+        assert_same(ref.reset(), env.reset(), "first reset")
+        model = PPO("MlpPolicy", env, n_steps=32, batch_size=64, n_epochs=1, seed=0, device="cpu")
+        model.learn(total_timesteps=256)
+        assert model.num_timesteps == 256 and len(model.ep_info_buffer) > 0
+    finally:
+        torch.set_num_threads(threads)
+        ref.close()
+        env.close()
+
+
+@pytest.mark.parametrize("backend", ["serial", "multiprocessing"])
+def test_seed_render_wrappers_and_close_like_sb3(backend):
+    """``seed`` returns the seeds of the next reset, ``render`` follows SB3's modes, SB3's VecEnv wrappers
+    see the same envs as over DummyVecEnv, and ``close`` may be called twice."""
+    fns = [functools.partial(FramedEnv, render_mode="rgb_array")] * 2
+    ref = DummyVecEnv(fns)
+    ours = SB3VecEnv(fns, horizon=8, **backend_options(backend, 2))
+    try:
+        assert ours.seed(5) == ref.seed(5) == [5, 6]
+        seeds = ours.seed()
+        assert len(seeds) == 2 and seeds[1] == seeds[0] + 1 and all(isinstance(s, int) for s in seeds)
+        ours.reset(), ref.reset()
+        assert ours.reset_infos == ref.reset_infos == [{}, {}]
+        np.testing.assert_array_equal(ours.render(), ref.render(mode="rgb_array"))
+        np.testing.assert_array_equal(ours.render(), ours.render(mode="rgb_array"))
+        with pytest.warns(UserWarning):
+            assert ours.render(mode="something_else") is None
+    finally:
+        ref.close()
+        ours.close()
+    ours.close()
+    ref, ours = (VecNormalize(VecFrameStack(DummyVecEnv([cartpole] * 2), n_stack=2)),
+                 VecNormalize(VecFrameStack(SB3VecEnv([cartpole] * 2, horizon=8, **backend_options(backend, 2)),
+                                            n_stack=2)))
+    try:
+        ref.seed(4), ours.seed(4)
+        assert_same(ref.reset(), ours.reset(), "reset")
+        for step in range(40):
+            actions = np.array([step % 2, (step // 3) % 2])
+            for a, b in zip(ref.step(actions), ours.step(actions)):
+                if isinstance(a, np.ndarray):
+                    np.testing.assert_allclose(a, b, rtol=1e-6, err_msg=f"step {step}")
+        assert ours.env_is_wrapped(Monitor) == [True, True]
+    finally:
+        ref.close()
+        ours.close()
 
 
 def test_rejects_what_it_cannot_wrap():
