@@ -36,23 +36,28 @@ class AsGiven:
 def object_array(values) -> np.ndarray:
     """A 1-D numpy object array of `values` (numpy would build a 2-D array of equal-length sequences)."""
     out = np.empty(len(values), dtype=object)
-    out[:] = list(values) if not isinstance(values, list) else values
+    for i, value in enumerate(values):
+        out[i] = value
     return out
 
 
 class ObjectStore:
-    """Object leaves of observations, per slot (``[num_segments, horizon + 1]`` each, like the block's
-    observation leaves), plus each env's last SAME_STEP final observation.
+    """Object leaves of observations and actions, per slot (``[num_segments, horizon + 1]`` and
+    ``[num_segments, horizon]`` each, like the block's leaves), plus each env's last SAME_STEP final
+    observation.
 
     Args:
-        layout: the observation space's layout (only its ``object_paths`` are kept here).
+        obs_layout, action_layout: the spaces' layouts (only their ``object_paths`` are kept here).
         num_segments, horizon, num_envs: the block's geometry.
     """
 
-    def __init__(self, layout: SpaceLayout, num_segments: int, horizon: int, num_envs: int):
-        self.layout = layout
-        self.obs = [np.full((num_segments, horizon + 1), None, dtype=object) for _ in layout.object_paths]
+    def __init__(self, obs_layout: SpaceLayout, action_layout: SpaceLayout, num_segments: int, horizon: int,
+                 num_envs: int):
+        S, T = num_segments, horizon
+        self.obs = [np.full((S, T + 1), None, dtype=object) for _ in obs_layout.object_paths]
         self.obs_by_slot = [a.reshape(-1) for a in self.obs]
+        self.action = [np.full((S, T), None, dtype=object) for _ in action_layout.object_paths]
+        self.action_by_slot = [a.reshape(-1) for a in self.action]
         self.final: list[Any] = [None] * num_envs  # whole final observations (structured), by env
 
     def receive(self, env_index: int, message: tuple) -> None:
@@ -66,6 +71,12 @@ class ObjectStore:
     def current(self, slots: np.ndarray) -> list[tuple]:
         """The object leaves at observation `slots`, each as a tuple over the batch."""
         return [tuple(by_slot[slots].tolist()) for by_slot in self.obs_by_slot]
+
+    def store_actions(self, slots: np.ndarray, actions: dict, env_ids: np.ndarray) -> None:
+        """Keeps the object leaves of sent actions (``{env: [values]}``) at their step `slots`."""
+        for j, by_slot in enumerate(self.action_by_slot):
+            for slot, e in zip(slots.tolist(), env_ids.tolist()):
+                by_slot[slot] = actions[e][j]
 
     def move(self, copy_from: np.ndarray, copy_to: np.ndarray) -> None:
         """Copies slots as the block's observations are copied when rows in progress are closed."""

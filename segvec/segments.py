@@ -23,6 +23,9 @@ class SegmentBatch:
     Attributes:
         obs: ``[n, T + 1, *obs_shape]`` (dict/tuple of arrays for structured spaces); ``obs[:, t]`` is what
             the policy saw at step t, ``obs[i, length[i]]`` the observation after the row's last step.
+            Parts of the space with no fixed shape (``shared_memory=False``) are ``[n, T + 1]`` numpy
+            object arrays of the values the envs returned (``to_torch`` leaves them as they are); so are
+            such parts of ``action`` (``[n, T]``, the values sent).
         action, value, logprob, reward, terminated, truncated: ``[n, T]``; step t's outcome is
             ``reward[t]``, ``terminated[t]``, ``truncated[t]``.
         next_value: ``[n, T]`` float32, the bootstrap of every step: 0 where terminated, the value of the
@@ -55,8 +58,10 @@ class SegmentBatch:
             return array[select]
 
         data: dict[str, Any] = {}
-        data["obs"] = storage.obs_layout.structure([take(a) for a in storage.obs])
-        data["action"] = storage.action_layout.structure([take(a) for a in storage.action])
+        objects = [take(a) for a in storage.objects.obs] if storage.objects is not None else ()
+        data["obs"] = storage.obs_layout.structure([take(a) for a in storage.obs], objects)
+        objects = [take(a) for a in storage.objects.action] if storage.objects is not None else ()
+        data["action"] = storage.action_layout.structure([take(a) for a in storage.action], objects)
         for name in ("value", "logprob", "reward", "terminated", "truncated", "episode_start", "mask",
                      "policy_version"):
             data[name] = take(getattr(storage, name))

@@ -62,11 +62,14 @@ def register_with_cuda(storage) -> bool:
 
 
 def _map(value: Any, fn):
-    """Applies `fn` to every array of a (possibly dict/tuple-nested) value."""
+    """Applies `fn` to every array of a (possibly dict/tuple-nested) value; arrays of Python objects (parts
+    of a space with no fixed shape) stay numpy object arrays."""
     if isinstance(value, dict):
         return {key: _map(item, fn) for key, item in value.items()}
     if isinstance(value, tuple):
         return tuple(_map(item, fn) for item in value)
+    if isinstance(value, np.ndarray) and value.dtype == object:
+        return value
     return fn(value)
 
 

@@ -13,6 +13,7 @@ from typing import Callable
 import numpy as np
 
 from segvec._core import EnvState, Storage
+from segvec.objects import object_array
 
 
 class TruncationLedger:
@@ -45,8 +46,10 @@ class TruncationLedger:
         ids = env_ids[truncated]
         slots = storage.env_last_slot[ids]
         final = [leaf[ids].copy() for leaf in storage.final_obs]
+        objects = self._final_objects(ids)
         if self.value_fn is not None:
-            values = np.asarray(self.value_fn(storage.obs_layout.structure(final)), np.float32).reshape(-1)
+            structured = storage.obs_layout.structure(final, [tuple(column) for column in zip(*objects)])
+            values = np.asarray(self.value_fn(structured), np.float32).reshape(-1)
             storage.truncation_value.reshape(-1)[slots] = values
             return
         for i, (row, t) in enumerate(zip((slots // self.horizon).tolist(), (slots % self.horizon).tolist())):
@@ -54,7 +57,20 @@ class TruncationLedger:
             entry = self._rows.get(row)
             if entry is None or entry[0] != identity:
                 entry = self._rows[row] = (identity, [])
-            entry[1].append((t, [leaf[i] for leaf in final]))
+            entry[1].append((t, [leaf[i] for leaf in final], objects[i]))
+
+    def _final_objects(self, env_ids: np.ndarray) -> list[list]:
+        """Per env, the final observation's parts with no fixed shape (``[]`` when the space has none), as
+        the env's info message brought them.  An env noted before the learner received it (a flush, or a
+        partial reset of the async face) has None there: its message is still on its way."""
+        store, layout = self.storage.objects, self.storage.obs_layout
+        if store is None:
+            return [[] for _ in env_ids]
+        out = []
+        for e in env_ids.tolist():
+            whole, store.final[e] = store.final[e], None
+            out.append(layout.flatten_objects(whole) if whole is not None else [None] * len(layout.object_paths))
+        return out
 
     def note_early(self, env_ids: np.ndarray) -> None:
         """Notes the truncations of landed steps before the learner receives them (their rows may close
@@ -76,10 +92,11 @@ class TruncationLedger:
             entry = self._rows.pop(row, None)
             if entry is None or entry[0] != self._identity(row):
                 continue
-            for t, leaves in entry[1]:
+            for t, leaves, objects in entry[1]:
                 if t < storage.row_length[row]:
-                    found.append(leaves)
+                    found.append((leaves, objects))
                     positions.append((i, t))
-        leaves = [np.stack([entry[j] for entry in found]) if found else np.zeros((0,) + leaf.shape, leaf.dtype)
+        leaves = [np.stack([entry[0][j] for entry in found]) if found else np.zeros((0,) + leaf.shape, leaf.dtype)
                   for j, leaf in enumerate(layout.leaves)]
-        return layout.structure(leaves), np.asarray(positions, np.int64).reshape(-1, 2)
+        objects = [object_array([entry[1][j] for entry in found]) for j in range(len(layout.object_paths))]
+        return layout.structure(leaves, objects), np.asarray(positions, np.int64).reshape(-1, 2)

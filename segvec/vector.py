@@ -231,8 +231,9 @@ class SegmentVecEnv(VectorEnv):
         self.metadata["autoreset_mode"] = self.autoreset_mode
         self.render_mode = self.metadata.get("render_mode")
         storage = self._storage
-        if obs_layout.has_objects:
-            storage.objects = ObjectStore(storage.obs_layout, self.num_segments, self.horizon, num_envs)
+        if storage.obs_layout.has_objects or storage.action_layout.has_objects:
+            storage.objects = ObjectStore(storage.obs_layout, storage.action_layout, self.num_segments, self.horizon,
+                                          num_envs)
         self._core = storage.core
         self._state = AsyncState.DEFAULT
         self._pending_reset_ids: np.ndarray | None = None
@@ -367,7 +368,7 @@ class SegmentVecEnv(VectorEnv):
         """Each env's current observation (a copy), gathered from its cursor slot by the C core (parts with
         no fixed shape: from the `ObjectStore`, each a tuple over the envs)."""
         storage = self._storage
-        if storage.objects is None:
+        if not storage.obs_layout.has_objects:
             return storage.obs_layout.structure(self._core.gather_current(env_ids))
         objects = storage.objects.current(self._core.cursor_slots(env_ids, observation=True))
         return storage.obs_layout.structure(self._core.gather_current(env_ids), objects)
@@ -437,6 +438,8 @@ class SegmentVecEnv(VectorEnv):
                     starts = row_start.astype(bool)
                     storage.segment_fields[name][storage.env_row[env_ids[starts]]] = array[starts]
             if object_actions is not None:
+                if storage.action_layout.has_objects:
+                    storage.objects.store_actions(slots, object_actions, env_ids)
                 self._backend.send_object_actions(object_actions)
         except BaseException:
             core.cancel_send(env_ids)

@@ -270,3 +270,93 @@ def reference_gae(b, gamma, lam, rho=None, c=None):
             adv[i, t] = running
             ret[i, t] = running + float(b.value[i, t])
     return adv, ret
+
+
+class NamedCounterEnv(gymnasium.Env):
+    """`CounterEnv` with parts that shared memory cannot hold: the observation is a Dict of the counter
+    (Box) and its name, ``"index/episode/step"`` (Text); the action is a Tuple of the counter's Discrete
+    action and a Text word that the next observation's ``word`` part echoes (Sequence of Discrete)."""
+
+    def __init__(self, index: int = 0, max_length: int = 9):
+        self.counter = CounterEnv(index, max_length)
+        self.observation_space = spaces.Dict({
+            "counter": self.counter.observation_space,
+            "name": spaces.Text(32, charset="0123456789/"),
+            "word": spaces.Sequence(spaces.Discrete(128)),
+        })
+        self.action_space = spaces.Tuple((self.counter.action_space, spaces.Text(8)))
+
+    def _obs(self, counter, word: str):
+        index, episode, t = (int(v) for v in counter[:3])
+        return {"counter": counter, "name": f"{index}/{episode}/{t}", "word": tuple(ord(c) for c in word)}
+
+    def reset(self, *, seed=None, options=None):
+        counter, info = self.counter.reset(seed=seed, options=options)
+        return self._obs(counter, ""), info
+
+    def step(self, action):
+        counter_action, word = action
+        counter, reward, terminated, truncated, info = self.counter.step(counter_action)
+        return self._obs(counter, word), reward, terminated, truncated, info
+
+
+def named_counter_fns(num_envs: int, max_length: int = 9) -> list:
+    return [functools.partial(NamedCounterEnv, index=i, max_length=max_length) for i in range(num_envs)]
+
+
+class ScalarActionEnv(gymnasium.Env):
+    """Records the type and value of every action it gets (``info["action"]``): a 0-d float32 Box action
+    space, or with ``shape=(1,)`` a one-element one."""
+
+    def __init__(self, shape=()):
+        self.observation_space = spaces.Discrete(4)
+        self.action_space = spaces.Box(0.0, 1.0, shape, np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return 0, {}
+
+    def step(self, action):
+        return 1, 0.0, False, False, {"action_type": type(action).__name__, "action": action}
+
+
+class SlowResetEnv(CounterEnv):
+    """A `CounterEnv` whose reset sleeps `delay` seconds (its steps sleep ``action / 10`` seconds)."""
+
+    def __init__(self, index: int = 0, delay: float = 0.3):
+        super().__init__(index)
+        self.delay = delay
+
+    def reset(self, *, seed=None, options=None):
+        import time
+        time.sleep(self.delay)
+        return super().reset(seed=seed, options=options)
+
+    def step(self, action):
+        import time
+        time.sleep(int(action) / 10)
+        return super().step(action)
+
+
+class Anything(spaces.Space):
+    """A user-defined space: any Python object."""
+
+    def contains(self, x):
+        return True
+
+    def __eq__(self, other):
+        return isinstance(other, Anything)
+
+
+class AnythingEnv(gymnasium.Env):
+    """Observations and actions of a user-defined space: reset gives ``{"started": seed}``, a step
+    ``["got", action]``."""
+
+    observation_space = Anything()
+    action_space = Anything()
+
+    def reset(self, *, seed=None, options=None):
+        return {"started": seed}, {}
+
+    def step(self, action):
+        return ["got", action], 0.0, False, False, {}
