@@ -53,25 +53,39 @@ IDLE = (AsyncState.DEFAULT, AsyncState.ASYNC)  # no call waits for its *_wait
 
 
 def _as_env_fns(env, num_envs: int, env_kwargs: dict | None) -> list[Callable]:
-    if isinstance(env, str):
+    if isinstance(env, (str, gymnasium.envs.registration.EnvSpec)):
         env_id, kwargs = env, dict(env_kwargs or {})
         return [_GymMake(env_id, kwargs) for _ in range(num_envs)]
+    if isinstance(env, gymnasium.Env):
+        raise TypeError(_ENV_INSTANCE)
     if callable(env):
         if env_kwargs:
-            raise ValueError("env_kwargs only applies to a gymnasium id; pass them inside your callable")
+            raise ValueError("env_kwargs only applies to a gymnasium id or EnvSpec; pass them inside your callable")
         return [env for _ in range(num_envs)]
-    fns = list(env)
+    try:
+        fns = list(env)
+    except TypeError:
+        raise TypeError("env must be a gymnasium id, a gymnasium EnvSpec, a callable returning an env, or a list "
+                        f"of callables, got {type(env).__name__}") from None
     if len(fns) != num_envs:
         raise ValueError(f"got {len(fns)} env callables for num_envs={num_envs}")
+    if any(isinstance(fn, gymnasium.Env) for fn in fns):
+        raise TypeError(_ENV_INSTANCE)
     if not all(callable(fn) for fn in fns):
-        raise TypeError("env must be a gymnasium id, a callable returning an env, or a list of callables")
+        raise TypeError("env must be a gymnasium id, a gymnasium EnvSpec, a callable returning an env, or a list "
+                        "of callables")
     return fns
 
 
-class _GymMake:
-    """A picklable ``gymnasium.make(env_id, **kwargs)``."""
+_ENV_INSTANCE = ("env is an env instance, but each worker builds its own envs: pass a zero-argument callable that "
+                 "returns a new env (e.g. `lambda: gymnasium.make(...)`, or your env's class), a gymnasium id "
+                 "such as 'CartPole-v1', or an EnvSpec (`env.spec`, or gymnasium.spec('CartPole-v1'))")
 
-    def __init__(self, env_id: str, kwargs: dict):
+
+class _GymMake:
+    """A picklable ``gymnasium.make(env_id, **kwargs)`` (`env_id` a registered id or an ``EnvSpec``)."""
+
+    def __init__(self, env_id, kwargs: dict):
         self.env_id, self.kwargs = env_id, kwargs
 
     def __call__(self):
@@ -82,10 +96,11 @@ def make_vec(env, num_envs: int = 8, **options) -> "SegmentVecEnv":
     """Makes a `SegmentVecEnv` of `num_envs` copies of `env`.
 
     Args:
-        env: a gymnasium id (``"CartPole-v1"``), a zero-argument callable returning an env, or a list of
-            such callables (one per env).
+        env: a gymnasium id (``"CartPole-v1"``) or ``EnvSpec`` (``gymnasium.spec(...)``, ``env.spec``), each
+            env made with ``gymnasium.make(env, **env_kwargs)``; a zero-argument callable returning an env; or
+            a list of such callables (one per env).  Not an env instance (TypeError): workers build their own.
         num_envs: number of envs.
-        **options: see `SegmentVecEnv` (``env_kwargs`` applies to a gymnasium id).
+        **options: see `SegmentVecEnv` (``env_kwargs`` applies to a gymnasium id or spec).
 
     Example:
         >>> import segvec
