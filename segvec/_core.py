@@ -348,16 +348,19 @@ class Core:
         lib.segvec_post_alert(self._core)
 
     def read_episodes(self, cursor: list, max_n: int) -> dict:
-        """Finished episodes from ticket ``cursor[0]`` on (which advances): env_id, return, length, lost."""
+        """Finished episodes from ticket ``cursor[0]`` on (which advances), in the order they were recorded:
+        env_id, return, length, end_step, lost."""
         env_ids, returns, lengths = np.empty(max_n, np.int32), np.empty(max_n, np.float64), np.empty(max_n, np.int64)
+        end_steps = np.empty(max_n, np.int64)
         self._cursor[0] = cursor[0]
         lost = ffi.new("int64_t *")
         check(lib.segvec_read_episodes(self._core, self._cursor, max_n, ffi.from_buffer("int32_t[]", env_ids),
                                        ffi.from_buffer("double[]", returns), ffi.from_buffer("int64_t[]", lengths),
-                                       self._count, lost))
+                                       ffi.from_buffer("int64_t[]", end_steps), self._count, lost))
         cursor[0] = int(self._cursor[0])
         k = self._count[0]
-        return {"env_id": env_ids[:k], "return": returns[:k], "length": lengths[:k], "lost": int(lost[0])}
+        return {"env_id": env_ids[:k], "return": returns[:k], "length": lengths[:k], "end_step": end_steps[:k],
+                "lost": int(lost[0])}
 
     def cursor_slots(self, env_ids: np.ndarray, observation: bool = False) -> np.ndarray:
         """Each env's current slot: step slots (r * T + t), or observation slots (r * (T + 1) + t)."""

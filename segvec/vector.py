@@ -139,6 +139,16 @@ class SegmentVecEnv(VectorEnv):
             default.
         debug: fill fresh rows' rewards with -42.42 so tests can prove none survives into a segment.
 
+    Reproducibility: in synchronous stepping -- the gymnasium face (``reset``/``step``), or the async face
+    when every ``recv`` returns every env sent (``batch_size == num_envs``) and ``send`` sends them all --
+    a run depends on the seeds and the learner's calls only, never on how fast the workers are: ``recv``
+    returns the envs in env id order, rows are handed out in the order the learner's calls make them, so
+    every ``take_segments`` returns the same rows in the same order, and ``episodes`` (called while no env
+    is in flight) returns the same episodes in the same order, on every run and on both backends.  In async
+    mode (``batch_size < num_envs``, or sends of subsets) which envs a ``recv`` returns, and so the order of
+    sends, rows and episodes, follows the workers' timing: each env's own transitions are still exactly
+    reproducible given the actions it was sent, but what the learner sees when is not.
+
     Raises:
         ValueError: invalid sizes, or envs whose spaces differ (`SpaceMismatchError`).
         TypeError: a space that cannot live in shared memory.
@@ -545,9 +555,11 @@ class SegmentVecEnv(VectorEnv):
     def recv(self, timeout: float | None = None):
         """Returns ``(obs, rewards, terminations, truncations, infos)`` of the first ready envs.
 
-        At most ``batch_size`` envs (fewer only when fewer are outstanding), in any order;
-        ``infos["env_id"]`` says which envs the rows are.  Rewards, terminations and truncations are the
-        outcome of each env's previous action (0/False right after a reset).
+        At most ``batch_size`` envs (fewer only when fewer are outstanding); ``infos["env_id"]`` says which
+        envs the rows are.  When they are every env outstanding (always with ``batch_size == num_envs``),
+        they come in env id order, so synchronous stepping never depends on the workers' timing; otherwise
+        in the order they became ready.  Rewards, terminations and truncations are the outcome of each
+        env's previous action (0/False right after a reset).
 
         Raises:
             NoAsyncCallError: nothing is outstanding (call `async_reset` or `send` first).
@@ -570,6 +582,8 @@ class SegmentVecEnv(VectorEnv):
             env_ids = np.concatenate([env_ids, self._core.pop_ready(wanted - len(env_ids))])
         else:
             env_ids = self._pop(wanted, deadline)
+        if wanted == outstanding:  # every env outstanding: env order, not the order the workers finished in
+            env_ids = np.sort(env_ids)
         obs, rewards, terminated, truncated, infos = self._results(env_ids, len(env_ids), deadline)
         infos["env_id"] = env_ids
         return obs, rewards, terminated, truncated, infos
@@ -606,6 +620,11 @@ class SegmentVecEnv(VectorEnv):
 
     def take_segments(self, n: int | None = None) -> SegmentBatch:
         """Takes `n` complete rows (the oldest), or all complete rows when `n` is None; never blocks.
+
+        The batch's rows are in buffer order (``batch.rows`` ascending).  In synchronous stepping (see the
+        class docstring) which rows complete, where they lie and which a take gets follow the learner's calls
+        only, so the batch is the same, row for row, on every run and backend; in async mode it follows the
+        workers' timing.
 
         Raises:
             ValueError (NotEnoughSegmentsError): `n` is more than `segments_ready`.
@@ -674,9 +693,21 @@ class SegmentVecEnv(VectorEnv):
         return self._storage.stats()
 
     def episodes(self, max_n: int = 4096) -> dict:
-        """Episodes finished since the last call: ``{"env_id", "return", "length"}`` arrays, and ``lost``."""
+        """Episodes finished since the last call: ``{"env_id", "return", "length", "end_step"}`` arrays, and
+        ``lost``.
+
+        ``end_step`` is how many steps the env had taken (actions it was sent, NEXT_STEP reset steps
+        included) when the episode ended.  The episodes come ordered by ``(end_step, env_id)``: in
+        synchronous stepping every env has taken as many steps, so that is the order they ended in, the
+        same on every run and backend.  At most `max_n` are returned; the rest wait for the next call (which
+        ones wait then follows the order the workers recorded them in).
+        """
         self._guard("episodes", any_state=True)
-        return self._core.read_episodes(self._episode_cursor, max_n)
+        episodes = self._core.read_episodes(self._episode_cursor, max_n)
+        order = np.lexsort((episodes["env_id"], episodes["end_step"]))
+        for key in ("env_id", "return", "length", "end_step"):
+            episodes[key] = episodes[key][order]
+        return episodes
 
     # ---- shutdown -------------------------------------------------------------------------------
     def close(self, terminate: bool = False, **kwargs) -> None:
