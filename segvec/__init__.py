@@ -14,6 +14,7 @@ from segvec.errors import (
     NotReceivedError,
     SegmentBufferExhausted,
     SegvecError,
+    SegvecWarning,
     SpaceMismatchError,
     WorkerDied,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "SegmentBufferExhausted",
     "SegmentVecEnv",
     "SegvecError",
+    "SegvecWarning",
     "SpaceMismatchError",
     "WorkerDied",
     "gae",

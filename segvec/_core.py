@@ -230,6 +230,11 @@ RESERVED_FIELD_NAMES = frozenset(
 )
 
 
+def default_episode_capacity(num_envs: int) -> int:
+    """Entries of the finished-episode ring when the user does not choose: ``max(1024, 4 * num_envs)``."""
+    return max(1024, 4 * num_envs)
+
+
 @dataclasses.dataclass(frozen=True)
 class Geometry:
     """Everything that fixes the block's layout; picklable, so workers can rebuild the same views."""
@@ -247,9 +252,14 @@ class Geometry:
 
     @classmethod
     def make(cls, num_envs, num_workers, num_segments, horizon, observation_space, action_space,
-             step_fields=None, segment_fields=None, poison=False):
+             step_fields=None, segment_fields=None, poison=False, episode_capacity=None):
+        if episode_capacity is None:
+            episode_capacity = default_episode_capacity(num_envs)
+        elif (not isinstance(episode_capacity, (int, np.integer)) or isinstance(episode_capacity, bool)
+              or not 1 <= episode_capacity < 2**31):
+            raise ValueError(f"episode_capacity must be an int >= 1, got {episode_capacity!r}")
         return cls(
-            num_envs, num_workers, num_segments, horizon, max(1024, 4 * num_envs), bool(poison),
+            num_envs, num_workers, num_segments, horizon, int(episode_capacity), bool(poison),
             observation_space, action_space,
             tuple(_field_specs(step_fields, "step field")), tuple(_field_specs(segment_fields, "segment field")),
         )

@@ -65,7 +65,9 @@ class SpaceLayout:
             raise TypeError(
                 f"segvec cannot place the {self.role} space {type(space).__name__}{where} ({space}) in shared "
                 "memory: supported are Box, Discrete, MultiDiscrete, MultiBinary and Dict/Tuple of them. "
-                "Wrap the env to flatten it (e.g. gymnasium.wrappers.FlattenObservation)."
+                + ("Wrap the env to flatten it (e.g. gymnasium.wrappers.FlattenObservation)." if self.role != "action"
+                   else "Wrap the env in a gymnasium.ActionWrapper whose action space is one of these (e.g. a "
+                   "Discrete index into the actions the env takes) and whose action() turns it into the env's.")
             )
 
     @property

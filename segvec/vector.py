@@ -32,6 +32,7 @@ from segvec.errors import (
     NotReceivedError,
     SegmentBufferExhausted,
     SpaceMismatchError,
+    warn,
 )
 from segvec.infos import collect_infos, spread_infos
 from segvec.segments import SegmentBatch
@@ -138,6 +139,8 @@ class SegmentVecEnv(VectorEnv):
             ``info["env_restarted"]`` and ``info["env_error"]``; ``stats()["restarts"]`` counts it.  Off by
             default.
         debug: fill fresh rows' rewards with -42.42 so tests can prove none survives into a segment.
+        episode_capacity: entries of the finished-episode record that `episodes` reads; default
+            ``max(1024, 4 * num_envs)``.  Episodes not read before that many more finish are lost.
 
     Reproducibility: in synchronous stepping -- the gymnasium face (``reset``/``step``), or the async face
     when every ``recv`` returns every env sent (``batch_size == num_envs``) and ``send`` sends them all --
@@ -163,6 +166,9 @@ class SegmentVecEnv(VectorEnv):
     num_workers: int
     policy_version: int
     closed: bool
+    _recycled_seen: int | None = None  # segments_recycled at the last take (None: nothing taken yet)
+    _warned_recycled = False
+    _warned_lost = False
 
     def __init__(
         self,
@@ -180,6 +186,7 @@ class SegmentVecEnv(VectorEnv):
         context: Any = None,
         restart_failed_envs: bool = False,
         debug: bool = False,
+        episode_capacity: int | None = None,
     ):
         self.closed = True  # until construction succeeds: close() is safe at any point
         self._backend = None
@@ -207,7 +214,7 @@ class SegmentVecEnv(VectorEnv):
                                                  "all envs of one SegmentVecEnv must share spaces")
             geometry = Geometry.make(num_envs, self.num_workers, self.num_segments, self.horizon,
                                      self.single_observation_space, self.single_action_space,
-                                     step_fields, segment_fields, poison=debug)
+                                     step_fields, segment_fields, poison=debug, episode_capacity=episode_capacity)
             self._storage = self._backend.attach(geometry)
             try:
                 self.metadata = dict(self._backend.env_metadata())
@@ -626,10 +633,15 @@ class SegmentVecEnv(VectorEnv):
         only, so the batch is the same, row for row, on every run and backend; in async mode it follows the
         workers' timing.
 
+        Complete rows nobody took are recycled when the envs need rows (``stats()["segments_recycled"]``).
+        Once the learner has taken segments, the first take after rows were recycled warns (`SegvecWarning`,
+        once per vector env): the learner takes fewer rows than the envs complete, and loses the rest.
+
         Raises:
             ValueError (NotEnoughSegmentsError): `n` is more than `segments_ready`.
         """
         self._guard("take_segments", any_state=True)
+        self._check_recycled()
         ready = self.segments_ready
         all_rows = n is None
         if all_rows:
@@ -644,6 +656,21 @@ class SegmentVecEnv(VectorEnv):
             raise NotEnoughSegmentsError(f"take_segments({n}): the complete rows were recycled meanwhile")
         rows.sort()
         return SegmentBatch(self._storage, rows, self.autoreset_mode, self._truncations.take(rows), self._release)
+
+    def _check_recycled(self) -> None:
+        """Warns, once, when complete rows were recycled since the learner's previous take."""
+        if self._warned_recycled:
+            return
+        recycled = self._storage.stats()["segments_recycled"]
+        seen, self._recycled_seen = self._recycled_seen, recycled
+        if seen is not None and recycled > seen:
+            self._warned_recycled = True
+            warn(f"segvec: complete segments were recycled before the learner took them ({recycled - seen} rows "
+                 "since the previous take_segments): the envs complete rows faster than the learner takes them, "
+                 "and the steps in those rows are lost to it. Take every complete row (take_segments() takes "
+                 "all of them, envs.segments_ready says how many there are), or raise num_segments if they are "
+                 "taken late; stats()['segments_recycled'] counts them. This warning comes once; to silence "
+                 "it: warnings.filterwarnings('ignore', message='segvec: complete segments were recycled').")
 
     def _release(self, rows: np.ndarray) -> None:
         if not self.closed:
@@ -692,21 +719,38 @@ class SegmentVecEnv(VectorEnv):
         self._guard("stats", any_state=True)
         return self._storage.stats()
 
-    def episodes(self, max_n: int = 4096) -> dict:
+    @property
+    def episode_capacity(self) -> int:
+        """Entries of the finished-episode record: unread episodes beyond the last this many are lost."""
+        return self._storage.geometry.episode_capacity
+
+    def episodes(self, max_n: int | None = None) -> dict:
         """Episodes finished since the last call: ``{"env_id", "return", "length", "end_step"}`` arrays, and
         ``lost``.
 
         ``end_step`` is how many steps the env had taken (actions it was sent, NEXT_STEP reset steps
         included) when the episode ended.  The episodes come ordered by ``(end_step, env_id)``: in
         synchronous stepping every env has taken as many steps, so that is the order they ended in, the
-        same on every run and backend.  At most `max_n` are returned; the rest wait for the next call (which
-        ones wait then follows the order the workers recorded them in).
+        same on every run and backend.  At most `max_n` (default: all) are returned; the rest wait for the
+        next call (which ones wait then follows the order the workers recorded them in).  The record keeps
+        the last ``episode_capacity`` episodes (default ``max(1024, 4 * num_envs)``); older unread ones are
+        lost, counted in ``lost`` and reported once by a `SegvecWarning`.
         """
         self._guard("episodes", any_state=True)
-        episodes = self._core.read_episodes(self._episode_cursor, max_n)
+        capacity = self.episode_capacity
+        if max_n is None:
+            max_n = capacity
+        if not isinstance(max_n, (int, np.integer)) or isinstance(max_n, bool) or max_n < 0:
+            raise ValueError(f"max_n must be None or a non-negative int, got {max_n!r}")
+        episodes = self._core.read_episodes(self._episode_cursor, min(int(max_n), capacity))
         order = np.lexsort((episodes["env_id"], episodes["end_step"]))
         for key in ("env_id", "return", "length", "end_step"):
             episodes[key] = episodes[key][order]
+        if episodes["lost"] and not self._warned_lost:
+            self._warned_lost = True
+            warn(f"segvec: {episodes['lost']} finished episodes were lost before episodes() read them: the "
+                 f"record keeps the last {capacity} (episode_capacity). Call episodes() more often or pass a "
+                 "larger episode_capacity; the 'lost' entry counts them on every call. This warning comes once.")
         return episodes
 
     # ---- shutdown -------------------------------------------------------------------------------
