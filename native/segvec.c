@@ -905,7 +905,8 @@ int segvec_release(segvec_core_t *c, int32_t n, const int32_t *rows) {
  * the copy only if both read ticket + 1.  The fields are read and written as relaxed atomics, and an
  * acquire fence keeps the copy before the second read. */
 int segvec_read_episodes(segvec_core_t *c, int64_t *cursor, int32_t max_n, int32_t *env_ids_out,
-                         double *returns_out, int64_t *lengths_out, int32_t *n_out, int64_t *lost_out) {
+                         double *returns_out, int64_t *lengths_out, int64_t *end_steps_out, int32_t *n_out,
+                         int64_t *lost_out) {
     shared_t *sh = c->shared;
     uint64_t end = atomic_load_explicit(COUNTER(sh, episodes_written), memory_order_acquire);
     uint64_t at = (uint64_t)*cursor;
@@ -922,6 +923,7 @@ int segvec_read_episodes(segvec_core_t *c, int64_t *cursor, int32_t max_n, int32
         __atomic_load(&c->episode_env_id[k], &env_ids_out[n], __ATOMIC_RELAXED);
         __atomic_load(&c->episode_return[k], &returns_out[n], __ATOMIC_RELAXED);
         __atomic_load(&c->episode_length[k], &lengths_out[n], __ATOMIC_RELAXED);
+        if (end_steps_out) __atomic_load(&c->episode_end_step[k], &end_steps_out[n], __ATOMIC_RELAXED);
         atomic_thread_fence(memory_order_acquire);
         if (atomic_load_explicit(&c->episode_seq[k], memory_order_relaxed) != at + 1) { ++lost; ++at; continue; }
         ++n;
@@ -978,6 +980,8 @@ static void record_episode(segvec_core_t *c, int32_t e) {
     __atomic_store(&c->episode_env_id[k], &e, __ATOMIC_RELAXED);
     __atomic_store(&c->episode_return[k], &c->env_return[e], __ATOMIC_RELAXED);
     __atomic_store(&c->episode_length[k], &c->env_length[e], __ATOMIC_RELAXED);
+    int64_t end_step = c->env_steps_done[e] + 1; /* (called before the step is counted) */
+    __atomic_store(&c->episode_end_step[k], &end_step, __ATOMIC_RELAXED);
     atomic_store_explicit(&c->episode_seq[k], ticket + 1, memory_order_release);
     atomic_fetch_add_explicit(COUNTER(sh, episodes), 1, memory_order_relaxed);
 }

@@ -67,7 +67,7 @@
 /* SEGVEC_CDEF_BEGIN */
 
 enum {
-    SEGVEC_VERSION = 2,
+    SEGVEC_VERSION = 3,
     SEGVEC_MAX_WORKERS = 1024,
     SEGVEC_POISON_REWARD_MILLI = -42420   /* debug builds fill fresh rewards with -42.42 */
 };
@@ -236,9 +236,13 @@ int segvec_recover_worker(segvec_core_t *core, int32_t worker, int32_t *lost_out
 /* Wake the learner from another process or thread: it returns SEGVEC_ERR_ALERT from its wait. */
 int segvec_post_alert(segvec_core_t *core);
 /* Copy finished episodes with tickets >= *cursor (at most max_n) and advance the cursor; entries that
- * were overwritten before being read are skipped and counted in `lost_out`. */
+ * were overwritten before being read are skipped and counted in `lost_out`.  `end_steps_out[i]` (may be
+ * NULL) is the number of slots the env had filled when the episode ended, its last step included: every
+ * env fills one slot per send, so in synchronous stepping all envs count alike and (end step, env id)
+ * orders episodes the same way in every run, whatever order the workers recorded them in. */
 int segvec_read_episodes(segvec_core_t *core, int64_t *cursor, int32_t max_n, int32_t *env_ids_out,
-                         double *returns_out, int64_t *lengths_out, int32_t *n_out, int64_t *lost_out);
+                         double *returns_out, int64_t *lengths_out, int64_t *end_steps_out, int32_t *n_out,
+                         int64_t *lost_out);
 
 /* ---- worker side (worker w only, for its own envs; the serial backend calls them in-process) ------ */
 /* Wait until worker w has actions, a kick, or shutdown (SEGVEC_ERR_SHUTDOWN).  Timeout as above. */
@@ -341,7 +345,8 @@ int segvec_gae(int32_t n, int32_t horizon, const float *reward, const float *val
     X(env_last_slot, int64_t, SEGVEC_INT64, SEGVEC_DIMS_E, "step slot of the last committed step, -1")     \
     X(episode_env_id, int32_t, SEGVEC_INT32, SEGVEC_DIMS_K, "finished-episode ring")                       \
     X(episode_return, double, SEGVEC_FLOAT64, SEGVEC_DIMS_K, "")                                           \
-    X(episode_length, int64_t, SEGVEC_INT64, SEGVEC_DIMS_K, "")
+    X(episode_length, int64_t, SEGVEC_INT64, SEGVEC_DIMS_K, "")                                           \
+    X(episode_end_step, int64_t, SEGVEC_INT64, SEGVEC_DIMS_K, "slots the env had filled at the episode's end")
 
 #define SEGVEC_OFFSET_FIELD(name, ctype, dtype, dims, doc) int64_t name;
 struct segvec_layout {

@@ -230,6 +230,11 @@ RESERVED_FIELD_NAMES = frozenset(
 )
 
 
+def default_episode_capacity(num_envs: int) -> int:
+    """Entries of the finished-episode ring when the user does not choose: ``max(1024, 4 * num_envs)``."""
+    return max(1024, 4 * num_envs)
+
+
 @dataclasses.dataclass(frozen=True)
 class Geometry:
     """Everything that fixes the block's layout; picklable, so workers can rebuild the same views."""
@@ -247,9 +252,14 @@ class Geometry:
 
     @classmethod
     def make(cls, num_envs, num_workers, num_segments, horizon, observation_space, action_space,
-             step_fields=None, segment_fields=None, poison=False):
+             step_fields=None, segment_fields=None, poison=False, episode_capacity=None):
+        if episode_capacity is None:
+            episode_capacity = default_episode_capacity(num_envs)
+        elif (not isinstance(episode_capacity, (int, np.integer)) or isinstance(episode_capacity, bool)
+              or not 1 <= episode_capacity < 2**31):
+            raise ValueError(f"episode_capacity must be an int >= 1, got {episode_capacity!r}")
         return cls(
-            num_envs, num_workers, num_segments, horizon, max(1024, 4 * num_envs), bool(poison),
+            num_envs, num_workers, num_segments, horizon, int(episode_capacity), bool(poison),
             observation_space, action_space,
             tuple(_field_specs(step_fields, "step field")), tuple(_field_specs(segment_fields, "segment field")),
         )
@@ -348,16 +358,19 @@ class Core:
         lib.segvec_post_alert(self._core)
 
     def read_episodes(self, cursor: list, max_n: int) -> dict:
-        """Finished episodes from ticket ``cursor[0]`` on (which advances): env_id, return, length, lost."""
+        """Finished episodes from ticket ``cursor[0]`` on (which advances), in the order they were recorded:
+        env_id, return, length, end_step, lost."""
         env_ids, returns, lengths = np.empty(max_n, np.int32), np.empty(max_n, np.float64), np.empty(max_n, np.int64)
+        end_steps = np.empty(max_n, np.int64)
         self._cursor[0] = cursor[0]
         lost = ffi.new("int64_t *")
         check(lib.segvec_read_episodes(self._core, self._cursor, max_n, ffi.from_buffer("int32_t[]", env_ids),
                                        ffi.from_buffer("double[]", returns), ffi.from_buffer("int64_t[]", lengths),
-                                       self._count, lost))
+                                       ffi.from_buffer("int64_t[]", end_steps), self._count, lost))
         cursor[0] = int(self._cursor[0])
         k = self._count[0]
-        return {"env_id": env_ids[:k], "return": returns[:k], "length": lengths[:k], "lost": int(lost[0])}
+        return {"env_id": env_ids[:k], "return": returns[:k], "length": lengths[:k], "end_step": end_steps[:k],
+                "lost": int(lost[0])}
 
     def cursor_slots(self, env_ids: np.ndarray, observation: bool = False) -> np.ndarray:
         """Each env's current slot: step slots (r * T + t), or observation slots (r * (T + 1) + t)."""

@@ -6,6 +6,10 @@ taken as 0 where terminated, even if NaN), ``A[t] = delta[t] + gamma * lam * A[t
 at terminated or truncated steps and at ``t = length - 1``; steps past ``length`` or with ``mask`` False get
 advantage and return 0 and restart the recursion, so a NaN (an unknown bootstrap) reaches back to the previous
 stop and no further.  ``returns = advantages + value`` on real steps.
+
+A ``value`` that is NaN on a real step (the learner sent no value with that action, or its critic returned
+NaN), and with importance weights a NaN behaviour log-probability, makes advantages NaN: every kernel then
+warns (`segvec.SegvecWarning`, see `warn_unsent`) and still returns them.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 from segvec._core import gae_kernel
+from segvec.errors import warn
 
 _KINDS = {"real": ("fiu", "a real-valued array"), "flag": ("biu", "a bool or integer array"),
           "count": ("iu", "an integer array")}
@@ -112,6 +117,46 @@ def check_gae_inputs(batch, gamma, lam, rho_clip=None, c_clip=None, behaviour_lo
     return arrays, gamma, lam, rho_clip, c_clip
 
 
+_UNSENT = {
+    "value": ("value", "so their advantages and returns, and those of the steps before them in the same episode, "
+              "are NaN. A value is NaN where the learner sent none: pass value= (the critic's value of the "
+              "observation each action was chosen on) to step() or send(); if you did, your critic returned NaN."),
+    "behaviour_logprob": ("the behaviour log-probability (batch.logprob unless behaviour_logprob= is given)",
+                          "so the importance-weighted advantages are NaN. batch.logprob is NaN where the learner "
+                          "sent none: pass logprob= to step() or send(), or behaviour_logprob= to gae()."),
+}
+
+
+def warn_unsent(key: str, nan_steps: int, real_steps: int) -> None:
+    """Warns that `key` (``"value"`` or ``"behaviour_logprob"``) is NaN at `nan_steps` of `real_steps` real
+    steps (nothing when `nan_steps` is 0).  One text for "every" and one for "some" real steps, so Python's
+    default filter shows each once per line of the caller."""
+    if nan_steps:
+        what, consequence = _UNSENT[key]
+        where = "every real step" if nan_steps == real_steps else "some real steps"
+        warn(f"segvec: gae: {what} is NaN at {where}, {consequence}")
+
+
+def _real_steps(mask, length, T: int) -> np.ndarray:
+    """``(n, T)`` bool: the steps GAE computes (``mask`` and before ``length``)."""
+    return np.asarray(mask, bool) & (np.arange(T) < np.asarray(length, np.int64)[:, None])
+
+
+def _check_sent(x: dict, value, mask, length) -> None:
+    """Warns about NaN values (and behaviour log-probabilities, when weighed) on real steps."""
+    arrays = {"value": value}
+    if "behaviour_logprob" in x:
+        arrays["behaviour_logprob"] = np.asarray(x["behaviour_logprob"])
+    real = None
+    for key, array in arrays.items():
+        nan = np.isnan(array) if array.dtype.kind == "f" else None
+        if nan is None or not nan.any():
+            continue
+        if real is None:
+            real = _real_steps(mask, length, array.shape[1])
+        warn_unsent(key, int((nan & real).sum()), int(real.sum()))
+
+
 def gae_numpy(batch, gamma: float, lam: float, rho_clip: float | None = None, c_clip: float | None = None,
               behaviour_logprob=None, target_logprob=None):
     """GAE of a numpy batch by the C kernel (by `gae_numpy_clipped` when `target_logprob` is given).
@@ -143,6 +188,7 @@ def gae_numpy(batch, gamma: float, lam: float, rho_clip: float | None = None, c_
     flag = {name: np.ascontiguousarray(x[name], bool).view(np.uint8) for name in ("terminated", "truncated", "mask")}
     length = np.ascontiguousarray(x["length"], np.int32)
     n, T = real["reward"].shape
+    _check_sent(x, real["value"], flag["mask"], length)
     advantages, returns = np.empty((n, T), np.float32), np.empty((n, T), np.float32)
     gae_kernel(real["reward"], real["value"], real["next_value"], flag["terminated"], flag["truncated"],
                flag["mask"], length, gamma, lam, advantages, returns)
@@ -179,6 +225,7 @@ def gae_numpy_clipped(batch, gamma: float, lam: float, rho_clip: float | None = 
     steps = np.arange(T)
     length = np.asarray(x["length"], np.int64)[:, None]
     valid = mask & (steps < length)
+    _check_sent(x, value, mask, length[:, 0])
     carries = valid & ~(terminated | truncated | (steps == length - 1))
     delta = reward + f32(gamma) * np.where(terminated, f32(0), next_value) - value
     carry = np.full((n, T), f32(gamma) * f32(lam), f32)

@@ -1,6 +1,10 @@
-"""Exceptions of segvec.  Gymnasium's own (AlreadyPendingCallError, NoAsyncCallError,
+"""Exceptions and warnings of segvec.  Gymnasium's own (AlreadyPendingCallError, NoAsyncCallError,
 ClosedEnvironmentError) and ``multiprocessing.TimeoutError`` are raised where gymnasium raises them."""
 from __future__ import annotations
+
+import os
+import sys
+import warnings
 
 from gymnasium.error import AlreadyPendingCallError, ClosedEnvironmentError, NoAsyncCallError
 
@@ -13,10 +17,12 @@ __all__ = [
     "NotReceivedError",
     "SegmentBufferExhausted",
     "SegvecError",
+    "SegvecWarning",
     "SharedMemorySpaceError",
     "SpaceMismatchError",
     "WorkerDied",
     "make_env_error",
+    "warn",
 ]
 
 
@@ -112,3 +118,21 @@ class NotReceivedError(ValueError):
 
 class NotEnoughSegmentsError(ValueError):
     """``take_segments(n)`` asked for more complete segments than ``segments_ready``."""
+
+
+class SegvecWarning(RuntimeWarning):
+    """Something works, but not as the user probably meant: a setting that wastes the machine, data the
+    learner loses, advantages that come out NaN.  Each message starts with ``segvec:`` and says how to
+    fix the cause; silence them with ``warnings.filterwarnings("ignore", category=segvec.SegvecWarning)``
+    (add ``message=`` to silence one kind)."""
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn(message: str, category: type[Warning] = SegvecWarning) -> None:
+    """Issues a warning attributed to the first caller outside the segvec package (the user's line)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level + 1)

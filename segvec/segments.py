@@ -154,7 +154,9 @@ def gae(batch, gamma: float, lam: float, rho_clip: float | None = None, c_clip: 
     ``delta[t] = reward[t] + gamma * next_value[t] - value[t]`` (``next_value`` is 0 where terminated);
     ``A[t] = delta[t] + gamma * lam * A[t + 1]``, the recursion stopping at terminated or truncated steps
     and at the row's last step; masked-out steps get 0.  A NaN (an unknown bootstrap) reaches back to the
-    step after the previous stop, no further.  Numpy batches never need torch.
+    step after the previous stop, no further.  A ``value`` that is NaN on a real step (the learner sent
+    none with that action) warns (`segvec.SegvecWarning`), as does a NaN behaviour log-probability of a
+    weighted GAE.  Numpy batches never need torch.
 
     Args:
         batch: a `SegmentBatch` or any object with ``reward, value, next_value, terminated, truncated, mask``

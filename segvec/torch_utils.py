@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from segvec.advantages import check_gae_inputs
+from segvec.advantages import check_gae_inputs, warn_unsent
 
 
 class TorchSegments:
@@ -140,6 +140,9 @@ def gae_torch(batch, gamma: float, lam: float, rho_clip: float | None = None, c_
     or with ``mask`` False get advantage and return 0 and restart the recursion.  The recursion is cut with
     ``torch.where``, never by multiplying with 0, so a NaN stays within its episode as in the C kernel.
 
+    A NaN ``value`` on a real step (none was sent) or, with `target_logprob`, a NaN behaviour log-probability
+    warns (`segvec.SegvecWarning`): the advantages it reaches are NaN.
+
     With `target_logprob`, V-trace-style clipped importance weights for data from older policies:
     ``rho[t] = min(rho_clip, pi/mu)`` multiplies ``delta[t]`` and ``c[t] = min(c_clip, pi/mu)`` multiplies
     the recursion (``A[t] = rho[t] delta[t] + gamma * lam * c[t] * A[t + 1]``), ``mu`` being
@@ -170,6 +173,13 @@ def gae_torch(batch, gamma: float, lam: float, rho_clip: float | None = None, c_
     steps = torch.arange(T, device=device)
     length = x["length"].to(device, torch.long)[:, None]
     valid = mask & (steps < length)
+    checked = {"value": value}
+    if target_logprob is not None:
+        checked["behaviour_logprob"] = x["behaviour_logprob"].to(device, torch.float32)
+    for key, array in checked.items():
+        nan = torch.isnan(array) & valid
+        if nan.any():  # (one read back from the device per check)
+            warn_unsent(key, int(nan.sum()), int(valid.sum()))
     carries = valid & ~(terminated | truncated | (steps == length - 1))
     zero = torch.zeros((), device=device)
     # Same float32 operations, in the same order, as the C kernel.

@@ -35,6 +35,7 @@ from segvec.errors import (
     NotReceivedError,
     SegmentBufferExhausted,
     SpaceMismatchError,
+    warn,
 )
 from segvec.infos import collect_infos, spread_infos
 from segvec.objects import AsGiven, ObjectStore
@@ -65,25 +66,39 @@ ERROR_GRACE_S = 2.0  # after an env error, how long reset_wait/step_wait go on c
 
 
 def _as_env_fns(env, num_envs: int, env_kwargs: dict | None) -> list[Callable]:
-    if isinstance(env, str):
+    if isinstance(env, (str, gymnasium.envs.registration.EnvSpec)):
         env_id, kwargs = env, dict(env_kwargs or {})
         return [_GymMake(env_id, kwargs) for _ in range(num_envs)]
+    if isinstance(env, gymnasium.Env):
+        raise TypeError(_ENV_INSTANCE)
     if callable(env):
         if env_kwargs:
-            raise ValueError("env_kwargs only applies to a gymnasium id; pass them inside your callable")
+            raise ValueError("env_kwargs only applies to a gymnasium id or EnvSpec; pass them inside your callable")
         return [env for _ in range(num_envs)]
-    fns = list(env)
+    try:
+        fns = list(env)
+    except TypeError:
+        raise TypeError("env must be a gymnasium id, a gymnasium EnvSpec, a callable returning an env, or a list "
+                        f"of callables, got {type(env).__name__}") from None
     if len(fns) != num_envs:
         raise ValueError(f"got {len(fns)} env callables for num_envs={num_envs}")
+    if any(isinstance(fn, gymnasium.Env) for fn in fns):
+        raise TypeError(_ENV_INSTANCE)
     if not all(callable(fn) for fn in fns):
-        raise TypeError("env must be a gymnasium id, a callable returning an env, or a list of callables")
+        raise TypeError("env must be a gymnasium id, a gymnasium EnvSpec, a callable returning an env, or a list "
+                        "of callables")
     return fns
 
 
-class _GymMake:
-    """A picklable ``gymnasium.make(env_id, **kwargs)``."""
+_ENV_INSTANCE = ("env is an env instance, but each worker builds its own envs: pass a zero-argument callable that "
+                 "returns a new env (e.g. `lambda: gymnasium.make(...)`, or your env's class), a gymnasium id "
+                 "such as 'CartPole-v1', or an EnvSpec (`env.spec`, or gymnasium.spec('CartPole-v1'))")
 
-    def __init__(self, env_id: str, kwargs: dict):
+
+class _GymMake:
+    """A picklable ``gymnasium.make(env_id, **kwargs)`` (`env_id` a registered id or an ``EnvSpec``)."""
+
+    def __init__(self, env_id, kwargs: dict):
         self.env_id, self.kwargs = env_id, kwargs
 
     def __call__(self):
@@ -94,10 +109,11 @@ def make_vec(env, num_envs: int = 8, **options) -> "SegmentVecEnv":
     """Makes a `SegmentVecEnv` of `num_envs` copies of `env`.
 
     Args:
-        env: a gymnasium id (``"CartPole-v1"``), a zero-argument callable returning an env, or a list of
-            such callables (one per env).
+        env: a gymnasium id (``"CartPole-v1"``) or ``EnvSpec`` (``gymnasium.spec(...)``, ``env.spec``), each
+            env made with ``gymnasium.make(env, **env_kwargs)``; a zero-argument callable returning an env; or
+            a list of such callables (one per env).  Not an env instance (TypeError): workers build their own.
         num_envs: number of envs.
-        **options: see `SegmentVecEnv` (``env_kwargs`` applies to a gymnasium id).
+        **options: see `SegmentVecEnv` (``env_kwargs`` applies to a gymnasium id or spec).
 
     Example:
         >>> import segvec
@@ -149,6 +165,18 @@ class SegmentVecEnv(VectorEnv):
             ``info["env_restarted"]`` and ``info["env_error"]``; ``stats()["restarts"]`` counts it.  Off by
             default.
         debug: fill fresh rows' rewards with -42.42 so tests can prove none survives into a segment.
+        episode_capacity: entries of the finished-episode record that `episodes` reads; default
+            ``max(1024, 4 * num_envs)``.  Episodes not read before that many more finish are lost.
+
+    Reproducibility: in synchronous stepping -- the gymnasium face (``reset``/``step``), or the async face
+    when every ``recv`` returns every env sent (``batch_size == num_envs``) and ``send`` sends them all --
+    a run depends on the seeds and the learner's calls only, never on how fast the workers are: ``recv``
+    returns the envs in env id order, rows are handed out in the order the learner's calls make them, so
+    every ``take_segments`` returns the same rows in the same order, and ``episodes`` (called while no env
+    is in flight) returns the same episodes in the same order, on every run and on both backends.  In async
+    mode (``batch_size < num_envs``, or sends of subsets) which envs a ``recv`` returns, and so the order of
+    sends, rows and episodes, follows the workers' timing: each env's own transitions are still exactly
+    reproducible given the actions it was sent, but what the learner sees when is not.
 
     Raises:
         ValueError: invalid sizes, or envs whose spaces differ (`SpaceMismatchError`).
@@ -164,6 +192,9 @@ class SegmentVecEnv(VectorEnv):
     num_workers: int
     policy_version: int
     closed: bool
+    _recycled_seen: int | None = None  # segments_recycled at the last take (None: nothing taken yet)
+    _warned_recycled = False
+    _warned_lost = False
 
     def __init__(
         self,
@@ -187,6 +218,7 @@ class SegmentVecEnv(VectorEnv):
         worker: Callable | None = None,
         observation_mode: str | tuple = "same",
         max_concurrency: int | None = None,
+        episode_capacity: int | None = None,
     ):
         self.closed = True  # until construction succeeds: close() is safe at any point
         self._backend = None
@@ -219,7 +251,7 @@ class SegmentVecEnv(VectorEnv):
                 obs_layout.require_shared_memory()
             geometry = Geometry.make(num_envs, self.num_workers, self.num_segments, self.horizon,
                                      self.single_observation_space, self.single_action_space,
-                                     step_fields, segment_fields, poison=debug)
+                                     step_fields, segment_fields, poison=debug, episode_capacity=episode_capacity)
             self._storage = self._backend.attach(geometry)
             try:
                 self.metadata = dict(self._backend.env_metadata())
@@ -672,9 +704,11 @@ class SegmentVecEnv(VectorEnv):
     def recv(self, timeout: float | None = None):
         """Returns ``(obs, rewards, terminations, truncations, infos)`` of the first ready envs.
 
-        At most ``batch_size`` envs (fewer only when fewer are outstanding), in any order;
-        ``infos["env_id"]`` says which envs the rows are.  Rewards, terminations and truncations are the
-        outcome of each env's previous action (0/False right after a reset).
+        At most ``batch_size`` envs (fewer only when fewer are outstanding); ``infos["env_id"]`` says which
+        envs the rows are.  When they are every env outstanding (always with ``batch_size == num_envs``),
+        they come in env id order, so synchronous stepping never depends on the workers' timing; otherwise
+        in the order they became ready.  Rewards, terminations and truncations are the outcome of each
+        env's previous action (0/False right after a reset).
 
         Raises:
             NoAsyncCallError: nothing is outstanding (call `async_reset` or `send` first).
@@ -697,6 +731,8 @@ class SegmentVecEnv(VectorEnv):
             env_ids = np.concatenate([env_ids, self._core.pop_ready(wanted - len(env_ids))])
         else:
             env_ids = self._pop(wanted, deadline)
+        if wanted == outstanding:  # every env outstanding: env order, not the order the workers finished in
+            env_ids = np.sort(env_ids)
         obs, rewards, terminated, truncated, infos = self._results(env_ids, len(env_ids), deadline)
         infos["env_id"] = env_ids
         return obs, rewards, terminated, truncated, infos
@@ -734,10 +770,20 @@ class SegmentVecEnv(VectorEnv):
     def take_segments(self, n: int | None = None) -> SegmentBatch:
         """Takes `n` complete rows (the oldest), or all complete rows when `n` is None; never blocks.
 
+        The batch's rows are in buffer order (``batch.rows`` ascending).  In synchronous stepping (see the
+        class docstring) which rows complete, where they lie and which a take gets follow the learner's calls
+        only, so the batch is the same, row for row, on every run and backend; in async mode it follows the
+        workers' timing.
+
+        Complete rows nobody took are recycled when the envs need rows (``stats()["segments_recycled"]``).
+        Once the learner has taken segments, the first take after rows were recycled warns (`SegvecWarning`,
+        once per vector env): the learner takes fewer rows than the envs complete, and loses the rest.
+
         Raises:
             ValueError (NotEnoughSegmentsError): `n` is more than `segments_ready`.
         """
         self._guard("take_segments", any_state=True)
+        self._check_recycled()
         ready = self.segments_ready
         all_rows = n is None
         if all_rows:
@@ -752,6 +798,21 @@ class SegmentVecEnv(VectorEnv):
             raise NotEnoughSegmentsError(f"take_segments({n}): the complete rows were recycled meanwhile")
         rows.sort()
         return SegmentBatch(self._storage, rows, self.autoreset_mode, self._truncations.take(rows), self._release)
+
+    def _check_recycled(self) -> None:
+        """Warns, once, when complete rows were recycled since the learner's previous take."""
+        if self._warned_recycled:
+            return
+        recycled = self._storage.stats()["segments_recycled"]
+        seen, self._recycled_seen = self._recycled_seen, recycled
+        if seen is not None and recycled > seen:
+            self._warned_recycled = True
+            warn(f"segvec: complete segments were recycled before the learner took them ({recycled - seen} rows "
+                 "since the previous take_segments): the envs complete rows faster than the learner takes them, "
+                 "and the steps in those rows are lost to it. Take every complete row (take_segments() takes "
+                 "all of them, envs.segments_ready says how many there are), or raise num_segments if they are "
+                 "taken late; stats()['segments_recycled'] counts them. This warning comes once; to silence "
+                 "it: warnings.filterwarnings('ignore', message='segvec: complete segments were recycled').")
 
     def _release(self, rows: np.ndarray) -> None:
         if not self.closed:
@@ -802,10 +863,39 @@ class SegmentVecEnv(VectorEnv):
         self._guard("stats", any_state=True)
         return self._storage.stats()
 
-    def episodes(self, max_n: int = 4096) -> dict:
-        """Episodes finished since the last call: ``{"env_id", "return", "length"}`` arrays, and ``lost``."""
+    @property
+    def episode_capacity(self) -> int:
+        """Entries of the finished-episode record: unread episodes beyond the last this many are lost."""
+        return self._storage.geometry.episode_capacity
+
+    def episodes(self, max_n: int | None = None) -> dict:
+        """Episodes finished since the last call: ``{"env_id", "return", "length", "end_step"}`` arrays, and
+        ``lost``.
+
+        ``end_step`` is how many steps the env had taken (actions it was sent, NEXT_STEP reset steps
+        included) when the episode ended.  The episodes come ordered by ``(end_step, env_id)``: in
+        synchronous stepping every env has taken as many steps, so that is the order they ended in, the
+        same on every run and backend.  At most `max_n` (default: all) are returned; the rest wait for the
+        next call (which ones wait then follows the order the workers recorded them in).  The record keeps
+        the last ``episode_capacity`` episodes (default ``max(1024, 4 * num_envs)``); older unread ones are
+        lost, counted in ``lost`` and reported once by a `SegvecWarning`.
+        """
         self._guard("episodes", any_state=True)
-        return self._core.read_episodes(self._episode_cursor, max_n)
+        capacity = self.episode_capacity
+        if max_n is None:
+            max_n = capacity
+        if not isinstance(max_n, (int, np.integer)) or isinstance(max_n, bool) or max_n < 0:
+            raise ValueError(f"max_n must be None or a non-negative int, got {max_n!r}")
+        episodes = self._core.read_episodes(self._episode_cursor, min(int(max_n), capacity))
+        order = np.lexsort((episodes["env_id"], episodes["end_step"]))
+        for key in ("env_id", "return", "length", "end_step"):
+            episodes[key] = episodes[key][order]
+        if episodes["lost"] and not self._warned_lost:
+            self._warned_lost = True
+            warn(f"segvec: {episodes['lost']} finished episodes were lost before episodes() read them: the "
+                 f"record keeps the last {capacity} (episode_capacity). Call episodes() more often or pass a "
+                 "larger episode_capacity; the 'lost' entry counts them on every call. This warning comes once.")
+        return episodes
 
     # ---- shutdown -------------------------------------------------------------------------------
     def close(self, terminate: bool = False, **kwargs) -> None:

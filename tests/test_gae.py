@@ -70,6 +70,7 @@ def batches_with_nans(draw):
 
 
 # ---- numpy (C kernel) and torch against the reference, NaN included -------------------------------------
+@pytest.mark.filterwarnings("ignore::segvec.SegvecWarning")  # NaN values on purpose
 @settings(max_examples=300, deadline=None)
 @given(batches_with_nans(), st.sampled_from([0.0, 0.9, 0.99, 1.0]), st.sampled_from([0.0, 0.5, 0.95, 1.0]))
 def test_gae_matches_reference_with_nans(b, gamma, lam):
@@ -83,6 +84,7 @@ def test_gae_matches_reference_with_nans(b, gamma, lam):
         assert_same(ret_t.numpy(), ret_c, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore::segvec.SegvecWarning")  # NaN values on purpose
 @settings(max_examples=300, deadline=None)
 @given(batches_with_nans(), st.sampled_from([0.9, 0.99]), st.sampled_from([0.9, 0.95]),
        st.sampled_from([None, 0.5, 1.0, 2.0]), st.sampled_from([None, 0.5, 1.0, 2.0]))

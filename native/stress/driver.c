@@ -377,7 +377,7 @@ static void worker_side_reads(segvec_core_t *core, rng_t *rng, int64_t *ep_curso
           (long long)st.segments_completed, (long long)st.free_rows);
     OK(segvec_count_envs(core, SEGVEC_MASK_OUTSTANDING, &count));
     CHECK(count >= 0 && count <= G.E, "worker: count_envs = %d", count);
-    OK(segvec_read_episodes(core, ep_cursor, 1 + (int32_t)rndn(rng, 8), ids, returns, lengths, &n, &lost));
+    OK(segvec_read_episodes(core, ep_cursor, 1 + (int32_t)rndn(rng, 8), ids, returns, lengths, NULL, &n, &lost));
     for (int32_t i = 0; i < n; ++i)
         CHECK(ids[i] >= 0 && ids[i] < G.E && lengths[i] >= 1, "worker: bad episode entry (env %d, length %lld)", ids[i],
               (long long)lengths[i]);
@@ -1001,9 +1001,9 @@ static void check_counts(void) {
 static void read_episodes(int32_t max_n) {
     int32_t ids[64], n;
     double returns[64];
-    int64_t lengths[64], lost, cursor = Lr.ep_cursor;
+    int64_t lengths[64], end_steps[64], lost, cursor = Lr.ep_cursor;
     if (max_n > 64) max_n = 64;
-    OK(segvec_read_episodes(Lr.core, &Lr.ep_cursor, max_n, ids, returns, lengths, &n, &lost));
+    OK(segvec_read_episodes(Lr.core, &Lr.ep_cursor, max_n, ids, returns, lengths, end_steps, &n, &lost));
     CHECK(n >= 0 && n <= max_n && lost >= 0 && Lr.ep_cursor == cursor + n + lost, "read_episodes: cursor %lld -> %lld, %d read, %lld lost",
           (long long)cursor, (long long)Lr.ep_cursor, n, (long long)lost);
     for (int32_t i = 0; i < n; ++i) {
@@ -1011,8 +1011,10 @@ static void read_episodes(int32_t max_n) {
         double L = (double)lengths[i];
         /* every reward of the episode names its env: return within [L * e * 65536, L * (e * 65536 + 65535)] */
         CHECK(e >= 0 && e < G.E && lengths[i] >= 1 && lengths[i] <= MAX_EPISODE_LEN + 1 &&
-                  returns[i] >= L * e * 65536.0 && returns[i] <= L * (e * 65536.0 + 65535.0),
-              "episode entry: env %d, return %g, length %lld", e, returns[i], (long long)lengths[i]);
+                  returns[i] >= L * e * 65536.0 && returns[i] <= L * (e * 65536.0 + 65535.0) &&
+                  end_steps[i] >= lengths[i],
+              "episode entry: env %d, return %g, length %lld, end step %lld", e, returns[i], (long long)lengths[i],
+              (long long)end_steps[i]);
     }
     Lr.episodes_read += n;
     Lr.episodes_lost += lost;

@@ -21,7 +21,7 @@ import numpy as np
 from segvec._core import EnvState, Geometry, MemoryBlock, Storage, Wait
 from segvec.backends.base import Backend
 from segvec.backends.worker import Command, Reply, env_error_from, worker_main
-from segvec.errors import WorkerDied
+from segvec.errors import WorkerDied, warn
 
 WAIT_SLICE_MS = 100
 LIVENESS_CHECK_S = 0.2  # how often a learner that never waits still checks that its workers live
@@ -33,9 +33,19 @@ class MultiprocessingBackend(Backend):
     @staticmethod
     def resolve_num_workers(num_envs: int, num_workers: int | None) -> int:
         if num_workers is None:
-            num_workers = min(num_envs, os.cpu_count() or 1)
+            cpus = os.cpu_count() or 1
+            usable = min(num_envs, cpus)
+            num_workers = usable
             while num_envs % num_workers:
                 num_workers -= 1
+            if 2 * num_workers <= usable:  # a divisor far below the cores: say so rather than run slowly
+                multiples = sorted({max(cpus, num_envs - num_envs % cpus), num_envs - num_envs % cpus + cpus})
+                warn(f"segvec: num_envs={num_envs} runs on {num_workers} worker process"
+                     f"{'es' if num_workers > 1 else ''} although {cpus} CPUs are available: the envs are split "
+                     f"evenly, so the number of workers must divide num_envs, and the largest divisor of "
+                     f"{num_envs} up to {usable} is {num_workers}. Pass a num_envs that is a multiple of {cpus} "
+                     f"(e.g. {' or '.join(map(str, multiples))}), or pass num_workers explicitly to silence this "
+                     f"(a divisor of num_envs: {[w for w in range(1, num_envs + 1) if num_envs % w == 0]}).")
         if not isinstance(num_workers, (int, np.integer)) or num_workers < 1 or num_envs % num_workers:
             raise ValueError(
                 f"num_envs ({num_envs}) must be a multiple of num_workers ({num_workers}); "
