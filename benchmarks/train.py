@@ -197,7 +197,7 @@ def main() -> None:
     for seed in options.seeds:
         commands = {
             "segvec": [sys.executable, str(PPO), "--seed", str(seed), "--plot-path", "", "--backend", backend,
-                       "--env-id", env_id],
+                       "--env-id", env_id, "--solved-return", str(defaults.solved_return)],
             "sync": [sys.executable, __file__, "--baseline-seed", str(seed), "--env-id", env_id],
         }
         for name, command in commands.items():

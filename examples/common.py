@@ -1,8 +1,9 @@
-"""What the examples share: their command line, read from an ``Args`` dataclass (CleanRL style).
+"""What the examples share: their command line, read from an ``Args`` dataclass (CleanRL style), GAE on
+rewards the trainer changed, and the learning-curve plot.
 
 Each trainer declares ``Args``: typed fields with defaults, a one-line docstring under each.  `parse_args`
 turns the fields into flags (``num_envs`` -> ``--num-envs``; a ``bool`` field gives ``--lstm`` /
-``--no-lstm``), their docstrings into ``--help``, and returns an ``Args``.
+``--no-lstm``), their docstrings and defaults into ``--help``, and returns an ``Args``.
 """
 from __future__ import annotations
 
@@ -12,7 +13,13 @@ import dataclasses
 import inspect
 import sys
 import textwrap
+import types
 import typing
+from typing import Callable
+
+import numpy as np
+
+import segvec
 
 ArgsT = typing.TypeVar("ArgsT")
 
@@ -20,29 +27,90 @@ ArgsT = typing.TypeVar("ArgsT")
 def field_docs(args_class: type) -> dict[str, str]:
     """The docstring written under each field of the class `args_class` (``{}`` when its source is not at hand)."""
     try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(args_class)))
+        source = inspect.getsource(args_class)
     except (OSError, TypeError):
         return {}
-    docs, body = {}, tree.body[0].body
+    tree = ast.parse(textwrap.dedent(source))
+    classes = [node for node in tree.body if isinstance(node, ast.ClassDef)]
+    if not classes:
+        return {}
+    docs, body = {}, classes[0].body
     for statement, following in zip(body, body[1:]):
         if (isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name)
                 and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
                 and isinstance(following.value.value, str)):
-            docs[statement.target.id] = following.value.value.strip().replace("%", "%%")  # argparse formats help
+            text = " ".join(following.value.value.split())  # one paragraph: argparse rewraps it
+            docs[statement.target.id] = text.replace("%", "%%")  # argparse formats help strings
     return docs
 
 
-def parse_args(args_class: type[ArgsT], argv: list[str] | None = None) -> ArgsT:
-    """An `args_class` instance from the command line (`argv`, default ``sys.argv[1:]``): one flag per field."""
+def build_parser(args_class: type, add_help: bool = True) -> argparse.ArgumentParser:
+    """The parser of `args_class`: one flag per field, its docstring and its default in ``--help``."""
     module_doc = sys.modules[args_class.__module__].__doc__ or ""
-    parser = argparse.ArgumentParser(description=(module_doc.strip().splitlines() or [""])[0],
+    parser = argparse.ArgumentParser(description=(module_doc.strip().splitlines() or [""])[0], add_help=add_help,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    types, docs = typing.get_type_hints(args_class), field_docs(args_class)
+    types_, docs = typing.get_type_hints(args_class), field_docs(args_class)
     for field in dataclasses.fields(args_class):
-        flag, kind = "--" + field.name.replace("_", "-"), types[field.name]
+        flag, kind = "--" + field.name.replace("_", "-"), types_[field.name]
+        help_text = docs.get(field.name, " ")  # never None: the formatter appends the default to help text only
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default,
-                                help=docs.get(field.name))
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=help_text)
         else:
-            parser.add_argument(flag, type=kind, default=field.default, help=docs.get(field.name))
-    return args_class(**vars(parser.parse_args(argv)))
+            parser.add_argument(flag, type=kind, default=field.default, help=help_text)
+    return parser
+
+
+def parse_args(args_class: type[ArgsT], argv: list[str] | None = None,
+               defaults: Callable[[ArgsT], dict] | None = None,
+               check: Callable[[ArgsT], str | None] | None = None) -> ArgsT:
+    """An `args_class` instance from the command line (`argv`, default ``sys.argv[1:]``): one flag per field.
+
+    Args:
+        defaults: optional ``provisional args -> {field: default}``, for defaults that depend on other flags
+            (on the env, say): they replace the dataclass's defaults, flags given on the command line win, and
+            ``--help`` shows them.
+        check: optional ``args -> error message or None``; a message ends the program as argparse does
+            (usage, the message, exit status 2).
+    """
+    parser = build_parser(args_class)
+    if defaults is not None:
+        provisional, _ = build_parser(args_class, add_help=False).parse_known_args(argv)
+        try:
+            parser.set_defaults(**defaults(args_class(**vars(provisional))))
+        except Exception as error:  # noqa: BLE001 - e.g. an unknown env id: say it as a command-line error
+            parser.error(f"{type(error).__name__}: {error}")
+    args = args_class(**vars(parser.parse_args(argv)))
+    message = check(args) if check is not None else None
+    if message:
+        parser.error(message)
+    return args
+
+
+def gae_with_rewards(batch, rewards: np.ndarray, gamma: float, lam: float):
+    """``segvec.gae`` of `batch` with its rewards replaced by `rewards` (scaled or clipped for training);
+    the batch itself, and the episode returns segvec counted, keep the env's own rewards."""
+    fields = {name: getattr(batch, name) for name in ("value", "next_value", "terminated", "truncated", "mask",
+                                                      "length")}
+    return segvec.gae(types.SimpleNamespace(reward=rewards, **fields), gamma, lam)
+
+
+def plot_learning_curve(path: str, steps, returns, window: int, title: str) -> None:
+    """Writes a PNG of every episode's return against the env step it ended at, and its running mean."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, returns = np.asarray(steps), np.asarray(returns)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, returns, ".", alpha=0.3, label="episode return")
+    if len(returns) >= window:
+        rolling = np.convolve(returns, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1:], rolling, label=f"mean of last {window}")
+    ax.set_xlabel("env steps")
+    ax.set_ylabel("return")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,4 +1,4 @@
-"""PPO on segvec segments (discrete actions), in one file.
+"""PPO on segvec segments (discrete or continuous actions), in one file.
 
 The rollout writes itself: every ``envs.step`` stores the observation, the action and the policy's value
 and log-probability in the env's current segment row.  Each update takes ``num_envs`` complete rows
@@ -8,13 +8,25 @@ final observation -- and trains on minibatches of whole rows.  ``--lstm`` makes 
 LSTM state at each row's first step travels with the row (a segment field) and ``episode_start`` resets it
 inside rows, so training replays every row exactly as it was played.
 
-    python examples/ppo.py                      # CartPole-v1, stops once solved
-    python examples/ppo.py --lstm               # recurrent (slower: minibatches replay rows step by step)
+Discrete action spaces get a categorical policy; Box action spaces a Gaussian one (a mean per action
+dimension, a log-std that does not depend on the observation).  The defaults of `Args` are CartPole's; a
+Box action space gets those of `CONTINUOUS` (continuous control, with observation and reward
+normalization), and the envs of `ENV_DEFAULTS` their own, except where a flag is given on the command line
+(``--env-id ENV --help`` shows the defaults ENV gets).  The run stops once the mean return of the last
+``solved_window`` episodes reaches the env spec's ``reward_threshold`` (or ``--solved-return``); an env
+without one runs all ``total_timesteps``.
+
+    python examples/ppo.py                                  # CartPole-v1, stops once solved (475)
+    python examples/ppo.py --env-id Acrobot-v1              # stops at -100
+    python examples/ppo.py --env-id LunarLander-v3          # stops at 200 (Box2D: pip install -e ".[box2d]")
+    python examples/ppo.py --env-id Pendulum-v1             # Box actions; no reward_threshold: 500k steps
+    python examples/ppo.py --lstm                           # recurrent (slower: minibatches replay rows step by step)
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import os
 import time
 from typing import NamedTuple
@@ -27,7 +39,7 @@ from tqdm import tqdm
 
 import segvec
 
-from common import parse_args  # examples/common.py: flags from the fields of Args
+from common import gae_with_rewards, parse_args, plot_learning_curve  # examples/common.py
 
 
 @dataclasses.dataclass
@@ -53,17 +65,20 @@ class Args:
     num_workers: int = 0
     """worker processes for the multiprocessing backend (0: segvec's default)"""
     horizon: int = 128
-    """steps per segment row, i.e. per env per update"""
+    """steps per segment row, i.e. per env per update (Box action spaces: 256)"""
     total_timesteps: int = 500_000
-    """env steps to run at most"""
+    """env steps to run at most (LunarLander-v3: 2M)"""
     solved_return: float = 475.0
-    """stop once the mean return of the last `solved_window` episodes reaches this (0: never stop)"""
+    """stop once the mean return of the last `solved_window` episodes reaches this. Default: the env spec's
+    reward_threshold (CartPole-v1 475, Acrobot-v1 -100, LunarLander-v3 200), inf (never stop) for an env
+    without one (Pendulum-v1)"""
     solved_window: int = 20
     """episodes in that mean"""
 
-    # Algorithm
+    # Algorithm (Box action spaces get the values of CONTINUOUS, some envs those of ENV_DEFAULTS, unless
+    # given on the command line: `--env-id ENV --help` shows the defaults of ENV)
     learning_rate: float = 2.5e-3
-    """Adam learning rate"""
+    """Adam learning rate (Box action spaces: 1e-3)"""
     anneal_lr: bool = True
     """decay the learning rate linearly to 0 over `total_timesteps`"""
     gamma: float = 0.99
@@ -71,9 +86,10 @@ class Args:
     gae_lambda: float = 0.95
     """GAE lambda"""
     num_minibatches: int = 4
-    """minibatches per epoch (each holds num_envs / num_minibatches whole rows)"""
+    """minibatches per epoch; each holds num_envs / num_minibatches whole rows, so it must divide num_envs
+    (Box action spaces: 8)"""
     update_epochs: int = 4
-    """epochs over each batch"""
+    """epochs over each batch (Box action spaces: 10)"""
     norm_adv: bool = True
     """normalize advantages per minibatch"""
     clip_coef: float = 0.2
@@ -88,17 +104,63 @@ class Args:
     """gradient norm clip"""
     target_kl: float = 0.0
     """stop an update's epochs early past this approximate KL (0: off)"""
+    norm_obs: bool = False
+    """feed the policy observations normalized by their running mean and std, updated after each update
+    (Box action spaces: on)"""
+    norm_reward: bool = False
+    """train on rewards divided by the running std of the discounted return; episode returns stay the env's
+    (Box action spaces: on)"""
     lstm: bool = False
     """recurrent policy (LSTM state carried by segment fields)"""
     lstm_hidden: int = 64
     """LSTM state size"""
 
 
+CONTINUOUS = dict(horizon=256, learning_rate=1e-3, num_minibatches=8, update_epochs=10, norm_obs=True,
+                  norm_reward=True)
+"""The defaults of Box action spaces (continuous control), where they differ from `Args`' (those of CartPole)."""
+
+ENV_DEFAULTS = {
+    "LunarLander-v3": dict(num_envs=32, learning_rate=3e-4, gamma=0.999, gae_lambda=0.98, ent_coef=0.01,
+                           num_minibatches=8, update_epochs=10, norm_reward=True, total_timesteps=2_000_000),
+}
+"""Defaults of particular envs, where they differ from `Args`' (and `CONTINUOUS`)."""
+
+
+def env_defaults(args: Args) -> dict:
+    """The defaults that depend on the env (`parse_args` lets flags given on the command line win): the
+    stop threshold from its spec, `CONTINUOUS` for a Box action space, and the env's `ENV_DEFAULTS`."""
+    env = make_env(args.env_id)()
+    threshold = env.spec.reward_threshold if env.spec is not None else None
+    continuous = isinstance(env.action_space, gym.spaces.Box)
+    env.close()
+    return {"solved_return": math.inf if threshold is None else float(threshold),
+            **(CONTINUOUS if continuous else {}), **ENV_DEFAULTS.get(args.env_id, {})}
+
+
+def check_args(args: Args) -> str | None:
+    """What is wrong with `args`, said as a command-line error (None when nothing is)."""
+    if args.num_envs < 1 or args.num_minibatches < 1 or args.num_envs % args.num_minibatches:
+        return (f"--num-minibatches {args.num_minibatches} must divide --num-envs {args.num_envs}: each minibatch "
+                f"holds whole rows (num_envs / num_minibatches of them, {args.horizon} steps each)")
+    if args.total_timesteps < args.num_envs * args.horizon:
+        return (f"--total-timesteps {args.total_timesteps} is less than one update's "
+                f"--num-envs {args.num_envs} x --horizon {args.horizon} steps")
+    return None
+
+
 def make_env(env_id: str):
-    """A zero-argument env constructor (segvec counts episode returns itself: no wrappers needed)."""
+    """A zero-argument env constructor (segvec counts episode returns itself: no statistics wrapper needed).
+
+    A Box action space gets gymnasium's ClipAction: the policy's Gaussian sample is sent and stored in the
+    row as it is (the log-probability stored is that sample's), and the env clips it to the space's bounds.
+    """
 
     def thunk():
-        return gym.make(env_id)
+        env = gym.make(env_id)
+        if isinstance(env.action_space, gym.spaces.Box):
+            env = gym.wrappers.ClipAction(env)
+        return env
 
     return thunk
 
@@ -109,11 +171,132 @@ def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
     return layer
 
 
+def sample_action(logits: torch.Tensor):
+    """One action per row of `logits` ``[n, A]``: ``(action [n], its log-probability [n])``."""
+    logprob_all = logits.log_softmax(-1)
+    action = torch.multinomial(logprob_all.exp(), 1)
+    return action.squeeze(-1), logprob_all.gather(-1, action).squeeze(-1)
+
+
+class CategoricalHead(nn.Module):
+    """The policy of a Discrete action space: its output is one logit per action."""
+
+    def __init__(self, hidden: int, num_actions: int):
+        super().__init__()
+        self.logits = layer_init(nn.Linear(hidden, num_actions), std=0.01)
+
+    def forward(self, features):
+        return self.logits(features)
+
+    def sample(self, logits):
+        """``(action, log-probability)`` per row of `logits`."""
+        return sample_action(logits)
+
+    def logprob_entropy(self, logits, action):
+        """Log-probability of `action` (``[...]``) and entropy under `logits` (``[..., A]``)."""
+        logprob_all = logits.log_softmax(-1)
+        logprob = logprob_all.gather(-1, action.long().unsqueeze(-1)).squeeze(-1)
+        return logprob, -(logprob_all.exp() * logprob_all).sum(-1)
+
+
+class GaussianHead(nn.Module):
+    """The policy of a Box action space: its output is the mean of a diagonal Gaussian; the log-std is a
+    parameter per action dimension that does not depend on the observation (CleanRL's ppo_continuous_action)."""
+
+    def __init__(self, hidden: int, action_dim: int):
+        super().__init__()
+        self.mean = layer_init(nn.Linear(hidden, action_dim), std=0.01)
+        self.logstd = nn.Parameter(torch.zeros(action_dim))
+
+    def forward(self, features):
+        return self.mean(features)
+
+    def sample(self, mean):
+        """``(action, log-probability)`` per row of `mean`: the unclipped sample (the env clips it)."""
+        action = mean + self.logstd.exp() * torch.randn_like(mean)
+        return action, self.logprob_entropy(mean, action)[0]
+
+    def logprob_entropy(self, mean, action):
+        """Log-probability of `action` (``[..., D]``, summed over D) and entropy under the Gaussian at `mean`."""
+        logstd = self.logstd.expand_as(mean)
+        logprob = -0.5 * ((action - mean) / logstd.exp()) ** 2 - logstd - 0.5 * math.log(2 * math.pi)
+        entropy = logstd + 0.5 * (1.0 + math.log(2 * math.pi))
+        return logprob.sum(-1), entropy.sum(-1)
+
+
+def make_head(hidden: int, action_space: gym.Space) -> nn.Module:
+    if isinstance(action_space, gym.spaces.Discrete):
+        return CategoricalHead(hidden, int(action_space.n))
+    if isinstance(action_space, gym.spaces.Box) and len(action_space.shape) == 1:
+        return GaussianHead(hidden, action_space.shape[0])
+    raise TypeError(f"examples/ppo.py handles Discrete and 1-D Box action spaces, not {action_space}")
+
+
+class ObsNorm(nn.Module):
+    """Observations minus their running mean, over their running std, clipped to [-clip, clip].
+
+    Part of the policy: the log-probabilities stored in the rows are those of the policy with the statistics
+    of their time, and the statistics change only after an update (`update`), like the weights: PPO's ratio
+    then weighs the change of both.  ``enabled=False`` makes it the identity.
+    """
+
+    def __init__(self, obs_dim: int, enabled: bool, clip: float = 10.0):
+        super().__init__()
+        self.enabled, self.clip = enabled, clip
+        self.register_buffer("mean", torch.zeros(obs_dim))
+        self.register_buffer("var", torch.ones(obs_dim))
+        self.register_buffer("count", torch.tensor(1e-4))
+
+    def forward(self, obs):
+        if not self.enabled:
+            return obs
+        return ((obs - self.mean) / (self.var + 1e-8).sqrt()).clamp(-self.clip, self.clip)
+
+    @torch.no_grad()
+    def update(self, obs):
+        """Merges the mean and variance of `obs` ``[k, obs_dim]`` into the running ones."""
+        if not self.enabled or not len(obs):
+            return
+        obs = obs.double()
+        batch_mean, batch_var, batch_count = obs.mean(0), obs.var(0, unbiased=False), obs.shape[0]
+        delta, total = batch_mean - self.mean, self.count + batch_count
+        self.var.copy_((self.var * self.count + batch_var * batch_count
+                        + delta ** 2 * self.count * batch_count / total) / total)
+        self.mean.add_(delta * batch_count / total)
+        self.count.fill_(total)
+
+
+class ReturnScale:
+    """The running std of each env's discounted return (CleanRL's NormalizeReward, on the learner's side):
+    rewards divided by `scale` keep the critic's targets near unit size.  Episode returns are not touched."""
+
+    def __init__(self, num_envs: int, gamma: float):
+        self.gamma = gamma
+        self.discounted = np.zeros(num_envs)
+        self.count, self.mean, self.var = 1e-4, 0.0, 1.0
+
+    def update(self, reward, real, done) -> None:
+        """One vector step: `reward`, `real` (the step was a transition, not a NEXT_STEP reset), `done`."""
+        self.discounted = np.where(real, self.discounted * self.gamma + reward, self.discounted)
+        x = self.discounted[real]
+        if len(x):
+            delta, total = x.mean() - self.mean, self.count + len(x)
+            self.var = (self.var * self.count + x.var() * len(x) + delta ** 2 * self.count * len(x) / total) / total
+            self.mean += delta * len(x) / total
+            self.count = total
+        self.discounted[done] = 0.0
+
+    @property
+    def scale(self) -> float:
+        return float(np.sqrt(self.var + 1e-8))
+
+
 class Agent(nn.Module):
     """Separate actor and critic MLPs.  Stateless: its recurrent state is the empty tuple."""
 
-    def __init__(self, obs_dim: int, num_actions: int):
+    def __init__(self, obs_dim: int, action_space: gym.Space, norm_obs: bool = False):
         super().__init__()
+        self.obs_norm = ObsNorm(obs_dim, norm_obs)
         self.critic = nn.Sequential(
             layer_init(nn.Linear(obs_dim, 64)), nn.Tanh(),
             layer_init(nn.Linear(64, 64)), nn.Tanh(),
@@ -122,66 +305,65 @@ class Agent(nn.Module):
         self.actor = nn.Sequential(
             layer_init(nn.Linear(obs_dim, 64)), nn.Tanh(),
             layer_init(nn.Linear(64, 64)), nn.Tanh(),
-            layer_init(nn.Linear(64, num_actions), std=0.01),
+            make_head(64, action_space),
         )
+        self.head = self.actor[-1]
 
     def initial_state(self, n: int) -> tuple:
         return ()
 
     def forward(self, obs, state, episode_start):
-        """One step for a batch: ``(logits [n, A], value [n], new_state)``."""
+        """One step for a batch: ``(policy output [n, ...], value [n], new_state)`` (the output: logits, or
+        the Gaussian's mean; `head` samples from it)."""
+        obs = self.obs_norm(obs)
         return self.actor(obs), self.critic(obs).squeeze(-1), state
 
     def unroll(self, obs, state, episode_start):
-        """Whole rows ``[n, T, ...]`` from their first step's state: ``(logits [n, T, A], values [n, T])``."""
+        """Whole rows ``[n, T, ...]`` from their first step's state: ``(policy output [n, T, ...], values [n, T])``."""
+        obs = self.obs_norm(obs)
         return self.actor(obs), self.critic(obs).squeeze(-1)
 
 
 class LSTMAgent(nn.Module):
     """An MLP encoder, an LSTM cell whose state resets where ``episode_start``, actor and critic heads."""
 
-    def __init__(self, obs_dim: int, num_actions: int, hidden: int):
+    def __init__(self, obs_dim: int, action_space: gym.Space, hidden: int, norm_obs: bool = False):
         super().__init__()
         self.hidden = hidden
+        self.obs_norm = ObsNorm(obs_dim, norm_obs)
         self.encoder = nn.Sequential(layer_init(nn.Linear(obs_dim, 64)), nn.Tanh())
         self.cell = nn.LSTMCell(64, hidden)
-        self.actor = layer_init(nn.Linear(hidden, num_actions), std=0.01)
+        self.actor = make_head(hidden, action_space)
         self.critic = layer_init(nn.Linear(hidden, 1), std=1.0)
+        self.head = self.actor
 
     def initial_state(self, n: int) -> tuple:
         return torch.zeros(n, self.hidden), torch.zeros(n, self.hidden)
 
     def forward(self, obs, state, episode_start):
         keep = (~episode_start).float().unsqueeze(-1)
-        h, c = self.cell(self.encoder(obs), (state[0] * keep, state[1] * keep))
+        h, c = self.cell(self.encoder(self.obs_norm(obs)), (state[0] * keep, state[1] * keep))
         return self.actor(h), self.critic(h).squeeze(-1), (h, c)
 
     def unroll(self, obs, state, episode_start):
         outputs = []
         for t in range(obs.shape[1]):
-            logits, value, state = self(obs[:, t], state, episode_start[:, t])
-            outputs.append((logits, value))
+            out, value, state = self(obs[:, t], state, episode_start[:, t])
+            outputs.append((out, value))
         return torch.stack([o[0] for o in outputs], 1), torch.stack([o[1] for o in outputs], 1)
 
 
 def make_agent(args: Args, device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer]:
     """The agent `args` asks for, sized by one probe env, on `device`, and its Adam optimizer."""
     probe = make_env(args.env_id)()
-    assert isinstance(probe.action_space, gym.spaces.Discrete), "only discrete actions are supported"
     obs_dim = int(np.prod(probe.observation_space.shape))
-    num_actions = int(probe.action_space.n)
+    action_space = probe.action_space
     probe.close()
-    agent = (LSTMAgent(obs_dim, num_actions, args.lstm_hidden) if args.lstm else Agent(obs_dim, num_actions))
+    agent = (LSTMAgent(obs_dim, action_space, args.lstm_hidden, args.norm_obs) if args.lstm
+             else Agent(obs_dim, action_space, args.norm_obs))
     agent = agent.to(device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
     return agent, optimizer
-
-
-def sample_action(logits: torch.Tensor):
-    """One action per row of `logits` ``[n, A]``: ``(action [n], its log-probability [n])``."""
-    logprob_all = logits.log_softmax(-1)
-    action = torch.multinomial(logprob_all.exp(), 1)
-    return action.squeeze(-1), logprob_all.gather(-1, action).squeeze(-1)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -194,7 +376,7 @@ class Rows(NamedTuple):
     obs: torch.Tensor
     """``[n, T, *obs_shape]``: what the policy saw at each step"""
     action: torch.Tensor
-    """``[n, T]``: the action it took"""
+    """``[n, T]`` (``[n, T, D]`` for Box actions): the action it took"""
     logprob: torch.Tensor
     """``[n, T]``: that action's log-probability under the policy that took it"""
     value: torch.Tensor
@@ -218,22 +400,20 @@ def ppo_update(agent: nn.Module, optimizer: torch.optim.Optimizer, rows: Rows, a
     Reads the algorithm's fields of `args` (``update_epochs``, ``num_minibatches``, ``clip_coef``, ...).
     """
     num_rows = rows.obs.shape[0]
-    assert num_rows % args.num_minibatches == 0, "num_minibatches must divide the number of rows (whole rows)"
+    if num_rows % args.num_minibatches:
+        raise ValueError(f"num_minibatches={args.num_minibatches} does not divide the batch's {num_rows} rows "
+                         "(minibatches hold whole rows)")
     rows_per_minibatch = num_rows // args.num_minibatches
-    obs_rows = rows.obs.float()
-    action_rows = rows.action.long()
     mask = rows.mask.float()
     clipfracs = []
     for epoch in range(args.update_epochs):
-        order = torch.randperm(num_rows, device=obs_rows.device)
+        order = torch.randperm(num_rows, device=rows.obs.device)
         for start in range(0, num_rows, rows_per_minibatch):
             mb = order[start:start + rows_per_minibatch]
             mb_mask = mask[mb]
             mb_state = tuple(s[mb] for s in rows.state)
-            logits, new_value = agent.unroll(obs_rows[mb], mb_state, rows.episode_start[mb])
-            new_logprob_all = logits.log_softmax(-1)
-            new_logprob = new_logprob_all.gather(-1, action_rows[mb].unsqueeze(-1)).squeeze(-1)
-            entropy = -(new_logprob_all.exp() * new_logprob_all).sum(-1)
+            out, new_value = agent.unroll(rows.obs[mb].float(), mb_state, rows.episode_start[mb])
+            new_logprob, entropy = agent.head.logprob_entropy(out, rows.action[mb])
             logratio = torch.where(mb_mask.bool(), new_logprob - rows.logprob[mb], 0.0)
             ratio = logratio.exp()
 
@@ -281,30 +461,8 @@ def ppo_update(agent: nn.Module, optimizer: torch.optim.Optimizer, rows: Rows, a
     }
 
 
-def plot_learning_curve(path: str, steps, returns, window: int, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps, returns = np.asarray(steps), np.asarray(returns)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, returns, ".", alpha=0.3, label="episode return")
-    if len(returns) >= window:
-        rolling = np.convolve(returns, np.ones(window) / window, mode="valid")
-        ax.plot(steps[window - 1:], rolling, label=f"mean of last {window}")
-    ax.set_xlabel("env steps")
-    ax.set_ylabel("return")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 if __name__ == "__main__":
-    args = parse_args(Args)
-    assert args.num_envs % args.num_minibatches == 0, "num_minibatches must divide num_envs (whole rows)"
+    args = parse_args(Args, defaults=env_defaults, check=check_args)
     num_iterations = args.total_timesteps // (args.num_envs * args.horizon)
 
     # ---- Seeding and device ---------------------------------------------------------------------
@@ -315,6 +473,7 @@ if __name__ == "__main__":
 
     # ---- Agent, sized by one probe env --------------------------------------------------------------
     agent, optimizer = make_agent(args, device)
+    return_scale = ReturnScale(args.num_envs, args.gamma) if args.norm_reward else None
 
     # ---- Environments: segment rows of `horizon` steps, LSTM state stored at each row's start --------
     start_time = time.time()
@@ -350,13 +509,15 @@ if __name__ == "__main__":
         while envs.segments_ready < args.num_envs:
             with torch.no_grad():
                 obs = torch.as_tensor(next_obs, device=device)
-                logits, value, new_state = agent(obs, state, episode_start)
-                action, logprob = sample_action(logits)
+                out, value, new_state = agent(obs, state, episode_start)
+                action, logprob = agent.head.sample(out)
             recurrent = {"h": state[0].cpu().numpy(), "c": state[1].cpu().numpy()} if args.lstm else {}
             next_obs, reward, terminated, truncated, _ = envs.step(
                 action.cpu().numpy(), value=value.cpu().numpy(), logprob=logprob.cpu().numpy(), **recurrent)
             state = new_state
             global_step += args.num_envs
+            if return_scale is not None:
+                return_scale.update(reward, ~needs_reset, terminated | truncated)
             # NEXT_STEP autoreset: after a done step the env's next action is ignored and the observation
             # after that one starts a new episode.
             episode_start = torch.as_tensor(needs_reset, device=device)
@@ -370,7 +531,11 @@ if __name__ == "__main__":
 
         # ---- Advantages: GAE within each row, on the bootstraps segvec attached --------------------
         with envs.take_segments(args.num_envs) as batch:  # the rows go back to the envs at the block's end
-            advantages, returns = segvec.gae(batch, args.gamma, args.gae_lambda)
+            if return_scale is None:
+                advantages, returns = segvec.gae(batch, args.gamma, args.gae_lambda)
+            else:  # the same GAE on rewards / the return's std: the critic learns returns of that scale
+                advantages, returns = gae_with_rewards(batch, batch.reward / np.float32(return_scale.scale),
+                                                       args.gamma, args.gae_lambda)
             seg = batch.to_torch(device)
             rows = Rows(
                 obs=seg.obs[:, :args.horizon],  # obs[:, horizon] is the next row's first observation
@@ -382,6 +547,8 @@ if __name__ == "__main__":
 
             # ---- Update: PPO epochs over minibatches of whole rows -------------------------------
             losses = ppo_update(agent, optimizer, rows, args)
+            # The observation statistics move after the update, with the weights: the next rollout's policy.
+            agent.obs_norm.update(rows.obs[rows.mask].float())
 
             # ---- Bookkeeping -----------------------------------------------------------------------
             real = batch.mask
@@ -398,7 +565,7 @@ if __name__ == "__main__":
             "losses/explained_variance": float(explained_var),
         }
         progress.set_postfix(ret=f"{metrics['charts/episodic_return']:.1f}", sps=sps, refresh=False)
-        if len(recent) == args.solved_window and np.mean(recent) >= args.solved_return > 0:
+        if len(recent) == args.solved_window and np.mean(recent) >= args.solved_return:
             solved = True
             break
 
