@@ -9,6 +9,7 @@ LSTM state at each row's first step travels with the row (a segment field) and `
 inside rows, so training replays every row exactly as it was played.
 
     python examples/ppo.py                      # CartPole-v1, stops once solved
+    python examples/ppo.py --env-id segvec/CartPole-c   # the same CartPole in C, stepped by segvec's core
     python examples/ppo.py --lstm               # recurrent (slower: minibatches replay rows step by step)
 """
 from __future__ import annotations

@@ -46,6 +46,7 @@ __all__ = [
     "WorkerDied",
     "gae",
     "make_vec",
+    "native",
 ]
 
 

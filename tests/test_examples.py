@@ -39,3 +39,7 @@ def test_ppo_lstm_runs(tmp_path):
 
 def test_ppo_multiprocessing_backend_runs(tmp_path):
     run_ppo(tmp_path, "--backend", "multiprocessing", "--num-workers", "2")
+
+
+def test_ppo_on_the_c_cartpole_runs(tmp_path):
+    run_ppo(tmp_path, "--env-id", "segvec/CartPole-c")
