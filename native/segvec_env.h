@@ -19,7 +19,10 @@
  *                  outcome (reward, terminated, truncated, valid, episode_started, needs_reset)
  *   segvec_commit_steps(ok envs, outcomes)        the call the Python runner makes (rows, cursors, episodes)
  *   segvec_scatter_obs(observations -> slots)     the row's next slot, or the finished row's obs[horizon]
- *                                                 and the new row's slot 0
+ *                                                 and the new row's slot 0 (observations of 1 KiB and more
+ *                                                 are written straight into the row's next slot instead,
+ *                                                 as the Python runner writes them, and copied to the new
+ *                                                 row's slot 0 where the commit says the row filled)
  *
  * so exactly-once delivery and bootstraps hold as they do for Python envs: the C loop fills the same
  * outcomes the Python runner fills, and the same two calls of the core do the bookkeeping.
@@ -281,6 +284,7 @@ typedef struct segvec_env_batch {
     int32_t n_envs;
     void **envs;                        /* [n_envs] each env's memory (header + state) */
     int32_t autoreset_mode;             /* enum segvec_autoreset */
+    int32_t horizon;                    /* T of the block */
     int64_t obs_bytes;                  /* one observation */
     int64_t action_bytes;               /* one action (8: Discrete; 4 * k: Box) */
     void *obs;                          /* the block's observations, [S * (T + 1)] items */

@@ -737,6 +737,7 @@ class EnvBatch:
         c.n_envs = n
         c.envs = self._envs
         c.autoreset_mode = AUTORESET_CODES[autoreset_mode.value]
+        c.horizon = storage.geometry.horizon
         c.obs_bytes = storage.obs_layout.leaves[0].nbytes
         c.action_bytes = storage.action_layout.leaves[0].nbytes
         c.obs = ffi.from_buffer(storage.obs_by_slot[0], require_writable=True)

@@ -545,7 +545,7 @@ class NativeEnvRunner(EnvRunner):
         final_infos: dict[int, dict] = {}
         restarted: list[int] = []
         failures: list[EnvFailure] = []
-        if self._restarts_marked and any(reason is not None for reason in self._pending_restart):
+        if self._restarts_marked:
             first, pending = self.first_env, self._pending_restart
             marked = [e for e in env_ids.tolist() if pending[e - first] is not None]
             for env_index in marked:  # envs of a dead worker: restarted in place of their step
@@ -553,6 +553,7 @@ class NativeEnvRunner(EnvRunner):
                 self._restart_in_batch(env_index, reason, False, infos, restarted, failures)
             if marked:
                 env_ids = env_ids[~np.isin(env_ids, marked)]
+            self._restarts_marked = any(reason is not None for reason in pending)  # (no scan once all are done)
         done, failed, ended = self.core.env_step_batch(self._batch, env_ids)
         if ended is not None:  # SAME_STEP: gymnasium's final_obs / final_info of each ended episode
             final = self.storage.final_obs[0][ended]

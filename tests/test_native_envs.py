@@ -400,20 +400,50 @@ def test_synthetic_atari_c_has_the_python_envs_spaces_and_rules():
     env.close()
 
 
-def test_synthetic_atari_c_runs_in_segvec(backend):
-    envs = segvec.make_vec("segvec/SyntheticAtari-c", num_envs=4, horizon=8, **backend_options(backend, 4),
-                           env_kwargs={"min_length": 2, "max_length": 6})
+@pytest.mark.parametrize("mode", [AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP, AutoresetMode.DISABLED],
+                         ids=lambda m: m.name)
+def test_synthetic_atari_c_runs_in_segvec(backend, mode):
+    """Observations of 28 KiB are written straight into their slots: rows (horizon 3: many fill and continue
+    in a new row) hold exactly what step() returned; SAME_STEP final observations come in the infos."""
+    E = 4
+    envs = segvec.make_vec("segvec/SyntheticAtari-c", num_envs=E, horizon=3, autoreset_mode=mode,
+                           **backend_options(backend, E), env_kwargs={"min_length": 2, "max_length": 6})
     try:
         obs, _ = envs.reset(seed=0)
-        seen = [obs]
-        for i in range(20):
-            obs = envs.step(np.full(4, i % 6))[0]
-            seen.append(obs)
+        seen, finals, rows = [obs], 0, 0
+        for i in range(40):
+            new, _, terminated, truncated, infos = envs.step(np.full(E, i % 6))
+            ended = terminated | truncated
+            for e in range(E):
+                if mode == AutoresetMode.SAME_STEP and ended[e]:
+                    np.testing.assert_array_equal(infos["final_obs"][e][..., :3], obs[e][..., 1:])
+                    finals += 1
+                elif not (mode == AutoresetMode.NEXT_STEP and (new[e] == new[e][..., :1]).all()):
+                    np.testing.assert_array_equal(new[e][..., :3], obs[e][..., 1:], err_msg="frames shift by one")
+            if mode == AutoresetMode.DISABLED and ended.any():
+                seen.append(new)
+                envs.flush()
+                with envs.take_segments() as batch:
+                    rows += check_rows(batch, seen)
+                new, _ = envs.reset(options={"reset_mask": ended})
+                seen[-1] = new  # (the rows of the ended envs closed at the final observation: checked above)
+            else:
+                seen.append(new)
+            obs = new
+            if envs.segments_ready:
+                with envs.take_segments() as batch:
+                    rows += check_rows(batch, seen)
         envs.flush()
-        batch = envs.take_segments()
-        for i in range(len(batch)):
-            e, start, length = int(batch.env_id[i]), int(batch.start_step[i]), int(batch.length[i])
-            np.testing.assert_array_equal(batch.obs[i, :length + 1], np.stack([s[e] for s in seen[start:start + length + 1]]))
-        batch.release()
+        with envs.take_segments() as batch:
+            rows += check_rows(batch, seen)
+        assert rows >= E * 10 and (finals > 0 or mode != AutoresetMode.SAME_STEP)
     finally:
         envs.close()
+
+
+def check_rows(batch, seen) -> int:
+    """Each row holds the observations step() returned to its env, obs[length] included."""
+    for i in range(len(batch)):
+        e, start, length = int(batch.env_id[i]), int(batch.start_step[i]), int(batch.length[i])
+        np.testing.assert_array_equal(batch.obs[i, :length + 1], np.stack([s[e] for s in seen[start:start + length + 1]]))
+    return len(batch)

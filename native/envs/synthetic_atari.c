@@ -22,8 +22,19 @@ typedef struct {
     int64_t row, col, t, length, target_key;
     int32_t truncate, pad;
     uint8_t texture[PIXELS];        /* [84, 84] */
-    uint8_t stack[PIXELS * STACK];  /* [84, 84, 4]: the observation */
+    uint32_t stack[PIXELS];         /* [84, 84] words of 4 frames: the observation's bytes */
 } synthetic_t;
+
+/* A word holds a pixel's 4 frames, oldest first in memory: a new frame enters at the last byte. */
+static inline uint32_t push(uint32_t word, uint8_t pixel) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    return (word << 8) | pixel;
+#else
+    return (word >> 8) | ((uint32_t)pixel << 24);
+#endif
+}
+
+static inline uint32_t repeat(uint8_t pixel) { return 0x01010101u * pixel; }
 
 enum { BAD_LENGTHS = 1, BAD_PROBABILITY = 2 };
 
@@ -48,17 +59,15 @@ static int synthetic_init(void *state, const double *params) {
     return SEGVEC_ENV_OK;
 }
 
-/* Drops the oldest frame of every pixel's stack and appends the window's pixel; writes the observation. */
+/* Drops the oldest frame of every pixel's stack and appends the window's pixel; writes the observation.
+ * The window's row i is texture row (row + i) % 84 from column col on, wrapping once. */
 static void push_frame(synthetic_t *s, uint8_t *obs) {
+    const int64_t head = SIDE - s->col; /* columns before the wrap */
     for (int64_t i = 0; i < SIDE; ++i) {
         const uint8_t *texture_row = s->texture + ((s->row + i) % SIDE) * SIDE;
-        uint8_t *px = s->stack + i * SIDE * STACK;
-        for (int64_t j = 0; j < SIDE; ++j, px += STACK) {
-            px[0] = px[1];
-            px[1] = px[2];
-            px[2] = px[3];
-            px[3] = texture_row[(s->col + j) % SIDE];
-        }
+        uint32_t *words = s->stack + i * SIDE;
+        for (int64_t j = 0; j < head; ++j) words[j] = push(words[j], texture_row[s->col + j]);
+        for (int64_t j = head; j < SIDE; ++j) words[j] = push(words[j], texture_row[j - head]);
     }
     memcpy(obs, s->stack, sizeof(s->stack));
 }
@@ -76,10 +85,12 @@ static int synthetic_reset(void *state, segvec_rng_t *rng, const uint64_t *seed,
     s->truncate = segvec_rng_random(rng) < s->truncation_prob;
     s->target_key = segvec_rng_integers(rng, 0, (int64_t)1 << 30);
     s->t = 0;
+    const int64_t head = SIDE - s->col;
     for (int64_t i = 0; i < SIDE; ++i) {
         const uint8_t *texture_row = s->texture + ((s->row + i) % SIDE) * SIDE;
-        for (int64_t j = 0; j < SIDE; ++j)
-            memset(s->stack + (i * SIDE + j) * STACK, texture_row[(s->col + j) % SIDE], STACK);
+        uint32_t *words = s->stack + i * SIDE;
+        for (int64_t j = 0; j < head; ++j) words[j] = repeat(texture_row[s->col + j]);
+        for (int64_t j = head; j < SIDE; ++j) words[j] = repeat(texture_row[j - head]);
     }
     memcpy(obs_out, s->stack, sizeof(s->stack));
     return SEGVEC_ENV_OK;

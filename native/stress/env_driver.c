@@ -13,7 +13,7 @@
  *
  * Checks: every env of a call is committed once or reported failed with a status; the core's step and
  * episode counters grow by the real steps and the endings of the committed outcomes; SAME_STEP endings are
- * committed envs; a committed env's observation is in its slot.  Violations print a VIOLATION line and make
+ * committed envs; a committed env's (staged) observation is in its slot.  Violations print a VIOLATION line and make
  * the exit status 1; the last line of stdout is a one-line summary.
  */
 #define _POSIX_C_SOURCE 200809L
@@ -138,7 +138,8 @@ static void run(const segvec_env_class_t *cls, int32_t mode, int32_t E, int32_t 
     uint64_t *seeds = calloc((size_t)E, sizeof(uint64_t));
     float *values = calloc((size_t)E, sizeof(float));
     segvec_env_batch_t batch = {
-        .cls = cls, .first_env = 0, .n_envs = E, .envs = envs, .autoreset_mode = mode, .obs_bytes = obs_bytes,
+        .cls = cls, .first_env = 0, .n_envs = E, .envs = envs, .autoreset_mode = mode, .horizon = T,
+        .obs_bytes = obs_bytes,
         .action_bytes = 8, .obs = obs, .actions = actions, .final_obs = final_obs,
         .env_needs_reset = (const uint8_t *)(block + layout.env_needs_reset), .staging = staging,
         .outcomes = outcomes, .slots = scratch, .obs_slots = scratch + E, .chain_slots = scratch + 2 * E,
@@ -210,8 +211,9 @@ static void run(const segvec_env_class_t *cls, int32_t mode, int32_t E, int32_t 
                 if (ending && mode == SEGVEC_AUTORESET_DISABLED) ended_env[done[i]] = 1;
                 int64_t slot;
                 OK(segvec_cursor_slots(core, 1, &done[i], SEGVEC_OBS_SLOT, &slot));
-                CHECK(memcmp(obs + slot * obs_bytes, staging + (int64_t)i * obs_bytes, (size_t)obs_bytes) == 0,
-                      "env %d: its observation is not in its slot", done[i]);
+                if (obs_bytes < 1024) /* (larger ones are written in place: no staged copy to compare) */
+                    CHECK(memcmp(obs + slot * obs_bytes, staging + (int64_t)i * obs_bytes, (size_t)obs_bytes) == 0,
+                          "env %d: its observation is not in its slot", done[i]);
             }
             CHECK(after.steps - before.steps == real, "steps counted %lld, committed %lld",
                   (long long)(after.steps - before.steps), (long long)real);
