@@ -2,6 +2,8 @@
 
 See ``native/segvec.h`` for the design.  `Core` has one typed method per C call (numpy arrays in and out,
 its own preallocated output buffers), and `check` is the one place where a C status becomes an exception.
+Envs written in C (``native/segvec_env.h``) are reached here too: `EnvClass` (a class and what it declares),
+`EnvMemory` (one env: its memory and one-env calls), `EnvBatch` (a runner's envs, for `Core.env_step_batch`).
 This module also lays out what C does not know: the arrays whose dtypes depend on the spaces
 (observations, actions, learner fields), placed in the same block right after the core's own part.
 """
@@ -632,7 +634,9 @@ class EnvClass:
 
 
 class EnvMemory:
-    """One C env's memory (header + state) in a numpy buffer, 64-byte aligned (``raw``: a copy's bytes)."""
+    """One C env's memory (header + state) in a numpy buffer, 64-byte aligned (``raw``: a copy's bytes), and
+    its own action and observation arrays for one-env calls: `action` (int64 ``()`` or float32 ``(k,)``),
+    which `step` reads, and `obs`, which `reset` and `step` write."""
 
     def __init__(self, env_class: EnvClass, raw: bytes | None = None):
         self.env_class = env_class
@@ -646,22 +650,22 @@ class EnvMemory:
         self.header = ffi.cast("segvec_env_header_t *", self.pointer)
         self._result = ffi.new("segvec_env_result_t *")
         self._seed = ffi.new("uint64_t *")
+        self.obs = np.zeros(env_class.obs_shape, env_class.obs_dtype)
+        self.action = np.zeros((), np.int64) if env_class.discrete else np.zeros(env_class.action_size, np.float32)
+        self._obs_ptr = ffi.from_buffer(self.obs, require_writable=True)
+        self._action_ptr = ffi.from_buffer(self.action)
 
-    @property
-    def address(self) -> int:
-        return int(ffi.cast("uintptr_t", self.pointer))
-
-    def reset(self, seed: int | None, obs_out: "ffi.CData") -> int:
-        """The core's reset of this env (seed None: no seed); returns the status."""
+    def reset(self, seed: int | None) -> int:
+        """The core's reset of this env (seed None: no seed) into `obs`; returns the status."""
         if seed is None:
-            return lib.segvec_env_reset(self.env_class.c, self.pointer, ffi.NULL, obs_out)
+            return lib.segvec_env_reset(self.env_class.c, self.pointer, ffi.NULL, self._obs_ptr)
         self._seed[0] = seed
-        return lib.segvec_env_reset(self.env_class.c, self.pointer, self._seed, obs_out)
+        return lib.segvec_env_reset(self.env_class.c, self.pointer, self._seed, self._obs_ptr)
 
-    def step(self, action_in, obs_out) -> tuple[int, float, bool, bool]:
-        """The core's step of this env (action and observation given as C buffers)."""
+    def step(self) -> tuple[int, float, bool, bool]:
+        """The core's step of this env with `action`, into `obs`: ``(status, reward, terminated, truncated)``."""
         result = self._result
-        status = lib.segvec_env_step(self.env_class.c, self.pointer, action_in, obs_out, result)
+        status = lib.segvec_env_step(self.env_class.c, self.pointer, self._action_ptr, self._obs_ptr, result)
         return status, result.reward, bool(result.terminated), bool(result.truncated)
 
     # ---- the generator (numpy's PCG64) -----------------------------------------------------------------

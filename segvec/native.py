@@ -141,17 +141,7 @@ class NativeEnv(gymnasium.Env):
         self.render_mode = None
         self.observation_space = _observation_space(env_class)
         self.action_space = _action_space(env_class)
-        self._setup(env_class.new_env(list(self.params.values()), max_episode_steps))
-
-    def _setup(self, memory: EnvMemory) -> None:
-        from segvec._core import ffi  # (the core's cffi module: C buffers of this env's arrays)
-
-        env_class = memory.env_class
-        self._memory = memory
-        self._obs = np.zeros(env_class.obs_shape, env_class.obs_dtype)
-        self._obs_ptr = ffi.from_buffer(self._obs, require_writable=True)
-        self._action = np.zeros((), np.int64) if env_class.discrete else np.zeros(env_class.action_size, np.float32)
-        self._action_ptr = ffi.from_buffer(self._action, require_writable=True)
+        self._memory = env_class.new_env(list(self.params.values()), max_episode_steps)
 
     @property
     def max_episode_steps(self) -> int:
@@ -173,10 +163,11 @@ class NativeEnv(gymnasium.Env):
         """
         if options:
             raise ValueError(f"C envs take no reset options, got {sorted(options)}")
-        status = self._memory.reset(None if seed is None else check_seed(seed), self._obs_ptr)
+        memory = self._memory
+        status = memory.reset(None if seed is None else check_seed(seed))
         if status:
-            raise env_error(self._memory.env_class, status, "reset")
-        return self._obs.copy(), {}
+            raise env_error(memory.env_class, status, "reset")
+        return memory.obs.copy(), {}
 
     def step(self, action):
         """Advances one step; returns ``(obs, reward, terminated, truncated, {})``.
@@ -191,17 +182,17 @@ class NativeEnv(gymnasium.Env):
             value = np.asarray(action)
             if value.shape != () or value.dtype.kind not in "iu":
                 raise ValueError(f"{type(self).__name__}: a Discrete action is one integer, got {action!r}")
-            self._action[()] = value
+            memory.action[()] = value
         else:
             value = np.asarray(action, np.float32)
-            if value.size != self._action.size:
+            if value.size != memory.action.size:
                 raise ValueError(f"{type(self).__name__}: the action has {value.size} values, the space "
-                                 f"{self.action_space} takes {self._action.size}")
-            self._action[:] = value.reshape(-1)
-        status, reward, terminated, truncated = memory.step(self._action_ptr, self._obs_ptr)
+                                 f"{self.action_space} takes {memory.action.size}")
+            memory.action[:] = value.reshape(-1)
+        status, reward, terminated, truncated = memory.step()
         if status:
             raise env_error(memory.env_class, status, "step")
-        return self._obs.copy(), reward, terminated, truncated, {}
+        return memory.obs.copy(), reward, terminated, truncated, {}
 
     def render(self):
         return None
@@ -241,15 +232,14 @@ class NativeEnv(gymnasium.Env):
 
     # ---- copies ---------------------------------------------------------------------------------------
     def __getstate__(self):
-        state = {k: v for k, v in self.__dict__.items() if k not in ("_memory", "_obs", "_obs_ptr", "_action",
-                                                                      "_action_ptr")}
+        state = {k: v for k, v in self.__dict__.items() if k != "_memory"}
         state["_memory_bytes"] = self._memory.bytes.tobytes()
         return state
 
     def __setstate__(self, state):
         raw = state.pop("_memory_bytes")
         self.__dict__.update(state)
-        self._setup(EnvMemory(type(self).native, raw))
+        self._memory = EnvMemory(type(self).native, raw)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__}: C env {type(self).native.name!r}>"
