@@ -234,11 +234,11 @@ int segvec_env_step(const segvec_env_class_t *cls, void *env, const void *action
  * copy instead of two), as the Python runner does. */
 #define DIRECT_OBS_BYTES 1024
 
-/* Steps envs [begin, end) of the call and commits those that did not fail (a chunk: what it touches stays
- * in the cache between the steps, the commit and the scatter). */
-static int step_chunk(segvec_core_t *core, segvec_env_batch_t *b, int32_t begin, int32_t end, const int32_t *env_ids,
-                      int32_t *n_done, int32_t *failed_out, int32_t *failed_status_out, int32_t *n_failed,
-                      int32_t *ended_out, int32_t *n_ended) {
+/* Steps (or resets) every env of the call, then commits those that did not fail and puts their observations
+ * where they belong.  b->slots holds the envs' step slots. */
+static int step_envs(segvec_core_t *core, segvec_env_batch_t *b, int32_t n, const int32_t *env_ids, int32_t *n_done,
+                     int32_t *failed_out, int32_t *failed_status_out, int32_t *n_failed, int32_t *ended_out,
+                     int32_t *n_ended) {
     const segvec_env_class_t *cls = b->cls;
     const int next_step = b->autoreset_mode == SEGVEC_AUTORESET_NEXT_STEP;
     const int same_step = b->autoreset_mode == SEGVEC_AUTORESET_SAME_STEP;
@@ -246,9 +246,9 @@ static int step_chunk(segvec_core_t *core, segvec_env_batch_t *b, int32_t begin,
     const char *actions = (const char *)b->actions;
     const int64_t T = b->horizon;
     const int direct = obs_bytes >= DIRECT_OBS_BYTES;
-    int32_t first = *n_done, done = first;
+    int32_t done = 0;
     char *staging = (char *)b->staging;
-    for (int32_t i = begin; i < end; ++i) {
+    for (int32_t i = 0; i < n; ++i) {
         int32_t e = env_ids[i];
         void *env = b->envs[e - b->first_env];
         /* large observations go straight to the row's next observation slot: r * (T + 1) + t + 1 for the
@@ -284,23 +284,19 @@ static int step_chunk(segvec_core_t *core, segvec_env_batch_t *b, int32_t begin,
         }
         b->done[done++] = e;
     }
-    int status = segvec_commit_steps(core, done - first, b->done + first, b->outcomes + first, b->obs_slots + first,
-                                     b->chain_slots + first);
+    int status = segvec_commit_steps(core, done, b->done, b->outcomes, b->obs_slots, b->chain_slots);
     if (status != SEGVEC_OK) return status;
     if (!direct) {
-        segvec_scatter_obs(staging + (int64_t)first * obs_bytes, obs_bytes, done - first, b->obs_slots + first,
-                           b->chain_slots + first, b->obs);
+        segvec_scatter_obs(staging, obs_bytes, done, b->obs_slots, b->chain_slots, b->obs);
     } else { /* written at the row's obs[horizon] (the chain slot) where the row filled: the new row starts with it */
         char *all = (char *)b->obs;
-        for (int32_t k = first; k < done; ++k)
+        for (int32_t k = 0; k < done; ++k)
             if (b->chain_slots[k] >= 0)
                 memcpy(all + b->obs_slots[k] * obs_bytes, all + b->chain_slots[k] * obs_bytes, (size_t)obs_bytes);
     }
     *n_done = done;
     return SEGVEC_OK;
 }
-
-#define STEP_CHUNK 256
 
 int segvec_env_step_batch(segvec_core_t *core, segvec_env_batch_t *b, int32_t n, const int32_t *env_ids,
                           int32_t *n_done_out, int32_t *failed_out, int32_t *failed_status_out,
@@ -311,13 +307,8 @@ int segvec_env_step_batch(segvec_core_t *core, segvec_env_batch_t *b, int32_t n,
         if (env_ids[i] < b->first_env || env_ids[i] >= b->first_env + b->n_envs) return SEGVEC_ERR_INVALID;
     int status = segvec_cursor_slots(core, n, env_ids, SEGVEC_STEP_SLOT, b->slots);
     if (status != SEGVEC_OK) return status;
-    for (int32_t begin = 0; begin < n; begin += STEP_CHUNK) {
-        int32_t end = n - begin < STEP_CHUNK ? n : begin + STEP_CHUNK;
-        status = step_chunk(core, b, begin, end, env_ids, n_done_out, failed_out, failed_status_out, n_failed_out,
-                            ended_out, n_ended_out);
-        if (status != SEGVEC_OK) return status;
-    }
-    return SEGVEC_OK;
+    return step_envs(core, b, n, env_ids, n_done_out, failed_out, failed_status_out, n_failed_out, ended_out,
+                     n_ended_out);
 }
 
 int segvec_env_reset_batch(segvec_core_t *core, segvec_env_batch_t *b, int32_t n, const int32_t *env_ids,
