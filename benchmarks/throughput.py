@@ -19,10 +19,21 @@ Methods:
     segvec-async   segvec, multiprocessing backend, ``--workers`` workers, ``batch_size = num_envs / 2``,
                    ``recv``/``send`` loop
 
+C envs (``segvec/CartPole-c``, gymnasium's CartPole-v1 in C) at scale, ``--c-envs`` envs (default 4096), in a
+second table whose ratios are to a plain C loop (the ceiling: no Python, no segments):
+    c-loop           the CartPole of ``native/envs/cartpole.c`` stepped over all envs in one C loop that writes
+                     observations, rewards and flags into arrays, autoresets included (compiled on the fly)
+    segvec-c-serial  segvec, serial backend, ``step``, taking and releasing every complete round of segments
+    segvec-c-sync    the same on the multiprocessing backend, ``--workers`` workers
+    segvec-c-async   multiprocessing, ``batch_size = n / 2``, ``recv``/``send``, taking and releasing segments
+    envpool-sync     EnvPool's CartPole-v1, ``batch_size = n``, ``--workers`` threads (only if installed)
+    envpool-async    EnvPool, ``batch_size = n / 2``, ``recv``/``send`` (only if installed)
+
 Usage:
-    python benchmarks/throughput.py                      # full run (about 8 minutes on 2 cores)
-    python benchmarks/throughput.py --quick --envs cartpole --num-envs 8
+    python benchmarks/throughput.py                      # full run (about 9 minutes on 2 cores)
+    python benchmarks/throughput.py --quick --envs cartpole --num-envs 8 --c-envs 0
     python benchmarks/throughput.py --envs light,heavy --num-envs 8,32 --seconds 3 --repeats 5
+    python benchmarks/throughput.py --envs none --c-envs 4096    # the C envs' table only
 """
 from __future__ import annotations
 
@@ -30,10 +41,13 @@ import argparse
 import datetime
 import functools
 import importlib
+import importlib.util
 import os
+import pathlib
 import platform
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 from typing import Callable
@@ -204,6 +218,188 @@ METHODS: dict[str, tuple[str, Callable, str | None]] = {
 }
 
 
+# ---- C envs at scale -------------------------------------------------------------------------------------
+C_ENV_ID = "segvec/CartPole-c"
+C_HORIZON = 128          # segment rows of the C envs' segvec methods (as examples/ppo.py)
+C_LOOP_SOURCE = r"""
+#include "envs/cartpole.c"   /* the CartPole of segvec/CartPole-c, compiled into the loop */
+
+typedef struct { cartpole_t state; segvec_rng_t rng; int64_t elapsed; } loop_env_t;
+
+int64_t loop_env_bytes(void) { return sizeof(loop_env_t); }
+
+void loop_reset(void *envs, int32_t n, uint64_t seed, float *obs) {
+    loop_env_t *e = envs;
+    for (int32_t i = 0; i < n; ++i) {
+        e[i].rng.state_low = seed + (uint64_t)i; e[i].rng.inc_low = 2 * (uint64_t)i + 1;
+        cartpole_reset(&e[i].state, &e[i].rng, 0, obs + 4 * (int64_t)i);
+        e[i].elapsed = 0;
+    }
+}
+
+/* One step of every env: observations, rewards and flags into arrays; an ended episode resets at once. */
+void loop_step(void *envs, int32_t n, const int64_t *actions, float *obs, float *rewards, uint8_t *terminated,
+               uint8_t *truncated) {
+    loop_env_t *e = envs;
+    for (int32_t i = 0; i < n; ++i) {
+        double reward = 0.0;
+        uint8_t term = 0, trunc = 0;
+        cartpole_step(&e[i].state, &e[i].rng, &actions[i], obs + 4 * (int64_t)i, &reward, &term, &trunc);
+        if (++e[i].elapsed >= 500) trunc = 1;
+        rewards[i] = (float)reward;
+        terminated[i] = term;
+        truncated[i] = trunc;
+        if (term || trunc) {
+            cartpole_reset(&e[i].state, &e[i].rng, 0, obs + 4 * (int64_t)i);
+            e[i].elapsed = 0;
+        }
+    }
+}
+"""
+_c_loop_lib = None
+
+
+def c_loop_lib():
+    """The plain C loop, compiled on the fly with cffi (once per run, in a temporary directory)."""
+    global _c_loop_lib
+    if _c_loop_lib is None:
+        from cffi import FFI
+
+        import segvec.native
+
+        ffibuilder = FFI()
+        ffibuilder.cdef("int64_t loop_env_bytes(void);"
+                        "void loop_reset(void *envs, int32_t n, uint64_t seed, float *obs);"
+                        "void loop_step(void *envs, int32_t n, const int64_t *actions, float *obs, float *rewards,"
+                        "               uint8_t *terminated, uint8_t *truncated);")
+        name = f"_segvec_cartpole_loop_{os.getpid()}"
+        ffibuilder.set_source(name, C_LOOP_SOURCE, include_dirs=[str(segvec.native.header_dir())],
+                              extra_compile_args=["-std=c11", "-O3", "-ffp-contract=off"], libraries=["m"])
+        work = tempfile.mkdtemp(prefix="segvec-bench-")
+        path = ffibuilder.compile(tmpdir=work, verbose=False)
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _c_loop_lib = module
+    return _c_loop_lib
+
+
+def setup_c_loop(env_id: str, n: int, workers: int):
+    module = c_loop_lib()
+    ffi, lib = module.ffi, module.lib
+    memory = ffi.new("char[]", lib.loop_env_bytes() * n)
+    obs, rewards = np.zeros((n, 4), np.float32), np.zeros(n, np.float32)
+    terminated, truncated = np.zeros(n, np.uint8), np.zeros(n, np.uint8)
+    rng = np.random.default_rng(0)
+    actions = [rng.integers(0, 2, n).astype(np.int64) for _ in range(16)]
+    pointers = [ffi.from_buffer("int64_t[]", a) for a in actions]
+    out = (ffi.from_buffer("float[]", obs), ffi.from_buffer("float[]", rewards),
+           ffi.from_buffer("uint8_t[]", terminated), ffi.from_buffer("uint8_t[]", truncated))
+    lib.loop_reset(memory, n, 0, out[0])
+    state = {"i": 0}
+
+    def step() -> int:
+        lib.loop_step(memory, n, pointers[state["i"] & 15], *out)
+        state["i"] += 1
+        return n
+
+    return step, lambda: None
+
+
+def _c_actions(n: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 2, n).astype(np.int64) for _ in range(16)]
+
+
+def _segvec_c_training(env_id: str, n: int, **options):
+    """segvec's ``step`` over C envs, taking and releasing each complete round of segments as training does."""
+    envs = segvec.make_vec(env_id, num_envs=n, horizon=C_HORIZON, **options)
+    envs.reset(seed=0)
+    actions = _c_actions(n)
+    state = {"i": 0}
+
+    def step() -> int:
+        envs.step(actions[state["i"] & 15])
+        state["i"] += 1
+        if envs.segments_ready >= n:
+            envs.take_segments().release()
+        return n
+
+    return step, envs.close
+
+
+def setup_segvec_c_serial(env_id: str, n: int, workers: int):
+    return _segvec_c_training(env_id, n, backend="serial")
+
+
+def setup_segvec_c_sync(env_id: str, n: int, workers: int):
+    return _segvec_c_training(env_id, n, backend="multiprocessing", num_workers=workers)
+
+
+def setup_segvec_c_async(env_id: str, n: int, workers: int):
+    envs = segvec.make_vec(env_id, num_envs=n, backend="multiprocessing", num_workers=workers, batch_size=n // 2,
+                           horizon=C_HORIZON)
+    actions = _c_actions(n)
+    envs.async_reset(seed=0)
+    state = {"i": 0}
+
+    def step() -> int:
+        _, _, _, _, info = envs.recv()
+        env_ids = info["env_id"]
+        envs.send(actions[state["i"] & 15][:len(env_ids)], env_ids)
+        state["i"] += 1
+        if envs.segments_ready >= n // 2:
+            envs.take_segments().release()
+        return len(env_ids)
+
+    return step, envs.close
+
+
+def setup_envpool_sync(env_id: str, n: int, workers: int):
+    import envpool
+
+    envs = envpool.make("CartPole-v1", env_type="gymnasium", num_envs=n, batch_size=n, num_threads=workers, seed=0)
+    envs.reset()
+    actions = _c_actions(n)
+    state = {"i": 0}
+
+    def step() -> int:
+        envs.step(actions[state["i"] & 15])
+        state["i"] += 1
+        return n
+
+    return step, envs.close
+
+
+def setup_envpool_async(env_id: str, n: int, workers: int):
+    import envpool
+
+    envs = envpool.make("CartPole-v1", env_type="gymnasium", num_envs=n, batch_size=n // 2, num_threads=workers,
+                        seed=0)
+    envs.async_reset()
+    actions = _c_actions(n)
+    state = {"i": 0}
+
+    def step() -> int:
+        _, _, _, _, info = envs.recv()
+        env_ids = info["env_id"]
+        envs.send(actions[state["i"] & 15][:len(env_ids)], env_ids)
+        state["i"] += 1
+        return len(env_ids)
+
+    return step, envs.close
+
+
+C_METHODS: dict[str, tuple[str, Callable, str | None]] = {
+    "c-loop": ("plain C loop, 1 thread (ratio 1)", setup_c_loop, None),
+    "segvec-c-serial": ("segvec serial + segments", setup_segvec_c_serial, None),
+    "segvec-c-sync": ("segvec multiprocessing sync + segments", setup_segvec_c_sync, None),
+    "segvec-c-async": ("segvec mp async (n/2) + segments", setup_segvec_c_async, None),
+    "envpool-sync": ("EnvPool sync (workers threads)", setup_envpool_sync, "envpool"),
+    "envpool-async": ("EnvPool async (n/2, workers threads)", setup_envpool_async, "envpool"),
+}
+
+
 def measure(step: Callable[[], int], seconds: float, repeats: int, warmup: float) -> list[float]:
     """Steps for `warmup` seconds, then `repeats` windows of `seconds`; returns steps/s of each window."""
     clock = time.perf_counter
@@ -238,8 +434,10 @@ def _short(error: BaseException) -> str:
     return f"error: {type(error).__name__}: {error}"[:60]
 
 
-def run_group(env_id: str, n: int, methods: list[str], args) -> dict[str, tuple[list[float] | None, str | None]]:
-    """Measures every method on `n` copies of `env_id`, interleaving their timed windows.
+def run_group(env_id: str, n: int, methods: list[str], args,
+              table: dict | None = None) -> dict[str, tuple[list[float] | None, str | None]]:
+    """Measures every method (of `table`, default `METHODS`) on `n` copies of `env_id`, interleaving their
+    timed windows.
 
     Every method is built and warmed up first; then each repeat gives every method one window in turn, so
     a slow spell of a shared machine lands on all of them alike.  Returns ``{key: (rates, None)}`` or
@@ -247,9 +445,10 @@ def run_group(env_id: str, n: int, methods: list[str], args) -> dict[str, tuple[
     """
     results: dict[str, tuple[list[float] | None, str | None]] = {}
     live: dict[str, tuple[Callable, Callable]] = {}
+    table = METHODS if table is None else table
     try:
         for key in methods:
-            _, setup, module = METHODS[key]
+            _, setup, module = table[key]
             if not available(module):
                 results[key] = (None, "not installed")
                 continue
@@ -319,7 +518,7 @@ def header(args) -> str:
         f"{platform.release()}, load average {load}",
         f"python {platform.python_version()}, numpy {np.__version__}, gymnasium {gymnasium.__version__}, "
         f"segvec {segvec.__version__}, stable-baselines3 {version_of('stable_baselines3')}, "
-        f"pufferlib {version_of('pufferlib')}",
+        f"pufferlib {version_of('pufferlib')}, envpool {version_of('envpool')}",
         f"settings: {args.seconds:g} s x {args.repeats} repeats after {args.warmup:g} s warm-up, "
         f"{args.workers} workers for PufferLib and segvec multiprocessing; gymnasium Async and SB3 use one "
         f"process per env; synthetic work unit {segvec.envs.calibrate_work() * 1e6:.2f} us",
@@ -399,11 +598,28 @@ def check(label: str, got: float | None, target: float | None, what: str) -> str
     return f"  {label:<52} {what:<26} {fmt_rate(got):>11} / {fmt_rate(target):>9}   {status}"
 
 
+def print_c_table(counts: list[int], methods: list[str], args) -> None:
+    """The C envs' table: every method at each count, ratios to the plain C loop measured in the same rounds."""
+    methods = ["c-loop"] + [m for m in methods if m != "c-loop"]
+    results = {n: run_group(C_ENV_ID, n, methods, args, C_METHODS) for n in counts}
+    loops = {n: statistics.median(results[n]["c-loop"][0]) if results[n]["c-loop"][0] else None for n in counts}
+    print(f"\n{C_ENV_ID} (gymnasium's CartPole-v1 in C)   plain C loop (measured within each group): "
+          + ", ".join(f"{fmt_rate(loops[n])} steps/s" if loops[n] else "unavailable" for n in counts), flush=True)
+    print(f"  {'method':<40}" + "".join(f"{'n=' + str(n):>27}" for n in counts))
+    print(f"  {'':<40}" + "".join(f"{'steps/s spread  x loop':>27}" for _ in counts))
+    for key in methods:
+        print(f"  {C_METHODS[key][0]:<40}" + "".join(cell(*results[n][key], loops[n]) for n in counts), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--envs", default="cartpole,light,heavy",
-                        help="comma list of cartpole, light, heavy or gymnasium ids (default: all three)")
+                        help="comma list of cartpole, light, heavy or gymnasium ids (default: all three; none: skip)")
+    parser.add_argument("--c-envs", default="4096",
+                        help="comma list of env counts for the C envs' table (default 4096; 0: skip it)")
+    parser.add_argument("--c-methods", default=",".join(C_METHODS),
+                        help=f"comma list among {', '.join(C_METHODS)} (default: all)")
     parser.add_argument("--num-envs", default="8,32", help="comma list of env counts (default: 8,32)")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help=f"comma list among {', '.join(METHODS)} (default: all)")
@@ -423,7 +639,15 @@ def main(argv: list[str] | None = None) -> int:
     args.seconds = args.seconds if args.seconds is not None else (0.3 if quick else 2.0)
     args.repeats = args.repeats if args.repeats is not None else (1 if quick else 3)
     args.warmup = args.warmup if args.warmup is not None else (0.1 if quick else 1.0)
-    env_ids = [ENV_ALIASES.get(name.strip(), name.strip()) for name in args.envs.split(",") if name.strip()]
+    env_ids = [ENV_ALIASES.get(name.strip(), name.strip()) for name in args.envs.split(",")
+               if name.strip() and name.strip() != "none"]
+    c_counts = [int(c) for c in args.c_envs.split(",") if c.strip() and int(c)]
+    c_methods = [m.strip() for m in args.c_methods.split(",") if m.strip()]
+    if [m for m in c_methods if m not in C_METHODS]:
+        parser.error(f"unknown C methods {[m for m in c_methods if m not in C_METHODS]}; choose among {list(C_METHODS)}")
+    for n in c_counts:
+        if n < 2 or n % 2 or n % args.workers:
+            parser.error(f"--c-envs {n}: needs an even n that is a multiple of --workers")
     counts = [int(c) for c in args.num_envs.split(",") if c.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -460,6 +684,9 @@ def main(argv: list[str] | None = None) -> int:
     def median(env_id, n, key):
         rates, _ = results.get((env_id, n, key), (None, None))
         return statistics.median(rates) if rates else None
+
+    if c_counts:
+        print_c_table(c_counts, c_methods, args)
 
     print("\ntargets (got / target steps/s)")
     lines = []

@@ -17,6 +17,7 @@ normalization), and the envs of `ENV_DEFAULTS` their own, except where a flag is
 without one runs all ``total_timesteps``.
 
     python examples/ppo.py                                  # CartPole-v1, stops once solved (475)
+    python examples/ppo.py --env-id segvec/CartPole-c       # the same CartPole in C, stepped by segvec's core
     python examples/ppo.py --env-id Acrobot-v1              # stops at -100
     python examples/ppo.py --env-id LunarLander-v3          # stops at 200 (Box2D: pip install -e ".[box2d]")
     python examples/ppo.py --env-id Pendulum-v1             # Box actions; no reward_threshold: 500k steps

@@ -971,9 +971,8 @@ int segvec_worker_pop(segvec_core_t *c, int32_t w, int32_t max_n, int32_t *env_i
     return SEGVEC_OK;
 }
 
-static void record_episode(segvec_core_t *c, int32_t e) {
-    shared_t *sh = c->shared;
-    uint64_t ticket = atomic_fetch_add_explicit(COUNTER(sh, episodes_written), 1, memory_order_relaxed);
+/* Writes env e's finished episode into the ring entry of `ticket` (claimed by the caller). */
+static void record_episode(segvec_core_t *c, int32_t e, uint64_t ticket) {
     uint64_t k = ticket % (uint64_t)c->K;
     atomic_store_explicit(&c->episode_seq[k], 0, memory_order_relaxed);
     atomic_thread_fence(memory_order_release);
@@ -983,20 +982,28 @@ static void record_episode(segvec_core_t *c, int32_t e) {
     int64_t end_step = c->env_steps_done[e] + 1; /* (called before the step is counted) */
     __atomic_store(&c->episode_end_step[k], &end_step, __ATOMIC_RELAXED);
     atomic_store_explicit(&c->episode_seq[k], ticket + 1, memory_order_release);
-    atomic_fetch_add_explicit(COUNTER(sh, episodes), 1, memory_order_relaxed);
 }
 
 int segvec_commit_steps(segvec_core_t *c, int32_t n, const int32_t *env_ids, const segvec_outcome_t *outcomes,
                         int64_t *obs_slot_out, int64_t *chain_slot_out) {
     shared_t *sh = c->shared;
-    int64_t real_steps = 0, nan_rewards = 0;
+    int64_t real_steps = 0, nan_rewards = 0, ended = 0;
+    /* Checks first (nothing changes on an error), and counts the episodes that end: their tickets in the
+     * finished-episode ring are claimed with one atomic add, not one per episode. */
     for (int32_t i = 0; i < n; ++i) {
         int32_t e = env_ids[i];
         if (!valid_env(c, e) || atomic_load_explicit(&c->env_state[e], memory_order_relaxed) != SEGVEC_ENV_IN_FLIGHT)
             return SEGVEC_ERR_NOT_HELD;
+        if (c->env_step[e] == c->T - 1 && c->env_spare[e] < 0) return SEGVEC_ERR_NO_FREE_ROW; /* the send reserves it */
+        const segvec_outcome_t *o = &outcomes[i];
+        ended += o->valid != 0.0 && (o->terminated != 0.0 || o->truncated != 0.0);
+    }
+    uint64_t ticket = ended ? atomic_fetch_add_explicit(COUNTER(sh, episodes_written), (uint64_t)ended,
+                                                        memory_order_relaxed) : 0;
+    for (int32_t i = 0; i < n; ++i) {
+        int32_t e = env_ids[i];
         int32_t row = c->env_row[e], t = c->env_step[e];
         SEGVEC_ASSERT(row >= 0 && t < c->T && c->row_env_id[row] == e && c->row_state[row] == SEGVEC_ROW_FILLING);
-        if (t == c->T - 1 && c->env_spare[e] < 0) return SEGVEC_ERR_NO_FREE_ROW; /* the send reserves it */
         int64_t slot = (int64_t)row * c->T + t;
         const segvec_outcome_t *o = &outcomes[i];
         double r = o->reward;
@@ -1017,7 +1024,7 @@ int segvec_commit_steps(segvec_core_t *c, int32_t n, const int32_t *env_ids, con
             c->env_return[e] += r;
             c->env_length[e] += 1;
             if (term || trunc) {
-                record_episode(c, e);
+                record_episode(c, e, ticket++);
                 c->env_return[e] = 0.0;
                 c->env_length[e] = 0;
             }
@@ -1051,6 +1058,7 @@ int segvec_commit_steps(segvec_core_t *c, int32_t n, const int32_t *env_ids, con
         c->episode_start[(int64_t)row * c->T + t] = started;
     }
     atomic_fetch_add_explicit(COUNTER(sh, steps), real_steps, memory_order_relaxed);
+    if (ended) atomic_fetch_add_explicit(COUNTER(sh, episodes), ended, memory_order_relaxed);
     if (nan_rewards) atomic_fetch_add_explicit(COUNTER(sh, nan_rewards), nan_rewards, memory_order_relaxed);
     return SEGVEC_OK;
 }
@@ -1122,6 +1130,17 @@ int segvec_return_envs(segvec_core_t *c, int32_t n, const int32_t *env_ids) {
 
 /* ---- cursors ---------------------------------------------------------------------------------- */
 
+/* Runs LOOP(size) with `size` a constant for the small item sizes of common observations (a copy the
+ * compiler inlines), else with the variable `bytes`. */
+#define SMALL_ITEM_SWITCH(bytes, LOOP)                                                                      \
+    switch (bytes) {                                                                                        \
+    case 4: LOOP(4) break;                                                                                  \
+    case 8: LOOP(8) break;                                                                                  \
+    case 16: LOOP(16) break;                                                                                \
+    case 32: LOOP(32) break;                                                                                \
+    default: LOOP(bytes) break;                                                                             \
+    }
+
 int segvec_cursor_slots(segvec_core_t *c, int32_t n, const int32_t *env_ids, int32_t kind, int64_t *slots_out) {
     int64_t width = kind == SEGVEC_OBS_SLOT ? c->T + 1 : c->T;
     for (int32_t i = 0; i < n; ++i) {
@@ -1136,12 +1155,15 @@ int segvec_gather_current(segvec_core_t *c, int32_t n, const int32_t *env_ids, c
                           int64_t item_bytes, void *dst) {
     const char *s = (const char *)src;
     char *d = (char *)dst;
-    for (int32_t i = 0; i < n; ++i) {
-        int32_t e = env_ids[i];
-        if (e < 0 || e >= c->E) return SEGVEC_ERR_INVALID;
-        int64_t slot = (int64_t)c->env_row[e] * (c->T + 1) + c->env_step[e];
-        memcpy(d + (int64_t)i * item_bytes, s + slot * item_bytes, (size_t)item_bytes);
+    for (int32_t i = 0; i < n; ++i)
+        if (env_ids[i] < 0 || env_ids[i] >= c->E) return SEGVEC_ERR_INVALID;
+#define GATHER(size)                                                                                        \
+    for (int32_t i = 0; i < n; ++i) {                                                                       \
+        int64_t slot = (int64_t)c->env_row[env_ids[i]] * (c->T + 1) + c->env_step[env_ids[i]];             \
+        memcpy(d + (int64_t)i * (size), s + slot * (size), (size_t)(size));                                 \
     }
+    SMALL_ITEM_SWITCH(item_bytes, GATHER)
+#undef GATHER
     return SEGVEC_OK;
 }
 
@@ -1151,11 +1173,14 @@ int segvec_scatter_obs(const void *obs, int64_t item_bytes, int32_t n, const int
                        const int64_t *chain_slots, void *dst) {
     const char *s = (const char *)obs;
     char *d = (char *)dst;
-    for (int32_t i = 0; i < n; ++i) {
-        memcpy(d + obs_slots[i] * item_bytes, s + (int64_t)i * item_bytes, (size_t)item_bytes);
-        if (chain_slots && chain_slots[i] >= 0)
-            memcpy(d + chain_slots[i] * item_bytes, s + (int64_t)i * item_bytes, (size_t)item_bytes);
+#define SCATTER(size)                                                                                       \
+    for (int32_t i = 0; i < n; ++i) {                                                                       \
+        memcpy(d + obs_slots[i] * (size), s + (int64_t)i * (size), (size_t)(size));                         \
+        if (chain_slots && chain_slots[i] >= 0)                                                             \
+            memcpy(d + chain_slots[i] * (size), s + (int64_t)i * (size), (size_t)(size));                   \
     }
+    SMALL_ITEM_SWITCH(item_bytes, SCATTER)
+#undef SCATTER
     return SEGVEC_OK;
 }
 

@@ -263,7 +263,9 @@ typedef struct segvec_outcome {
 
 /* Record each IN_FLIGHT env's outcome at its cursor slot (r, t): reward, terminated, truncated,
  * mask = valid, episode statistics; advance the cursor, onto the env's spare row when this one is full
- * (the row then awaits its bootstrap).  Never waits.  `obs_slot_out[i]` is the slot of the new
+ * (the row then awaits its bootstrap).  Never waits.  An env that is not IN_FLIGHT (SEGVEC_ERR_NOT_HELD)
+ * or at its row's last slot without a spare (SEGVEC_ERR_NO_FREE_ROW) fails the call before it changes
+ * anything.  `obs_slot_out[i]` is the slot of the new
  * observation; `chain_slot_out[i]` is the finished row's obs[horizon] slot that must hold the same
  * observation, else -1. */
 int segvec_commit_steps(segvec_core_t *core, int32_t n, const int32_t *env_ids, const segvec_outcome_t *outcomes,

@@ -1,6 +1,7 @@
 """segvec: vectorized gymnasium environments whose workers write straight into shared segment memory.
 
-Start with `make_vec`; the design of the core is in ``native/segvec.h``.  torch is optional:
+Start with `make_vec`; the design of the core is in ``native/segvec.h``, envs written in C are
+`segvec.native` (their ABI: ``native/segvec_env.h``).  torch is optional:
 ``segvec.TorchSegments`` (from `segvec.torch_utils`) is imported on first use.
 """
 from gymnasium.vector import AutoresetMode
@@ -21,6 +22,9 @@ from segvec.errors import (
 )
 from segvec.segments import SegmentBatch, gae
 from segvec.vector import SegmentVecEnv, make_vec
+from segvec import native  # noqa: E402 - envs written in C; registers segvec/CartPole-c, segvec/SyntheticAtari-c
+
+native.register_envs()
 
 __version__ = "0.1.0"
 
@@ -42,6 +46,7 @@ __all__ = [
     "WorkerDied",
     "gae",
     "make_vec",
+    "native",
 ]
 
 

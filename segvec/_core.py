@@ -2,6 +2,8 @@
 
 See ``native/segvec.h`` for the design.  `Core` has one typed method per C call (numpy arrays in and out,
 its own preallocated output buffers), and `check` is the one place where a C status becomes an exception.
+Envs written in C (``native/segvec_env.h``) are reached here too: `EnvClass` (a class and what it declares),
+`EnvMemory` (one env: its memory and one-env calls), `EnvBatch` (a runner's envs, for `Core.env_step_batch`).
 This module also lays out what C does not know: the arrays whose dtypes depend on the spaces
 (observations, actions, learner fields), placed in the same block right after the core's own part.
 """
@@ -510,6 +512,29 @@ class Core:
         if len(env_ids):
             check(lib.segvec_publish(self._core, len(env_ids), self._env_ids(env_ids)), "publish")
 
+    # ---- worker: envs written in C (native/segvec_env.h) -------------------------------------------
+    def env_step_batch(self, batch: "EnvBatch", env_ids: np.ndarray) -> tuple[np.ndarray, list, np.ndarray | None]:
+        """Steps `env_ids` (IN_FLIGHT, all C envs of `batch`) in one C loop and commits them.
+
+        Returns ``(committed env ids (a view), [(env, status)] of those that failed, SAME_STEP env ids whose
+        episode ended (their final observations are in the block's final_obs) or None)``."""
+        n = len(env_ids)
+        counts = batch.counts
+        check(lib.segvec_env_step_batch(self._core, batch.c, n, self._env_ids(env_ids), counts, batch.failed_ptr,
+                                        batch.status_ptr, counts + 1, batch.ended_ptr, counts + 2), "native step")
+        return batch.done_views[counts[0]], batch.failures(counts[1]), batch.ended[:counts[2]].copy() if counts[2] else None
+
+    def env_reset_batch(self, batch: "EnvBatch", env_ids: np.ndarray, seeds: np.ndarray,
+                        seeded: np.ndarray) -> tuple[np.ndarray, list]:
+        """Resets `env_ids` (RESETTING, all C envs of `batch`; ``seeded[i]``: with ``seeds[i]``) and commits
+        them.  Returns ``(committed env ids (a view), [(env, status)] of those that failed)``."""
+        n = len(env_ids)
+        counts = batch.counts
+        check(lib.segvec_env_reset_batch(self._core, batch.c, n, ffi.from_buffer("int32_t[]", env_ids),
+                                         ffi.from_buffer("uint64_t[]", seeds), ffi.from_buffer("uint8_t[]", seeded),
+                                         counts, batch.failed_ptr, batch.status_ptr, counts + 1), "native reset")
+        return batch.done_views[counts[0]], batch.failures(counts[1])
+
 
 # ---- kernels (no core) ------------------------------------------------------------------------------
 class Scatter:
@@ -533,6 +558,211 @@ class Scatter:
             if leaves is None or i in leaves:
                 lib.segvec_scatter_obs(src, item_bytes, n, obs_ptr, chain_ptr, dst)
 
+
+
+# ---- envs written in C (native/segvec_env.h) -----------------------------------------------------------
+ENV_DTYPES = {lib.SEGVEC_ENV_UINT8: np.dtype(np.uint8), lib.SEGVEC_ENV_INT32: np.dtype(np.int32),
+              lib.SEGVEC_ENV_INT64: np.dtype(np.int64), lib.SEGVEC_ENV_FLOAT32: np.dtype(np.float32),
+              lib.SEGVEC_ENV_FLOAT64: np.dtype(np.float64)}
+AUTORESET_CODES = {"NextStep": lib.SEGVEC_AUTORESET_NEXT_STEP, "SameStep": lib.SEGVEC_AUTORESET_SAME_STEP,
+                   "Disabled": lib.SEGVEC_AUTORESET_DISABLED}
+ENV_ERR_ACTION, ENV_ERR_NOT_RESET = lib.SEGVEC_ENV_ERR_ACTION, lib.SEGVEC_ENV_ERR_NOT_RESET
+ENV_ALIGN = 64  # one env's memory starts on a 64-byte boundary (so does its state: the header is 128 bytes)
+
+
+class EnvClass:
+    """A C env class (``segvec_env_class_t``): what it declares, and one env's calls.
+
+    Args:
+        address: where the class struct lies in this process (a module of C envs holds it).
+        keepalive: the object that keeps that module loaded.
+
+    Raises:
+        ValueError: the struct is not a valid class of this ABI version.
+    """
+
+    def __init__(self, address: int, keepalive=None):
+        self.address = int(address)
+        self._keepalive = keepalive
+        c = self.c = ffi.cast("const segvec_env_class_t *", self.address)
+        if lib.segvec_env_check_class(c) != 0:
+            version = c.abi_version if c != ffi.NULL else None
+            raise ValueError(f"not a valid C env class (ABI version {version}, this segvec reads "
+                             f"{lib.SEGVEC_ENV_ABI_VERSION}; see native/segvec_env.h)")
+        self.name = ffi.string(c.name).decode()
+        self.obs_dtype = ENV_DTYPES[c.obs_dtype]
+        self.obs_shape = tuple(int(c.obs_shape[d]) for d in range(c.obs_ndim))
+        size = int(np.prod(self.obs_shape, dtype=np.int64))
+        self.obs_bounds = tuple(
+            None if pointer == ffi.NULL else np.frombuffer(ffi.buffer(pointer, 8 * size), np.float64).reshape(self.obs_shape).copy()
+            for pointer in (c.obs_low, c.obs_high))
+        self.discrete = c.action_kind == lib.SEGVEC_ENV_DISCRETE
+        self.action_size = int(c.action_size)
+        self.action_bounds = tuple(
+            None if pointer == ffi.NULL else np.frombuffer(ffi.buffer(pointer, 4 * self.action_size), np.float32).copy()
+            for pointer in (c.action_low, c.action_high))
+        self.max_episode_steps = int(c.max_episode_steps)
+        self.state_bytes = int(c.state_bytes)
+        self.env_bytes = int(lib.segvec_env_bytes(c))
+        self.params = {ffi.string(c.param_names[i]).decode(): float(c.param_defaults[i]) for i in range(c.n_params)}
+
+    @classmethod
+    def builtin(cls, name: str) -> "EnvClass":
+        """A class built into segvec (``cartpole``, ``synthetic_atari``)."""
+        index = 0
+        while (pointer := lib.segvec_builtin_env_class(index)) != ffi.NULL:
+            if ffi.string(pointer.name).decode() == name:
+                return cls(int(ffi.cast("uintptr_t", pointer)))
+            index += 1
+        raise KeyError(f"no C env class {name!r} is built into segvec")
+
+    def strerror(self, status: int) -> str:
+        return ffi.string(lib.segvec_env_strerror(self.c, status)).decode()
+
+    def new_env(self, params: list[float], max_episode_steps: int | None) -> "EnvMemory":
+        """One fresh env: zeroed memory, the header, then the class's init.
+
+        Raises:
+            ValueError: the class's init failed (its message).
+        """
+        memory = EnvMemory(self)
+        status = lib.segvec_env_init(self.c, memory.pointer, ffi.new("double[]", list(params) or [0.0]),
+                                     -1 if max_episode_steps is None else int(max_episode_steps))
+        if status != 0:
+            raise ValueError(f"{self.name}: {self.strerror(status)}")
+        return memory
+
+
+class EnvMemory:
+    """One C env's memory (header + state) in a numpy buffer, 64-byte aligned (``raw``: a copy's bytes), and
+    its own action and observation arrays for one-env calls: `action` (int64 ``()`` or float32 ``(k,)``),
+    which `step` reads, and `obs`, which `reset` and `step` write."""
+
+    def __init__(self, env_class: EnvClass, raw: bytes | None = None):
+        self.env_class = env_class
+        n = env_class.env_bytes
+        self._buffer = np.zeros(n + ENV_ALIGN, np.uint8)
+        start = (-self._buffer.ctypes.data) % ENV_ALIGN
+        self.bytes = self._buffer[start:start + n]
+        if raw is not None:
+            self.bytes[:] = np.frombuffer(raw, np.uint8)
+        self.pointer = ffi.from_buffer(self.bytes, require_writable=True)
+        self.header = ffi.cast("segvec_env_header_t *", self.pointer)
+        self._result = ffi.new("segvec_env_result_t *")
+        self._seed = ffi.new("uint64_t *")
+        self.obs = np.zeros(env_class.obs_shape, env_class.obs_dtype)
+        self.action = np.zeros((), np.int64) if env_class.discrete else np.zeros(env_class.action_size, np.float32)
+        self._obs_ptr = ffi.from_buffer(self.obs, require_writable=True)
+        self._action_ptr = ffi.from_buffer(self.action)
+
+    def reset(self, seed: int | None) -> int:
+        """The core's reset of this env (seed None: no seed) into `obs`; returns the status."""
+        if seed is None:
+            return lib.segvec_env_reset(self.env_class.c, self.pointer, ffi.NULL, self._obs_ptr)
+        self._seed[0] = seed
+        return lib.segvec_env_reset(self.env_class.c, self.pointer, self._seed, self._obs_ptr)
+
+    def step(self) -> tuple[int, float, bool, bool]:
+        """The core's step of this env with `action`, into `obs`: ``(status, reward, terminated, truncated)``."""
+        result = self._result
+        status = lib.segvec_env_step(self.env_class.c, self.pointer, self._action_ptr, self._obs_ptr, result)
+        return status, result.reward, bool(result.terminated), bool(result.truncated)
+
+    # ---- the generator (numpy's PCG64) -----------------------------------------------------------------
+    def entropy(self) -> int | None:
+        """SeedSequence.entropy of the last seeding; None: never seeded; -1: set from a numpy state."""
+        words = self.header.entropy_words
+        if words == 0:
+            return None
+        if words < 0:
+            return -1
+        return sum(int(self.header.entropy[i]) << (32 * i) for i in range(words))
+
+    def seed_from_os(self) -> None:
+        """Seeds the generator with 128 bits of OS entropy, as SeedSequence(None) does."""
+        header = self.header
+        if lib.segvec_rng_seed_os(ffi.addressof(header, "rng"), header.entropy, ffi.addressof(header, "entropy_words")):
+            raise OSError("no entropy from the OS")
+
+    def rng_state(self) -> dict:
+        """The generator's state as numpy's ``PCG64().state`` writes it."""
+        rng = self.header.rng
+        return {"bit_generator": "PCG64",
+                "state": {"state": (int(rng.state_high) << 64) | int(rng.state_low),
+                          "inc": (int(rng.inc_high) << 64) | int(rng.inc_low)},
+                "has_uint32": int(rng.has_uint32), "uinteger": int(rng.uinteger)}
+
+    def set_rng_state(self, state: dict | None) -> None:
+        """Sets the generator from numpy's PCG64 state (None: unseeded, the next reset seeds it)."""
+        header = self.header
+        if state is None:
+            header.entropy_words = 0
+            return
+        if state.get("bit_generator") != "PCG64":
+            raise ValueError(f"a C env's generator is numpy's PCG64, got a {state.get('bit_generator')} state")
+        mask = (1 << 64) - 1
+        value, inc = int(state["state"]["state"]), int(state["state"]["inc"])
+        rng = header.rng
+        rng.state_high, rng.state_low = value >> 64, value & mask
+        rng.inc_high, rng.inc_low = inc >> 64, inc & mask
+        rng.has_uint32, rng.uinteger = int(state["has_uint32"]), int(state["uinteger"])
+        header.entropy_words = -1
+
+
+class EnvBatch:
+    """The C envs of one runner (one class) with pointers into the block, for `Core.env_step_batch`.
+
+    Args:
+        env_class: their class.
+        first_env: env id of ``memories[0]``.
+        memories: each env's `EnvMemory`, in env order.
+        storage: the block's views.
+        autoreset_mode: gymnasium's AutoresetMode.
+        staging: ``[len(memories), *obs_shape]`` scratch for observations (the runner's own).
+    """
+
+    def __init__(self, env_class: EnvClass, first_env: int, memories: list, storage: "Storage", autoreset_mode,
+                 staging: np.ndarray):
+        n = len(memories)
+        self.c = c = ffi.new("segvec_env_batch_t *")
+        self._envs = ffi.new("void *[]", n)
+        self._memories = list(memories)
+        for i, memory in enumerate(memories):
+            self._envs[i] = memory.pointer
+        outcomes = np.zeros((n, 6), np.float64)
+        slots = [np.zeros(n, np.int64) for _ in range(3)]
+        self.done = np.zeros(n, np.int32)
+        self.done_views = [self.done[:k] for k in range(n + 1)]  # stable objects: Core caches their C views
+        self.failed, self.status, self.ended = np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros(n, np.int32)
+        self.counts = ffi.new("int32_t[3]")
+        self._keep = [staging, outcomes, slots]
+        c.cls = env_class.c
+        c.first_env = first_env
+        c.n_envs = n
+        c.envs = self._envs
+        c.autoreset_mode = AUTORESET_CODES[autoreset_mode.value]
+        c.horizon = storage.geometry.horizon
+        c.obs_bytes = storage.obs_layout.leaves[0].nbytes
+        c.action_bytes = storage.action_layout.leaves[0].nbytes
+        c.obs = ffi.from_buffer(storage.obs_by_slot[0], require_writable=True)
+        c.actions = ffi.from_buffer(storage.action_by_slot[0])
+        c.final_obs = ffi.from_buffer(storage.final_obs[0], require_writable=True)
+        c.env_needs_reset = ffi.from_buffer("uint8_t[]", storage.env_needs_reset)
+        c.staging = ffi.from_buffer(staging, require_writable=True)
+        c.outcomes = ffi.cast("segvec_outcome_t *", ffi.from_buffer(outcomes, require_writable=True))
+        c.slots, c.obs_slots, c.chain_slots = (ffi.from_buffer("int64_t[]", a, require_writable=True) for a in slots)
+        c.done = ffi.from_buffer("int32_t[]", self.done, require_writable=True)
+        self.failed_ptr = ffi.from_buffer("int32_t[]", self.failed, require_writable=True)
+        self.status_ptr = ffi.from_buffer("int32_t[]", self.status, require_writable=True)
+        self.ended_ptr = ffi.from_buffer("int32_t[]", self.ended, require_writable=True)
+
+    def set_env(self, local: int, memory: EnvMemory) -> None:
+        """Env ``first_env + local`` is now `memory` (a rebuilt env)."""
+        self._memories[local] = memory
+        self._envs[local] = memory.pointer
+
+    def failures(self, count: int) -> list[tuple[int, int]]:
+        return list(zip(self.failed[:count].tolist(), self.status[:count].tolist())) if count else []
 
 
 def gae_kernel(reward, value, next_value, terminated, truncated, mask, length, gamma: float, lam: float,

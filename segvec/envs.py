@@ -14,6 +14,9 @@ In a process that has not imported ``segvec.envs`` (e.g. a worker started with `
 gymnasium's ``module:id`` form, which imports the module first: ``gymnasium.make("segvec.envs:segvec/
 SyntheticAtari-v0")``.
 
+``segvec/SyntheticAtari-c`` (``segvec.native.SyntheticAtariEnv``, registered by ``import segvec``) is the same
+env written in C, with no added work per step.
+
 Example:
     >>> import gymnasium
     >>> import segvec.envs

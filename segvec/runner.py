@@ -4,6 +4,10 @@
 learner's process, a multiprocessing worker calls it in its own.  It reads each env's action from the
 env's current slot, steps the env, records the outcome with one call into the C core for the whole batch,
 scatters the new observations into their slots (and the finished row's ``obs[horizon]``), and publishes.
+
+`NativeEnvRunner` does the same for envs written in C (``segvec.native``): one C call steps, commits and
+scatters the whole batch.  Backends build their runner with `make_runner`, which picks it when every env is
+a bare `NativeEnv` of one class.
 """
 from __future__ import annotations
 
@@ -14,7 +18,8 @@ from typing import Any
 import numpy as np
 from gymnasium.vector import AutoresetMode
 
-from segvec._core import Scatter, Storage
+from segvec._core import EnvBatch, EnvClass, Scatter, Storage
+from segvec.native import NativeEnv, check_seed, env_error
 from segvec.objects import FINAL_OBS_KEY, OBJECTS_KEY, AsGiven
 
 
@@ -448,6 +453,143 @@ class EnvRunner:
                 env.close()
             except Exception:  # noqa: BLE001 - closing must go on for the other envs
                 pass
+
+
+def make_runner(envs: list, first_env: int, storage: Storage, autoreset_mode: AutoresetMode,
+                env_fns: list | None = None) -> EnvRunner:
+    """The runner for `envs`: a `NativeEnvRunner` when they are all bare `NativeEnv`s of one class whose
+    spaces are the block's, else an `EnvRunner`.  Both have the same interface."""
+    env_class = native_class_of(envs, storage)
+    if env_class is None:
+        return EnvRunner(envs, first_env, storage, autoreset_mode, env_fns)
+    return NativeEnvRunner(envs, first_env, storage, autoreset_mode, env_fns, env_class)
+
+
+def native_class_of(envs: list, storage: Storage) -> EnvClass | None:
+    """The C class of `envs` when each is a NativeEnv of that class with no wrapper (and no reset or step of
+    its own in Python) and the block lays out its observation and action as the class writes and reads
+    them; else None."""
+    if not envs or not isinstance(envs[0], NativeEnv):
+        return None
+    kind = type(envs[0])
+    if kind.step is not NativeEnv.step or kind.reset is not NativeEnv.reset:
+        return None
+    if any(type(env) is not kind for env in envs):
+        return None
+    env_class = kind.native
+    obs, action = storage.obs_layout, storage.action_layout
+    if not (obs.is_flat and action.is_flat):
+        return None
+    if (obs.leaves[0].shape, obs.leaves[0].dtype) != (env_class.obs_shape, env_class.obs_dtype):
+        return None
+    expected = ((), np.dtype(np.int64)) if env_class.discrete else ((env_class.action_size,), np.dtype(np.float32))
+    if (action.leaves[0].shape, action.leaves[0].dtype) != expected:
+        return None
+    return env_class
+
+
+class NativeEnvRunner(EnvRunner):
+    """Steps envs written in C (bare `NativeEnv`s of one class): one C call per batch
+    (``segvec_env_step_batch``) reads the actions from the slots, steps or resets every env, fills the
+    outcomes, commits them with ``segvec_commit_steps`` and scatters the observations with
+    ``segvec_scatter_obs``, as `EnvRunner` does in Python.  Seeded resets are one C call too.
+
+    Failures (a status from the C env, or a rebuilt env that raises), restarts (restart_failed_envs, and the
+    envs of a dead worker), SAME_STEP final observations and infos, and `close` behave as for Python envs:
+    the rest is `EnvRunner`'s own code, on the NativeEnv objects.
+    """
+
+    def __init__(self, envs: list, first_env: int, storage: Storage, autoreset_mode: AutoresetMode,
+                 env_fns: list | None, env_class: EnvClass):
+        kind = type(envs[0])
+        if env_fns is not None:  # a rebuilt env must be of the same C class, or its restart fails
+            env_fns = [_SameKind(fn, kind) for fn in env_fns]
+        super().__init__(envs, first_env, storage, autoreset_mode, env_fns)
+        self.env_class = env_class
+        self._same_step = autoreset_mode == AutoresetMode.SAME_STEP
+        self._batch = EnvBatch(env_class, first_env, [env._memory for env in envs], storage, autoreset_mode,
+                               self._obs_out[0])
+        self._seeds = np.zeros(len(envs), np.uint64)
+        self._seeded = np.zeros(len(envs), np.uint8)
+
+    def _error(self, env_index: int, status: int, action: str) -> Exception:
+        return env_error(self.env_class, status, action)
+
+    def reset(self, env_ids: np.ndarray, seeds: list, options: dict | None) -> BatchResult:
+        if options:  # C envs take no options: each reset fails as NativeEnv.reset says
+            return super().reset(env_ids, seeds, options)
+        failures: list[EnvFailure] = []
+        ids = []
+        first = self.first_env
+        count = 0
+        for env_index, seed in zip(env_ids.tolist(), seeds):
+            self._pending_restart[env_index - first] = None  # a reset supersedes a restart owed by a dead worker
+            try:
+                self._seeds[count] = 0 if seed is None else check_seed(seed)
+            except Exception as error:  # noqa: BLE001 - reported like an env's own error
+                failures.append(EnvFailure(env_index, "reset", error))
+                continue
+            self._seeded[count] = seed is not None
+            ids.append(env_index)
+            count += 1
+        done, failed = self.core.env_reset_batch(self._batch, np.asarray(ids, np.int32), self._seeds[:count],
+                                                 self._seeded[:count])
+        failures.extend(EnvFailure(e, "reset", self._error(e, status, "reset")) for e, status in failed)
+        self._fail(failures)
+        return BatchResult(done, {}, {}, failures)
+
+    def step(self, env_ids: np.ndarray) -> BatchResult:
+        if self._object_actions:  # actions given in another form (AsGiven): C envs read the slots
+            self._object_actions.clear()
+        infos: dict[int, dict] = {}
+        final_infos: dict[int, dict] = {}
+        restarted: list[int] = []
+        failures: list[EnvFailure] = []
+        if self._restarts_marked:
+            first, pending = self.first_env, self._pending_restart
+            marked = [e for e in env_ids.tolist() if pending[e - first] is not None]
+            for env_index in marked:  # envs of a dead worker: restarted in place of their step
+                reason, pending[env_index - first] = pending[env_index - first], None
+                self._restart_in_batch(env_index, reason, False, infos, restarted, failures)
+            if marked:
+                env_ids = env_ids[~np.isin(env_ids, marked)]
+            self._restarts_marked = any(reason is not None for reason in pending)  # (no scan once all are done)
+        done, failed, ended = self.core.env_step_batch(self._batch, env_ids)
+        if ended is not None:  # SAME_STEP: gymnasium's final_obs / final_info of each ended episode
+            final = self.storage.final_obs[0][ended]
+            for k, env_index in enumerate(ended.tolist()):
+                final_infos[env_index] = {FINAL_OBS_KEY: final[k]}
+        for env_index, status in failed:
+            self._env_failed(env_index, self._error(env_index, status, "step"), infos, restarted, failures)
+        if infos or final_infos:
+            self._mark_infos(infos, final_infos)
+        self._fail(failures)
+        finished = np.concatenate([done, np.asarray(restarted, np.int32)]) if restarted else done
+        return BatchResult(finished, infos, final_infos, failures)
+
+    def _restart(self, env_index: int, error, rebuild: bool = True) -> dict:
+        info = super()._restart(env_index, error, rebuild)
+        local = env_index - self.first_env
+        self._batch.set_env(local, self.envs[local]._memory)
+        return info
+
+
+class _SameKind:
+    """An env factory whose env must be a bare NativeEnv of `kind` (a restart of a C env's batch)."""
+
+    def __init__(self, fn, kind: type):
+        self.fn, self.kind = fn, kind
+
+    def __call__(self):
+        env = self.fn()
+        if type(env) is not self.kind:
+            try:
+                env.close()
+            except Exception:  # noqa: BLE001
+                pass
+            raise TypeError(f"the env factory built a {type(env).__name__} to replace a {self.kind.__name__}: "
+                            "envs stepped in C are rebuilt as the same bare NativeEnv class")
+        return env
 
 
 def _scalar_reward(reward, env_index: int) -> float:

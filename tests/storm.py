@@ -169,15 +169,17 @@ class Collector:
 
 
 def kill_storm(seconds: float, kill_every: float, num_envs: int = 8, num_workers: int = 4, seed: int = 0,
-               horizons=(2, 3, 4), report=None) -> dict:
+               horizons=(2, 3, 4), report=None, env_factory=None) -> dict:
     """SIGKILLs a random worker every ~`kill_every` s for `seconds` while the learner steps with batches held
     (released now and then, and whenever the envs run out of rows); checks every transition exactly once.
+    `env_factory(env_index, fail_every)` makes the envs (default `factory`: `CountingEnv`s).
 
     Returns counts (steps, rows, kills, restarts, rolled_back).  Used by this test and benchmarks/soak.py.
     """
     rng = random.Random(seed)
     horizon = rng.choice(horizons)
-    envs = segvec.SegmentVecEnv([factory(i, 0) for i in range(num_envs)], backend="multiprocessing",
+    make = env_factory or factory
+    envs = segvec.SegmentVecEnv([make(i, 0) for i in range(num_envs)], backend="multiprocessing",
                                 num_workers=num_workers, horizon=horizon, num_segments=3 * num_envs,
                                 batch_size=num_envs // 2, restart_failed_envs=True)
     kills = 0

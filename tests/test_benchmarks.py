@@ -11,7 +11,7 @@ def test_throughput_quick_prints_a_table():
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--quick", "--envs", "cartpole,light",
          "--num-envs", "2", "--methods", "raw,gym-sync,segvec-serial,segvec-sync,segvec-async",
-         "--seconds", "0.1", "--warmup", "0.05"],
+         "--seconds", "0.1", "--warmup", "0.05", "--c-envs", "0"],
         cwd=ROOT, capture_output=True, text=True, timeout=180,
     )
     assert result.returncode == 0, result.stderr
@@ -24,3 +24,18 @@ def test_throughput_quick_prints_a_table():
         assert re.search(r"[\d,]+\s+\d+%\s+[\d.]+x", row), row
     assert "targets" in out
     assert re.search(r"\d+ PASS, \d+ MISS", out)
+
+
+def test_throughput_c_envs_table_prints_ratios_to_the_c_loop():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--quick", "--envs", "none", "--c-envs", "64",
+         "--c-methods", "c-loop,segvec-c-serial,segvec-c-sync,segvec-c-async", "--seconds", "0.1", "--warmup", "0.05"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "segvec/CartPole-c" in out and "x loop" in out
+    for label in ("plain C loop", "segvec serial + segments", "segvec multiprocessing sync + segments",
+                  "segvec mp async (n/2) + segments"):
+        row = next(line for line in out.splitlines() if line.strip().startswith(label))
+        assert re.search(r"[\d,]+\s+\d+%\s+[\d.]+x", row), row

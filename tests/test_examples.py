@@ -144,3 +144,7 @@ def test_ppo_atari_num_minibatches_error(tmp_path):
     pytest.importorskip("ale_py")
     out = run_example(tmp_path, PPO_ATARI, "--num-envs", "8", "--num-minibatches", "3", expect_rc=2)
     assert "error: --num-minibatches 3 must divide --num-envs 8" in out.stderr, out.stderr
+
+
+def test_ppo_on_the_c_cartpole_runs(tmp_path):
+    run_ppo(tmp_path, "--env-id", "segvec/CartPole-c")

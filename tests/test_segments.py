@@ -92,17 +92,18 @@ def collect(batch, run: Run) -> None:
         batch.reward  # noqa: B018 - a released batch cannot be read
 
 
-def drive(cfg: Config, choose, choose_op=None) -> Run:
+def drive(cfg: Config, choose, choose_op=None, env_fns=None) -> Run:
     """Runs the envs of `cfg`; ``choose(k)`` picks an int in [0, k] (hypothesis data or a fixed schedule),
     ``choose_op()`` what the learner does after a step: 0 nothing, 1 take some, 2 take all, 3 flush,
-    4 reset with a new seed (default ``choose(4)``).
+    4 reset with a new seed (default ``choose(4)``).  `env_fns`: the envs' factories (default
+    ``counter_fns``; any env that behaves as `CounterEnv` does, e.g. its C port).
 
     Between steps the learner takes some or all complete rows, flushes, or resets every env with a new
     seed; in DISABLED mode it resets ended envs with ``reset_mask`` after every step.
     """
     E = cfg.num_envs
     envs = segvec.make_vec(
-        counter_fns(E, cfg.max_length), num_envs=E, autoreset_mode=cfg.mode, horizon=cfg.horizon,
+        env_fns or counter_fns(E, cfg.max_length), num_envs=E, autoreset_mode=cfg.mode, horizon=cfg.horizon,
         batch_size=cfg.batch_size, num_segments=cfg.segments_per_env * E, debug=True,
         value_fn=batched_value if cfg.use_value_fn else None, step_fields={"seen": ((4,), np.float64)},
         segment_fields={"first_seen": ((4,), np.float64)}, **backend_options(cfg.backend, E))

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the threaded stress driver (native/stress/driver.c) with the segment core twice -- under
 # ThreadSanitizer, and under AddressSanitizer + UndefinedBehaviorSanitizer -- and runs each build over a few
-# configurations.  Fails on any sanitizer report or driver violation.
+# configurations; then the driver of the C envs' batch loops (native/stress/env_driver.c, one thread) under
+# AddressSanitizer + UndefinedBehaviorSanitizer.  Fails on any sanitizer report or driver violation.
 #
 #   bash native/stress/sanitize.sh [seconds per run (default 5)]
 #
@@ -39,6 +40,16 @@ for name in "${builds[@]}"; do
         exit 1
     fi
 done
+env_sources=(native/stress/env_driver.c native/segvec.c native/segvec_env.c native/envs/cartpole.c
+             native/envs/synthetic_atari.c)
+# shellcheck disable=SC2086  # the flags are words
+if ! "$cc" ${flags[asan]} -std=c11 -O1 -g -pthread -Inative "${env_sources[@]}" -lm -o "$tmp/env-driver-asan" \
+        2>"$tmp/build-env-asan.log"; then
+    cat "$tmp/build-env-asan.log" >&2
+    echo "sanitizers: build of the env driver failed" >&2
+    echo "sanitizers: 0 runs, 0 reports (build failed)"
+    exit 1
+fi
 
 # num_envs num_workers horizon num_segments
 configs=("8 4 2 16" "6 3 1 12" "16 2 5 64")
@@ -83,6 +94,30 @@ for name in "${builds[@]}"; do
             echo "$name: $summary"
         fi
     done
+done
+# num_envs horizon
+env_configs=("8 5" "1 1" "16 3")
+for config in "${env_configs[@]}"; do
+    run_seed=$((seed + run_index))
+    run_index=$((run_index + 1))
+    log="$tmp/run-env-asan-$run_index.log"
+    # shellcheck disable=SC2086  # config is two numbers
+    cmd=("$tmp/env-driver-asan" "$seconds" $config "$run_seed")
+    if command -v timeout >/dev/null; then cmd=(timeout "$limit" "${cmd[@]}"); fi
+    "${cmd[@]}" >"$log" 2>&1
+    rc=$?
+    runs=$((runs + 1))
+    found=$(grep -cE "$report_pattern" "$log")
+    reports=$((reports + found))
+    summary=$(grep -E '^segvec env driver: ' "$log" | tail -n 1)
+    if [ "$rc" -ne 0 ] || [ "$found" -ne 0 ] || [ -z "$summary" ]; then
+        failed=1
+        echo "---- env driver, envs/horizon = $config, seed $run_seed: exit status $rc, $found sanitizer report(s)"
+        head -c 20000 "$log"
+        echo "----"
+    else
+        echo "asan: $summary"
+    fi
 done
 echo "sanitizers: $runs runs, $reports reports"
 if [ "$failed" -ne 0 ] || [ "$reports" -ne 0 ]; then exit 1; fi

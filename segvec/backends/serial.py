@@ -1,8 +1,8 @@
 """The serial backend: every env runs in the learner's process and steps as soon as its action is sent.
 
-The same `EnvRunner` as a worker process's drives the envs, over a block in plain memory.  Env errors are
-kept and raised by the next `wait`, as the multiprocessing backend raises them, so the faces see the same
-thing from both.
+The same runner as a worker process's (`make_runner`) drives the envs, over a block in plain memory.  Env
+errors are kept and raised by the next `wait`, as the multiprocessing backend raises them, so the faces see
+the same thing from both.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 from segvec._core import Geometry, Storage
 from segvec.backends.base import Backend, call_env, env_metadata, set_env_attr
 from segvec.errors import SegvecError, make_env_error
-from segvec.runner import BatchResult, EnvRunner
+from segvec.runner import BatchResult, make_runner
 
 
 class SerialBackend(Backend):
@@ -47,8 +47,8 @@ class SerialBackend(Backend):
 
     def attach(self, geometry: Geometry) -> Storage:
         self.storage = Storage(geometry, shared=False)
-        self.runner = EnvRunner(self.envs, 0, self.storage, self.autoreset_mode,
-                                self.env_fns if self.restart_failed_envs else None)
+        self.runner = make_runner(self.envs, 0, self.storage, self.autoreset_mode,
+                                  self.env_fns if self.restart_failed_envs else None)
         return self.storage
 
     def env_metadata(self) -> dict:

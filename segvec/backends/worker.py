@@ -22,7 +22,7 @@ import cloudpickle
 from segvec._core import MemoryBlock, Storage, Wait
 from segvec.backends.base import call_env, env_metadata, set_env_attr
 from segvec.errors import SegvecError, make_env_error
-from segvec.runner import BatchResult, EnvRunner
+from segvec.runner import BatchResult, EnvRunner, make_runner
 
 IDLE_WAIT_MS = 1000  # a worker with nothing to do looks at its parent this often
 
@@ -99,7 +99,7 @@ def worker_main(worker_index: int, first_env: int, payload, conn, autoreset_mode
         else:
             block = MemoryBlock(nbytes, shared=True, name=name)
         storage = Storage(geometry, block=block, format_block=False)
-        runner = EnvRunner(envs, first_env, storage, autoreset_mode, env_fns if restart_failed_envs else None)
+        runner = make_runner(envs, first_env, storage, autoreset_mode, env_fns if restart_failed_envs else None)
         conn.send((Reply.ATTACHED, None))
         _serve(worker_index, runner, conn)
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
