@@ -1,7 +1,8 @@
 """segvec: vectorized gymnasium environments whose workers write straight into shared segment memory.
 
-Start with `make_vec`; the design of the core is in ``native/segvec.h``.  torch is optional:
-``segvec.TorchSegments`` (from `segvec.torch_utils`) is imported on first use.
+Start with `make_vec`, or `wrap_vector_env` over a batched engine; the design of the core is in
+``native/segvec.h``.  torch is optional: ``segvec.TorchSegments`` (from `segvec.torch_utils`) is imported on
+first use.
 """
 from gymnasium.vector import AutoresetMode
 
@@ -20,7 +21,7 @@ from segvec.errors import (
     WorkerDied,
 )
 from segvec.segments import SegmentBatch, gae
-from segvec.vector import SegmentVecEnv, make_vec
+from segvec.vector import SegmentVecEnv, make_vec, wrap_vector_env
 
 __version__ = "0.1.0"
 
@@ -42,6 +43,7 @@ __all__ = [
     "WorkerDied",
     "gae",
     "make_vec",
+    "wrap_vector_env",
 ]
 
 
