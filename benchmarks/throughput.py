@@ -21,7 +21,8 @@ Methods:
 
 Batched engines (``--engines``, default ``ale,envpool``; each only if installed): Pong stepped by the engine
 alone and by segvec over the same engine (``segvec.wrap_vector_env``), same number of envs, same engine
-settings (``--workers`` threads), each ratio against that engine alone (target: >= 0.9x):
+settings (``--workers`` threads), each ratio against that engine alone (target: >= 0.9x), in steps per
+second and in steps per CPU second of the process (what segvec costs, whatever else runs on the machine):
     ale            ale-py ``AtariVectorEnv("pong")``, ``step`` loop
     segvec-ale     segvec over it, ``step`` loop
     envpool        EnvPool ``Pong-v5``, ``step`` loop
@@ -326,8 +327,10 @@ METHODS: dict[str, tuple[str, Callable, str | None]] = {
 }
 
 
-def measure(step: Callable[[], int], seconds: float, repeats: int, warmup: float) -> list[float]:
-    """Steps for `warmup` seconds, then `repeats` windows of `seconds`; returns steps/s of each window."""
+def measure(step: Callable[[], int], seconds: float, repeats: int, warmup: float,
+            cpu_rates: list | None = None) -> list[float]:
+    """Steps for `warmup` seconds, then `repeats` windows of `seconds`; returns steps/s of each window.
+    With `cpu_rates`, also appends each window's steps per CPU second of this process (all its threads)."""
     clock = time.perf_counter
     end = clock() + warmup
     while clock() < end:
@@ -335,7 +338,7 @@ def measure(step: Callable[[], int], seconds: float, repeats: int, warmup: float
     rates = []
     for _ in range(repeats):
         steps = 0
-        start = clock()
+        start, cpu_start = clock(), time.process_time()
         end = start + seconds
         while True:
             steps += step()
@@ -343,6 +346,8 @@ def measure(step: Callable[[], int], seconds: float, repeats: int, warmup: float
             if now >= end:
                 break
         rates.append(steps / (now - start))
+        if cpu_rates is not None:
+            cpu_rates.append(steps / max(time.process_time() - cpu_start, 1e-9))
     return rates
 
 
@@ -360,8 +365,8 @@ def _short(error: BaseException) -> str:
     return f"error: {type(error).__name__}: {error}"[:60]
 
 
-def run_group(env_id: str, n: int, methods: list[str], args,
-              table: dict | None = None) -> dict[str, tuple[list[float] | None, str | None]]:
+def run_group(env_id: str, n: int, methods: list[str], args, table: dict | None = None,
+              cpu: dict | None = None) -> dict[str, tuple[list[float] | None, str | None]]:
     """Measures every method on `n` copies of `env_id`, interleaving their timed windows.
 
     Every method is built and warmed up first; then each repeat gives every method one window in turn, so
@@ -394,7 +399,8 @@ def run_group(env_id: str, n: int, methods: list[str], args,
             for key in list(live):
                 step, close = live[key]
                 try:
-                    results[key][0].extend(measure(step, args.seconds, 1, settle))
+                    cpu_rates = None if cpu is None else cpu.setdefault(key, [])
+                    results[key][0].extend(measure(step, args.seconds, 1, settle, cpu_rates))
                 except Exception as error:  # noqa: BLE001
                     if args.verbose:
                         traceback.print_exc()
@@ -630,14 +636,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_engines(engines: list[str], counts: list[int], args, results: dict, median) -> list[str]:
     """Pong on each batched engine, alone and under segvec (interleaved windows per number of envs); prints
-    one table per engine, each ratio against that engine alone.  Returns the target lines."""
+    one table per engine, each ratio against that engine alone, in steps per second and in steps per CPU
+    second of this process (the engines' threads included: on a machine that others share, the CPU ratio
+    says what segvec costs, the wall-clock one also what the others took).  Returns the target lines."""
     lines = []
     for engine in engines:
         pairs = ENGINES[engine]
         keys = [key for pair in pairs for key in pair]
+        cpu: dict[tuple, list] = {}
         for n in counts:
-            for key, outcome in run_group(f"engine:{engine}", n, keys, args, ENGINE_METHODS).items():
+            per_method: dict[str, list] = {}
+            for key, outcome in run_group(f"engine:{engine}", n, keys, args, ENGINE_METHODS, per_method).items():
                 results[(f"engine:{engine}", n, key)] = outcome
+                cpu[(n, key)] = per_method.get(key) if outcome[0] else None
         print(f"\n{ENGINE_GAME} on {engine}   (ratio: against the same engine alone, same number of envs; "
               f"{args.workers} engine threads)", flush=True)
         print(f"  {'method':<40}" + "".join(f"{'n=' + str(n):>27}" for n in counts))
@@ -647,10 +658,21 @@ def run_engines(engines: list[str], counts: list[int], args, results: dict, medi
                 print(f"  {ENGINE_METHODS[key][0]:<40}" + "".join(
                     cell(*results[(f"engine:{engine}", n, key)], median(f"engine:{engine}", n, alone))
                     for n in counts), flush=True)
+        print(f"  {'per CPU second of this process':<40}" + "".join(f"{'steps/cpu-s spread  x alone':>27}"
+                                                                   for _ in counts))
+        for alone, over in pairs:
+            for key in (alone, over):
+                print(f"  {ENGINE_METHODS[key][0]:<40}" + "".join(
+                    cell(cpu[(n, key)], "n/a", statistics.median(cpu[(n, alone)]) if cpu[(n, alone)] else None)
+                    for n in counts), flush=True)
             for n in counts:
                 base = median(f"engine:{engine}", n, alone)
                 lines.append(check(f"{ENGINE_GAME} {engine} n={n}: {over}", median(f"engine:{engine}", n, over),
                                    base and 0.9 * base, f">= 0.9 x {alone}"))
+                cpu_over, cpu_alone = cpu[(n, over)], cpu[(n, alone)]
+                lines.append(check(f"{ENGINE_GAME} {engine} n={n}: {over} (per CPU second)",
+                                   statistics.median(cpu_over) if cpu_over else None,
+                                   0.9 * statistics.median(cpu_alone) if cpu_alone else None, f">= 0.9 x {alone}"))
     return lines
 
 

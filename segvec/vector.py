@@ -62,6 +62,7 @@ class AsyncState(enum.Enum):
 
 
 IDLE = (AsyncState.DEFAULT, AsyncState.ASYNC)  # no call waits for its *_wait
+_NEW = int(EnvState.NEW)  # (an int: numpy compares an IntEnum member with an array far slower)
 ERROR_GRACE_S = 2.0  # after an env error, how long reset_wait/step_wait go on collecting the other envs' errors
 
 
@@ -631,7 +632,7 @@ class SegmentVecEnv(VectorEnv):
             SegmentBufferExhausted: the learner holds every row the envs could move to; nothing was sent.
         """
         self._guard("step_async")
-        never = (self._storage.env_state == EnvState.NEW) & ~self._reset_requested
+        never = (self._storage.env_state == _NEW) & ~self._reset_requested
         if self._state == AsyncState.DEFAULT and never.any():  # as gymnasium's vector envs allow
             self.reset(options={"reset_mask": never})
         if self._state == AsyncState.DEFAULT and self._outstanding:

@@ -128,8 +128,11 @@ class _GymnasiumEngine:
         return Landing(self._row_ids(info), obs, None, reward, terminated, truncated, info)
 
     def _row_ids(self, info) -> np.ndarray:
+        """The env of each row of a batch: ``self._ids`` itself when they are every env in env order."""
         if self.ale and isinstance(info, dict) and "env_id" in info:
-            return np.ascontiguousarray(info["env_id"], dtype=np.int32)
+            ids = np.ascontiguousarray(info["env_id"], dtype=np.int32)
+            if len(ids) != self.num_envs or not (ids == self._ids).all():
+                return ids
         return self._ids
 
     def reset(self, env_ids: np.ndarray, seeds: list, options: dict | None) -> Landing:
@@ -264,8 +267,9 @@ class _BatchedInfos:
     batch and its position there, so that a later `take` in any order is one gather per key (none when
     the envs asked are that batch, in its order)."""
 
-    def __init__(self, num_envs: int):
+    def __init__(self, num_envs: int, every_env: np.ndarray):
         self.num_envs = num_envs
+        self.every_env = every_env  # the ids array of a batch of every env in env order
         self.batch = np.full(num_envs, -1, np.int64)   # key of the kept info holding env e's latest info
         self.position = np.zeros(num_envs, np.int64)  # env e's position in it
         self.kept: dict[int, tuple[dict, int | None]] = {}
@@ -276,8 +280,7 @@ class _BatchedInfos:
 
     def put(self, env_ids: np.ndarray, info: dict | None, rows: np.ndarray | None, flags: np.ndarray) -> None:
         n = len(env_ids)
-        every = n == self.num_envs and rows is None and env_ids[0] == 0 and env_ids[-1] == n - 1 \
-            and (n < 3 or bool((env_ids == self._arange).all()))
+        every = env_ids is self.every_env and rows is None
         if not info:
             self.batch[env_ids] = -1
             flags[env_ids] = 0
@@ -290,16 +293,17 @@ class _BatchedInfos:
             if isinstance(value, np.ndarray) and value.ndim:
                 length = len(value)
                 break
-        self.kept[key] = (info, length)
-        flags[env_ids] = 1
         if every:  # (a step of every env: no per-env bookkeeping)
             if not self._identity:
                 self.position[:] = self._arange
                 self._identity = True
+            flags.fill(1)
             self.batch.fill(key)
             self._whole = key
-            self.kept = {key: self.kept[key]}
+            self.kept = {key: (info, length)}
             return
+        self.kept[key] = (info, length)
+        flags[env_ids] = 1
         self._whole = None
         self._identity = False
         self.batch[env_ids] = key
@@ -402,10 +406,12 @@ class EngineBackend(Backend):
                              "is made")
         self.autoreset_mode = autoreset_mode
         E = self.io.num_envs
-        self._all_ids = np.arange(E, dtype=np.int32)
+        self._all_ids = getattr(self.io, "_ids", None)  # the adapter's: a batch of every env in order is it
+        if self._all_ids is None:
+            self._all_ids = np.arange(E, dtype=np.int32)
         self._pending = np.zeros(E, bool)  # sent, waiting for the other envs (engines that step every env at once)
         self._waiting = False  # some are
-        self._batched = _BatchedInfos(E)
+        self._batched = _BatchedInfos(E, self._all_ids)
         self._owns_engine = False
         self._closed = False
 
@@ -620,7 +626,7 @@ class EngineBackend(Backend):
         out[:n, 1] = terminated
         out[:n, 2] = truncated
         if self._next_step:
-            needs = storage.env_needs_reset[ids]
+            needs = storage.env_needs_reset if ids is self._all_ids else storage.env_needs_reset[ids]
             if needs.any():  # the engine's reset step: its action was ignored (reward 0, nothing ended)
                 out[:n, 0:3][needs] = 0.0
                 out[:n, 3] = ~needs
