@@ -658,7 +658,7 @@ def run_engines(engines: list[str], counts: list[int], args, results: dict, medi
                 print(f"  {ENGINE_METHODS[key][0]:<40}" + "".join(
                     cell(*results[(f"engine:{engine}", n, key)], median(f"engine:{engine}", n, alone))
                     for n in counts), flush=True)
-        print(f"  {'per CPU second of this process':<40}" + "".join(f"{'steps/cpu-s spread  x alone':>27}"
+        print(f"  {'per CPU second of this process':<40}" + "".join(f"{'steps/cpu-s spread x alone':>27}"
                                                                    for _ in counts))
         for alone, over in pairs:
             for key in (alone, over):
