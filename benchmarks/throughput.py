@@ -29,11 +29,23 @@ second table whose ratios are to a plain C loop (the ceiling: no Python, no segm
     envpool-sync     EnvPool's CartPole-v1, ``batch_size = n``, ``--workers`` threads (only if installed)
     envpool-async    EnvPool, ``batch_size = n / 2``, ``recv``/``send`` (only if installed)
 
+Batched engines (``--engines``, default ``ale,envpool``; each only if installed): Pong stepped by the engine
+alone and by segvec over the same engine (``segvec.wrap_vector_env``), same number of envs, same engine
+settings (``--workers`` threads), each ratio against that engine alone (target: >= 0.9x), in steps per
+second and in steps per CPU second of the process (what segvec costs, whatever else runs on the machine):
+    ale            ale-py ``AtariVectorEnv("pong")``, ``step`` loop
+    segvec-ale     segvec over it, ``step`` loop
+    envpool        EnvPool ``Pong-v5``, ``step`` loop
+    segvec-envpool segvec over it, ``step`` loop
+    envpool-async  EnvPool ``Pong-v5`` in its async mode (``batch_size = num_envs / 2``), ``recv``/``send`` loop
+    segvec-envpool-async  segvec's async face over it, ``recv``/``send`` loop
+
 Usage:
-    python benchmarks/throughput.py                      # full run (about 9 minutes on 2 cores)
-    python benchmarks/throughput.py --quick --envs cartpole --num-envs 8 --c-envs 0
+    python benchmarks/throughput.py                      # full run (about 20 minutes on 2 cores)
+    python benchmarks/throughput.py --quick --envs cartpole --num-envs 8 --c-envs 0 --engines none
     python benchmarks/throughput.py --envs light,heavy --num-envs 8,32 --seconds 3 --repeats 5
-    python benchmarks/throughput.py --envs none --c-envs 4096    # the C envs' table only
+    python benchmarks/throughput.py --envs none --c-envs 4096 --engines none  # the C envs' table only
+    python benchmarks/throughput.py --envs none --c-envs 0 --engines ale,envpool --num-envs 8   # engines only
 """
 from __future__ import annotations
 
@@ -203,6 +215,117 @@ def setup_segvec_async(env_id: str, n: int, workers: int):
         return len(env_ids)
 
     return step, envs.close
+
+
+# ---- batched engines: each method returns (step, close) like the others -------------------------------
+ENGINE_GAME = "Pong"
+ENGINE_SEGMENT_OPTIONS = {"horizon": 128}  # segvec's defaults otherwise: num_segments = 4 * num_envs
+
+
+def _ale(n: int, workers: int):
+    from ale_py.vector_env import AtariVectorEnv
+
+    return AtariVectorEnv(ENGINE_GAME.lower(), n, num_threads=workers)
+
+
+def _envpool(n: int, workers: int, batch_size: int | None = None):
+    import warnings
+
+    import envpool
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine = envpool.make_gymnasium(f"{ENGINE_GAME}-v5", num_envs=n, batch_size=batch_size or n,
+                                        num_threads=workers, seed=0)
+        engine.single_observation_space  # (built on first use)
+    return engine
+
+
+def _engine_alone(engine, n: int):
+    engine.reset(seed=0) if not _is_envpool(engine) else engine.reset()
+    return _cycling_steps(engine, _batched(engine.single_action_space, n), n)
+
+
+def _is_envpool(engine) -> bool:
+    return any(cls.__module__.startswith("envpool") for cls in type(engine).__mro__)
+
+
+def _segvec_engine(engine, n: int):
+    import warnings
+
+    envs = segvec.wrap_vector_env(engine, **ENGINE_SEGMENT_OPTIONS)
+    actions = _batched(envs.single_action_space, n)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", segvec.SegvecWarning)  # (EnvPool ignores reset seeds, and says so)
+        envs.reset(seed=0)
+    # Steady state, as in training after the first rollouts: every row of the block written once.
+    i = 0
+    while envs.stats()["segments_completed"] < envs.num_segments:
+        envs.step(actions[i % ACTION_BANK])
+        i += 1
+    return _cycling_steps(envs, actions, n)
+
+
+def setup_ale(env_id: str, n: int, workers: int):
+    return _engine_alone(_ale(n, workers), n)
+
+
+def setup_segvec_ale(env_id: str, n: int, workers: int):
+    return _segvec_engine(_ale(n, workers), n)
+
+
+def setup_envpool(env_id: str, n: int, workers: int):
+    return _engine_alone(_envpool(n, workers), n)
+
+
+def setup_segvec_envpool(env_id: str, n: int, workers: int):
+    return _segvec_engine(_envpool(n, workers), n)
+
+
+def setup_envpool_async(env_id: str, n: int, workers: int):
+    engine = _envpool(n, workers, batch_size=n // 2)
+    actions = _batched(engine.single_action_space, n // 2)
+    engine.async_reset()
+    state = {"i": 0}
+
+    def step() -> int:
+        info = engine.recv()[4]
+        engine.send(actions[state["i"] % ACTION_BANK], info["env_id"])
+        state["i"] += 1
+        return n // 2
+
+    return step, engine.close
+
+
+def setup_segvec_envpool_async(env_id: str, n: int, workers: int):
+    envs = segvec.wrap_vector_env(_envpool(n, workers, batch_size=n // 2), **ENGINE_SEGMENT_OPTIONS)
+    actions = _batched(envs.single_action_space, n // 2)
+    envs.async_reset()
+    state = {"i": 0}
+
+    def step() -> int:
+        info = envs.recv()[4]
+        envs.send(actions[state["i"] % ACTION_BANK], info["env_id"])
+        state["i"] += 1
+        return n // 2
+
+    while envs.stats()["segments_completed"] < envs.num_segments:  # steady state (see _segvec_engine)
+        step()
+    return step, envs.close
+
+
+ENGINE_METHODS: dict[str, tuple[str, Callable, str | None]] = {
+    "ale": ("ale-py AtariVectorEnv", setup_ale, "ale_py"),
+    "segvec-ale": ("segvec over AtariVectorEnv", setup_segvec_ale, "ale_py"),
+    "envpool": ("EnvPool (sync)", setup_envpool, "envpool"),
+    "segvec-envpool": ("segvec over EnvPool (sync)", setup_segvec_envpool, "envpool"),
+    "envpool-async": ("EnvPool async (n/2)", setup_envpool_async, "envpool"),
+    "segvec-envpool-async": ("segvec async face over EnvPool async", setup_segvec_envpool_async, "envpool"),
+}
+ENGINES = {  # --engines name: (engine alone, segvec over it) pairs of ENGINE_METHODS
+    "ale": [("ale", "segvec-ale")],
+    "envpool": [("envpool", "segvec-envpool"), ("envpool-async", "segvec-envpool-async")],
+}
 
 
 METHODS: dict[str, tuple[str, Callable, str | None]] = {
@@ -400,8 +523,10 @@ C_METHODS: dict[str, tuple[str, Callable, str | None]] = {
 }
 
 
-def measure(step: Callable[[], int], seconds: float, repeats: int, warmup: float) -> list[float]:
-    """Steps for `warmup` seconds, then `repeats` windows of `seconds`; returns steps/s of each window."""
+def measure(step: Callable[[], int], seconds: float, repeats: int, warmup: float,
+            cpu_rates: list | None = None) -> list[float]:
+    """Steps for `warmup` seconds, then `repeats` windows of `seconds`; returns steps/s of each window.
+    With `cpu_rates`, also appends each window's steps per CPU second of this process (all its threads)."""
     clock = time.perf_counter
     end = clock() + warmup
     while clock() < end:
@@ -409,7 +534,7 @@ def measure(step: Callable[[], int], seconds: float, repeats: int, warmup: float
     rates = []
     for _ in range(repeats):
         steps = 0
-        start = clock()
+        start, cpu_start = clock(), time.process_time()
         end = start + seconds
         while True:
             steps += step()
@@ -417,6 +542,8 @@ def measure(step: Callable[[], int], seconds: float, repeats: int, warmup: float
             if now >= end:
                 break
         rates.append(steps / (now - start))
+        if cpu_rates is not None:
+            cpu_rates.append(steps / max(time.process_time() - cpu_start, 1e-9))
     return rates
 
 
@@ -434,8 +561,8 @@ def _short(error: BaseException) -> str:
     return f"error: {type(error).__name__}: {error}"[:60]
 
 
-def run_group(env_id: str, n: int, methods: list[str], args,
-              table: dict | None = None) -> dict[str, tuple[list[float] | None, str | None]]:
+def run_group(env_id: str, n: int, methods: list[str], args, table: dict | None = None,
+              cpu: dict | None = None) -> dict[str, tuple[list[float] | None, str | None]]:
     """Measures every method (of `table`, default `METHODS`) on `n` copies of `env_id`, interleaving their
     timed windows.
 
@@ -470,7 +597,8 @@ def run_group(env_id: str, n: int, methods: list[str], args,
             for key in list(live):
                 step, close = live[key]
                 try:
-                    results[key][0].extend(measure(step, args.seconds, 1, settle))
+                    cpu_rates = None if cpu is None else cpu.setdefault(key, [])
+                    results[key][0].extend(measure(step, args.seconds, 1, settle, cpu_rates))
                 except Exception as error:  # noqa: BLE001
                     if args.verbose:
                         traceback.print_exc()
@@ -518,7 +646,7 @@ def header(args) -> str:
         f"{platform.release()}, load average {load}",
         f"python {platform.python_version()}, numpy {np.__version__}, gymnasium {gymnasium.__version__}, "
         f"segvec {segvec.__version__}, stable-baselines3 {version_of('stable_baselines3')}, "
-        f"pufferlib {version_of('pufferlib')}, envpool {version_of('envpool')}",
+        f"pufferlib {version_of('pufferlib')}, ale-py {version_of('ale_py')}, envpool {version_of('envpool')}",
         f"settings: {args.seconds:g} s x {args.repeats} repeats after {args.warmup:g} s warm-up, "
         f"{args.workers} workers for PufferLib and segvec multiprocessing; gymnasium Async and SB3 use one "
         f"process per env; synthetic work unit {segvec.envs.calibrate_work() * 1e6:.2f} us",
@@ -615,11 +743,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--envs", default="cartpole,light,heavy",
-                        help="comma list of cartpole, light, heavy or gymnasium ids (default: all three; none: skip)")
+                        help="comma list of cartpole, light, heavy or gymnasium ids (default: all three), or none")
     parser.add_argument("--c-envs", default="4096",
                         help="comma list of env counts for the C envs' table (default 4096; 0: skip it)")
     parser.add_argument("--c-methods", default=",".join(C_METHODS),
                         help=f"comma list among {', '.join(C_METHODS)} (default: all)")
+    parser.add_argument("--engines", default="ale,envpool",
+                        help=f"comma list among {', '.join(ENGINES)}, or none: Pong on batched engines, alone and "
+                             "under segvec (default: both)")
     parser.add_argument("--num-envs", default="8,32", help="comma list of env counts (default: 8,32)")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help=f"comma list among {', '.join(METHODS)} (default: all)")
@@ -648,6 +779,10 @@ def main(argv: list[str] | None = None) -> int:
     for n in c_counts:
         if n < 2 or n % 2 or n % args.workers:
             parser.error(f"--c-envs {n}: needs an even n that is a multiple of --workers")
+    engines = [name.strip() for name in args.engines.split(",") if name.strip() and name.strip() != "none"]
+    unknown_engines = [name for name in engines if name not in ENGINES]
+    if unknown_engines:
+        parser.error(f"unknown engines {unknown_engines}; choose among {list(ENGINES)}")
     counts = [int(c) for c in args.num_envs.split(",") if c.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -688,6 +823,8 @@ def main(argv: list[str] | None = None) -> int:
     if c_counts:
         print_c_table(c_counts, c_methods, args)
 
+    engine_lines = run_engines(engines, counts, args, results, median)
+
     print("\ntargets (got / target steps/s)")
     lines = []
     for env_id in env_ids:
@@ -711,6 +848,7 @@ def main(argv: list[str] | None = None) -> int:
             if "segvec-serial" in methods and "gym-sync" in methods:
                 lines.append(check(f"{where}: segvec-serial", median(env_id, n, "segvec-serial"),
                                    median(env_id, n, "gym-sync"), ">= 1.0 x gymnasium Sync"))
+    lines += engine_lines
     print("\n".join(lines))
     passed = sum(line.endswith("PASS") for line in lines)
     missed = sum(line.endswith("MISS") for line in lines)
@@ -719,6 +857,48 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     print(capacity_line(args.workers, "end", probe_seconds), flush=True)
     return 0
+
+
+def run_engines(engines: list[str], counts: list[int], args, results: dict, median) -> list[str]:
+    """Pong on each batched engine, alone and under segvec (interleaved windows per number of envs); prints
+    one table per engine, each ratio against that engine alone, in steps per second and in steps per CPU
+    second of this process (the engines' threads included: on a machine that others share, the CPU ratio
+    says what segvec costs, the wall-clock one also what the others took).  Returns the target lines."""
+    lines = []
+    for engine in engines:
+        pairs = ENGINES[engine]
+        keys = [key for pair in pairs for key in pair]
+        cpu: dict[tuple, list] = {}
+        for n in counts:
+            per_method: dict[str, list] = {}
+            for key, outcome in run_group(f"engine:{engine}", n, keys, args, ENGINE_METHODS, per_method).items():
+                results[(f"engine:{engine}", n, key)] = outcome
+                cpu[(n, key)] = per_method.get(key) if outcome[0] else None
+        print(f"\n{ENGINE_GAME} on {engine}   (ratio: against the same engine alone, same number of envs; "
+              f"{args.workers} engine threads)", flush=True)
+        print(f"  {'method':<40}" + "".join(f"{'n=' + str(n):>27}" for n in counts))
+        print(f"  {'':<40}" + "".join(f"{'steps/s spread  x alone':>27}" for _ in counts))
+        for alone, over in pairs:
+            for key in (alone, over):
+                print(f"  {ENGINE_METHODS[key][0]:<40}" + "".join(
+                    cell(*results[(f"engine:{engine}", n, key)], median(f"engine:{engine}", n, alone))
+                    for n in counts), flush=True)
+        print(f"  {'per CPU second of this process':<40}" + "".join(f"{'steps/cpu-s spread x alone':>27}"
+                                                                   for _ in counts))
+        for alone, over in pairs:
+            for key in (alone, over):
+                print(f"  {ENGINE_METHODS[key][0]:<40}" + "".join(
+                    cell(cpu[(n, key)], "n/a", statistics.median(cpu[(n, alone)]) if cpu[(n, alone)] else None)
+                    for n in counts), flush=True)
+            for n in counts:
+                base = median(f"engine:{engine}", n, alone)
+                lines.append(check(f"{ENGINE_GAME} {engine} n={n}: {over}", median(f"engine:{engine}", n, over),
+                                   base and 0.9 * base, f">= 0.9 x {alone}"))
+                cpu_over, cpu_alone = cpu[(n, over)], cpu[(n, alone)]
+                lines.append(check(f"{ENGINE_GAME} {engine} n={n}: {over} (per CPU second)",
+                                   statistics.median(cpu_over) if cpu_over else None,
+                                   0.9 * statistics.median(cpu_alone) if cpu_alone else None, f">= 0.9 x {alone}"))
+    return lines
 
 
 if __name__ == "__main__":

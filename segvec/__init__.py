@@ -1,8 +1,8 @@
 """segvec: vectorized gymnasium environments whose workers write straight into shared segment memory.
 
-Start with `make_vec`; the design of the core is in ``native/segvec.h``, envs written in C are
-`segvec.native` (their ABI: ``native/segvec_env.h``).  torch is optional:
-``segvec.TorchSegments`` (from `segvec.torch_utils`) is imported on first use.
+Start with `make_vec`, or `wrap_vector_env` over a batched engine; the design of the core is in
+``native/segvec.h``, envs written in C are `segvec.native` (their ABI: ``native/segvec_env.h``).  torch is
+optional: ``segvec.TorchSegments`` (from `segvec.torch_utils`) is imported on first use.
 """
 from gymnasium.vector import AutoresetMode
 
@@ -21,7 +21,7 @@ from segvec.errors import (
     WorkerDied,
 )
 from segvec.segments import SegmentBatch, gae
-from segvec.vector import SegmentVecEnv, make_vec
+from segvec.vector import SegmentVecEnv, make_vec, wrap_vector_env
 from segvec import native  # noqa: E402 - envs written in C; registers segvec/CartPole-c, segvec/SyntheticAtari-c
 
 native.register_envs()
@@ -47,6 +47,7 @@ __all__ = [
     "gae",
     "make_vec",
     "native",
+    "wrap_vector_env",
 ]
 
 

@@ -541,13 +541,24 @@ class Scatter:
     """Copies a batch's staged observation leaves to their slots (and finished rows' obs[horizon]) in C.
 
     Args:
-        staging: per leaf, ``[n_max, *leaf_shape]`` arrays (the batch's observations, in order).
+        staging: per leaf, ``[n_max, *leaf_shape]`` arrays (the batch's observations, in order), or None
+            when every batch comes in arrays of its own (see `bind`).
         by_slot: per leaf, ``[S * (T + 1), *leaf_shape]`` views of the block's observations.
     """
 
-    def __init__(self, staging: list[np.ndarray], by_slot: list[np.ndarray]):
-        self._plan = [(ffi.from_buffer(out), ffi.from_buffer(dst, require_writable=True), out[0].nbytes)
-                      for out, dst in zip(staging, by_slot)]
+    def __init__(self, staging: list[np.ndarray] | None, by_slot: list[np.ndarray]):
+        self._dst = [(ffi.from_buffer(dst, require_writable=True), dst[0].nbytes) for dst in by_slot]
+        self._plan: list = []
+        self._sources: list = []
+        if staging is not None:
+            self.bind(staging)
+
+    def bind(self, staging: list[np.ndarray]) -> "Scatter":
+        """Reads the next batches from `staging`: per leaf, a C-contiguous ``[n, *leaf_shape]`` array of the
+        leaf's dtype (e.g. the arrays a batched engine returned).  Returns the scatter."""
+        self._sources = staging  # (kept alive while the plan points into them)
+        self._plan = [(ffi.from_buffer(out), dst, item_bytes) for out, (dst, item_bytes) in zip(staging, self._dst)]
+        return self
 
     def __call__(self, obs_slots: np.ndarray, chain_slots: np.ndarray | None = None, leaves=None) -> None:
         self.run(len(obs_slots), ffi.from_buffer("int64_t[]", obs_slots),

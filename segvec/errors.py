@@ -37,7 +37,8 @@ class EnvError(SegvecError):
     ``except ValueError`` still catches a ValueError raised by an env.
 
     Attributes:
-        env_index: index of the env in the vector env.
+        env_index: index of the env in the vector env; -1 when a batched engine as a whole raised
+            (`segvec.wrap_vector_env`), and then ``failed_envs`` lists the envs its call failed.
         worker_traceback: the traceback formatted in the process that ran the env.
         original_type: the original exception's type.
     """
@@ -64,11 +65,13 @@ _ENV_ERROR_TYPES: dict[type, type] = {}
 
 
 def make_env_error(original: BaseException | type, env_index: int, action: str, worker_traceback: str,
-                   detail: str | None = None) -> EnvError:
-    """Builds an EnvError for an exception of `original`'s type raised by env `env_index` in `action`."""
+                   detail: str | None = None, source: str | None = None) -> EnvError:
+    """Builds an EnvError for an exception of `original`'s type raised by env `env_index` in `action`.
+
+    `source` names what raised when it is not one env (a batched engine: ``env_index`` is then -1)."""
     original_type = original if isinstance(original, type) else type(original)
     detail = detail if detail is not None else f"{original_type.__name__}: {original}"
-    message = f"env {env_index} raised in {action}: {detail}"
+    message = f"{source or f'env {env_index}'} raised in {action}: {detail}"
     cls = _ENV_ERROR_TYPES.get(original_type)
     if cls is None:
         cls = EnvError

@@ -61,6 +61,10 @@ def collect_infos(backend, storage, env_ids: np.ndarray, size: int, deadline: fl
     every_env = len(env_ids) == len(storage.env_has_info)  # (then a slice: no gather of the flags)
     if not (storage.env_has_info if every_env else storage.env_has_info[env_ids]).any():
         return infos
+    batched = backend.batched_infos(env_ids, size, deadline)
+    if batched is not None:  # a batched engine's own infos, already in this layout
+        storage.env_has_info[env_ids] = 0
+        return batched
     env_infos, final_infos = backend.infos_for(env_ids, deadline)
     storage.env_has_info[env_ids] = 0
     positions = {int(e): i for i, e in enumerate(env_ids)}

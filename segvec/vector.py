@@ -62,6 +62,7 @@ class AsyncState(enum.Enum):
 
 
 IDLE = (AsyncState.DEFAULT, AsyncState.ASYNC)  # no call waits for its *_wait
+_NEW = int(EnvState.NEW)  # (an int: numpy compares an IntEnum member with an array far slower)
 ERROR_GRACE_S = 2.0  # after an env error, how long reset_wait/step_wait go on collecting the other envs' errors
 
 
@@ -127,12 +128,51 @@ def make_vec(env, num_envs: int = 8, **options) -> "SegmentVecEnv":
     return SegmentVecEnv(_as_env_fns(env, num_envs, env_kwargs), **options)
 
 
+def wrap_vector_env(vec_env, **options) -> "SegmentVecEnv":
+    """A `SegmentVecEnv` whose envs are the sub-envs of a batched engine that steps them itself.
+
+    The engine (a ``gymnasium.vector.VectorEnv``: ``SyncVectorEnv``, ``AsyncVectorEnv``, ale-py's
+    ``AtariVectorEnv``, ...; or an EnvPool env from ``envpool.make_gymnasium``) runs in this process; every
+    batch it returns is written into segment rows by the core's bookkeeping, so all three faces work on
+    it: ``reset``/``step``, ``async_reset``/``recv``/``send`` and ``take_segments`` with exact bootstraps.
+
+    Args:
+        vec_env: the engine.  Its ``single_observation_space``/``single_action_space`` are the envs'; its
+            autoreset mode (``metadata["autoreset_mode"]``) is the vector env's.  It is closed with the
+            vector env.
+        **options: see `SegmentVecEnv`.  ``autoreset_mode`` defaults to the engine's (another raises
+            ValueError); ``batch_size`` to the engine's batch (EnvPool's async mode), else ``num_envs``.
+            ``num_workers``, ``context`` and ``restart_failed_envs`` do not apply (ValueError).
+
+    Example:
+        >>> import gymnasium, segvec
+        >>> engine = gymnasium.vector.SyncVectorEnv([lambda: gymnasium.make("CartPole-v1")] * 4)
+        >>> envs = segvec.wrap_vector_env(engine, horizon=8)
+        >>> obs, info = envs.reset(seed=0)
+        >>> obs.shape, envs.engine is engine
+        ((4, 4), True)
+        >>> envs.close()
+    """
+    from segvec.backends.engine import engine_options
+
+    if options.get("backend", "engine") != "engine":
+        raise ValueError(f"wrap_vector_env uses the 'engine' backend, got backend={options['backend']!r}")
+    options["backend"] = "engine"
+    for key, value in engine_options(vec_env).items():
+        if options.get(key) is None:
+            options[key] = value
+    return SegmentVecEnv(vec_env, **options)
+
+
 class SegmentVecEnv(VectorEnv):
     """A vectorized env whose envs write observations and outcomes into shared segment rows.
 
     Args:
-        env_fns: one zero-argument callable per env, each returning a gymnasium.Env.
-        backend: ``"serial"`` (envs in this process) or ``"multiprocessing"`` (worker processes).
+        env_fns: one zero-argument callable per env, each returning a gymnasium.Env; with
+            ``backend="engine"``, a batched engine (a gymnasium VectorEnv, EnvPool) whose sub-envs are the
+            envs (see `wrap_vector_env`).
+        backend: ``"serial"`` (envs in this process), ``"multiprocessing"`` (worker processes) or
+            ``"engine"`` (the sub-envs of a batched engine, stepped in this process).
         num_workers: worker processes (multiprocessing); default ``min(num_envs, cpu count)`` rounded down
             to a divisor of ``num_envs``.  ``num_envs % num_workers`` must be 0.
         batch_size: envs returned by each ``recv()``; default ``num_envs``.
@@ -222,10 +262,9 @@ class SegmentVecEnv(VectorEnv):
     ):
         self.closed = True  # until construction succeeds: close() is safe at any point
         self._backend = None
-        env_fns = list(env_fns)
-        num_envs = len(env_fns)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {tuple(BACKENDS)}, got {backend!r}")
+        env_fns, num_envs = BACKENDS[backend].source(env_fns)
         if worker is not None:
             raise ValueError("a custom `worker` function is not supported: segvec's workers write observations "
                              "into shared segment memory themselves. Wrap the env instead (gymnasium.Wrapper) to "
@@ -267,6 +306,7 @@ class SegmentVecEnv(VectorEnv):
             storage.objects = ObjectStore(storage.obs_layout, storage.action_layout, self.num_segments, self.horizon,
                                           num_envs)
         self._core = storage.core
+        self.engine = getattr(self._backend, "engine", None)  # the batched engine (backend "engine"), else None
         self._state = AsyncState.DEFAULT
         self._pending_reset_ids: np.ndarray | None = None
         self._call_request: tuple | None = None
@@ -378,7 +418,8 @@ class SegmentVecEnv(VectorEnv):
         self._core.pop_ready(count - len(errors))
         if errors:
             for error in errors:
-                logger.error("%s", f"Received the following error from Worker-{error.env_index} - Shutting it down")
+                source = f"Worker-{error.env_index}" if error.env_index >= 0 else "the engine"
+                logger.error("%s", f"Received the following error from {source} - Shutting it down")
                 logger.error("%s", error.worker_traceback or str(error))
             logger.error("%s", "Raising the last exception back to the main process.")
             raise errors[-1]
@@ -539,6 +580,7 @@ class SegmentVecEnv(VectorEnv):
         if options is not None and "reset_mask" in options:
             env_ids = checks.reset_mask(options.pop("reset_mask"), self.num_envs)
             seeds = [seeds[i] for i in env_ids]
+        self._backend.before_reset(env_ids, options)
         partial = len(env_ids) < self.num_envs and self._state == AsyncState.ASYNC
         self._receive_stragglers(wait=True, keep=np.setdiff1d(self._all_ids, env_ids) if partial else None)
         self._undelivered = self._undelivered[~np.isin(self._undelivered, env_ids)]
@@ -590,7 +632,7 @@ class SegmentVecEnv(VectorEnv):
             SegmentBufferExhausted: the learner holds every row the envs could move to; nothing was sent.
         """
         self._guard("step_async")
-        never = (self._storage.env_state == EnvState.NEW) & ~self._reset_requested
+        never = (self._storage.env_state == _NEW) & ~self._reset_requested
         if self._state == AsyncState.DEFAULT and never.any():  # as gymnasium's vector envs allow
             self.reset(options={"reset_mask": never})
         if self._state == AsyncState.DEFAULT and self._outstanding:

@@ -39,7 +39,7 @@ no_children_left.before = set()
     ({"num_segments": 7}, r"num_segments must be >= 2 \* num_envs = 8"),
     ({"batch_size": 0}, r"batch_size must be an int in \[1, num_envs=4\], got 0"),
     ({"batch_size": 5}, r"batch_size must be an int in \[1, num_envs=4\], got 5"),
-    ({"backend": "threads"}, r"backend must be one of \('serial', 'multiprocessing'\)"),
+    ({"backend": "threads"}, r"backend must be one of \('serial', 'multiprocessing', 'engine'\)"),
 ])
 def test_invalid_sizes(options, message):
     options = {"backend": "serial", **options}

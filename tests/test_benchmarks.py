@@ -1,4 +1,5 @@
 """Smoke test of benchmarks/throughput.py: a tiny run prints its table (no timing asserts)."""
+import importlib.util
 import pathlib
 import re
 import subprocess
@@ -8,18 +9,22 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_throughput_quick_prints_a_table():
+    ale = importlib.util.find_spec("ale_py") is not None
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--quick", "--envs", "cartpole,light",
          "--num-envs", "2", "--methods", "raw,gym-sync,segvec-serial,segvec-sync,segvec-async",
-         "--seconds", "0.1", "--warmup", "0.05", "--c-envs", "0"],
+         "--seconds", "0.1", "--warmup", "0.05", "--c-envs", "0", "--engines", "ale" if ale else "none"],
         cwd=ROOT, capture_output=True, text=True, timeout=180,
     )
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "machine:" in out
     assert "CartPole-v1" in out and "segvec/SyntheticAtari-v0" in out
-    for label in ("gymnasium SyncVectorEnv", "segvec serial", "segvec multiprocessing sync",
-                  "segvec multiprocessing async"):
+    labels = ["gymnasium SyncVectorEnv", "segvec serial", "segvec multiprocessing sync", "segvec multiprocessing async"]
+    if ale:
+        assert "Pong on ale" in out
+        labels += ["ale-py AtariVectorEnv", "segvec over AtariVectorEnv"]
+    for label in labels:
         row = next(line for line in out.splitlines() if line.strip().startswith(label))
         assert re.search(r"[\d,]+\s+\d+%\s+[\d.]+x", row), row
     assert "targets" in out

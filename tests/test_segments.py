@@ -92,7 +92,7 @@ def collect(batch, run: Run) -> None:
         batch.reward  # noqa: B018 - a released batch cannot be read
 
 
-def drive(cfg: Config, choose, choose_op=None, env_fns=None) -> Run:
+def drive(cfg: Config, choose, choose_op=None, env_fns=None, make=None, pending=None) -> Run:
     """Runs the envs of `cfg`; ``choose(k)`` picks an int in [0, k] (hypothesis data or a fixed schedule),
     ``choose_op()`` what the learner does after a step: 0 nothing, 1 take some, 2 take all, 3 flush,
     4 reset with a new seed (default ``choose(4)``).  `env_fns`: the envs' factories (default
@@ -100,13 +100,21 @@ def drive(cfg: Config, choose, choose_op=None, env_fns=None) -> Run:
 
     Between steps the learner takes some or all complete rows, flushes, or resets every env with a new
     seed; in DISABLED mode it resets ended envs with ``reset_mask`` after every step.
+
+    ``make(**options)`` builds the vector env of `CounterEnv`s (default: `segvec.make_vec` on
+    ``cfg.backend``).  ``pending(envs)``: True while sent envs cannot land before others are sent (an
+    engine that steps every env at once); the async face then goes on receiving and sending before a flush.
     """
     E = cfg.num_envs
-    envs = segvec.make_vec(
-        env_fns or counter_fns(E, cfg.max_length), num_envs=E, autoreset_mode=cfg.mode, horizon=cfg.horizon,
+    options = dict(
+        num_envs=E, autoreset_mode=cfg.mode, horizon=cfg.horizon,
         batch_size=cfg.batch_size, num_segments=cfg.segments_per_env * E, debug=True,
         value_fn=batched_value if cfg.use_value_fn else None, step_fields={"seen": ((4,), np.float64)},
-        segment_fields={"first_seen": ((4,), np.float64)}, **backend_options(cfg.backend, E))
+        segment_fields={"first_seen": ((4,), np.float64)})
+    if make is None:
+        envs = segvec.make_vec(env_fns or counter_fns(E, cfg.max_length), **options, **backend_options(cfg.backend, E))
+    else:
+        envs = make(**options)
     run = Run(rows={e: [] for e in range(E)}, received={e: [] for e in range(E)}, sends=np.zeros(E, np.int64),
               flush_points={e: set() for e in range(E)}, phases={e: [(cfg.seed + e, 0)] for e in range(E)},
               stats={})
@@ -140,12 +148,14 @@ def drive(cfg: Config, choose, choose_op=None, env_fns=None) -> Run:
             assert envs.segments_ready == 0
         elif choice == 3:
             collect(envs.take_segments(), run)
+            settle()
             envs.flush()
             closed_rows(range(E))
             collect(envs.take_segments(), run)
         elif choice == 4:
             collect(envs.take_segments(), run)
             seed = next(reseeds)
+            settle()
             for e in range(E):
                 run.phases[e].append((seed + e, int(run.sends[e])))
             closed_rows(range(E))
@@ -159,17 +169,24 @@ def drive(cfg: Config, choose, choose_op=None, env_fns=None) -> Run:
             collect(envs.take_segments(), run)
         return None
 
+    def async_step():
+        obs, rewards, terminated, truncated, infos = envs.recv()
+        env_ids = infos["env_id"]
+        assert 1 <= len(env_ids) <= cfg.batch_size and len(set(env_ids.tolist())) == len(env_ids)
+        note(env_ids, obs, rewards, terminated, truncated, infos)
+        envs.policy_version += 1
+        envs.send(policy(obs), env_ids, value=value_of(obs), seen=obs, first_seen=obs)
+        run.sends[env_ids] += 1
+
+    def settle():
+        while cfg.face == "async" and pending is not None and pending(envs):
+            async_step()
+
     try:
         if cfg.face == "async":
             envs.async_reset(seed=cfg.seed)
             for _ in range(cfg.iterations):
-                obs, rewards, terminated, truncated, infos = envs.recv()
-                env_ids = infos["env_id"]
-                assert 1 <= len(env_ids) <= cfg.batch_size and len(set(env_ids.tolist())) == len(env_ids)
-                note(env_ids, obs, rewards, terminated, truncated, infos)
-                envs.policy_version += 1
-                envs.send(policy(obs), env_ids, value=value_of(obs), seen=obs, first_seen=obs)
-                run.sends[env_ids] += 1
+                async_step()
                 maybe_take()
         else:
             obs, infos = envs.reset(seed=cfg.seed)
@@ -190,6 +207,7 @@ def drive(cfg: Config, choose, choose_op=None, env_fns=None) -> Run:
                 if reset_obs is not None:
                     obs = reset_obs
         collect(envs.take_segments(), run)
+        settle()
         envs.flush()
         closed_rows(range(E))
         collect(envs.take_segments(), run)

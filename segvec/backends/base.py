@@ -8,14 +8,17 @@ given (IN_FLIGHT or RESETTING in the core), write the outcome and the new observ
 through the core, then publish the env; report an env that raised as a failure (the env becomes FAILED).
 
 Life of a backend:
+    source(env_fns)        (static) what SegmentVecEnv's first argument is, and how many envs it gives
     create_envs()          build the envs; returns each env's (observation_space, action_space)
     attach(geometry)       build the segment block for that geometry; returns its `Storage`
     env_metadata()         env 0's ``metadata`` (with ``render_mode``)
+    before_reset(ids, options)   a reset of `ids` begins (nothing changed yet): refuse it, or settle first
     reset(ids, seeds, options)   reset RESETTING envs (their rows are flushed); they publish when done
     send_object_actions(actions)   the object leaves of actions ({env: [values]}), before their dispatch
     after_dispatch()       actions were dispatched through the core (a backend that steps inline does it here)
     wait(min_count, deadline)    until min_count envs are published; raises the envs' errors
     infos_for(ids, deadline)     (infos, final_infos) of the envs whose ``env_has_info`` flag is set
+    batched_infos(ids, size, deadline)   the same, already batched, for envs that report batched infos
     call(name, args, kwargs, env_ids, timeout) / set_attr(name, values, timeout)
     raise_errors()         raises the oldest env error not raised yet (each error is raised once)
     discard_errors(ids)    forgets (with a warning) the errors not raised yet of envs about to be reset
@@ -70,6 +73,17 @@ class Backend(abc.ABC):
         self._errors = kept
 
     @staticmethod
+    def source(env_fns) -> tuple:
+        """``(source, num_envs)`` of what `SegmentVecEnv` was given: here a list of env factories (one per
+        env); a backend with envs of another origin (a batched engine) says what it takes.
+
+        Raises:
+            TypeError: `env_fns` is not what this backend takes.
+        """
+        fns = list(env_fns)
+        return fns, len(fns)
+
+    @staticmethod
     @abc.abstractmethod
     def resolve_num_workers(num_envs: int, num_workers: int | None) -> int:
         """The number of workers to use for `num_envs` envs when the user asked for `num_workers`.
@@ -93,6 +107,11 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def env_metadata(self) -> dict:
         """Env 0's ``metadata``, with its ``render_mode`` under that key."""
+
+    def before_reset(self, env_ids: np.ndarray, options: dict | None) -> None:
+        """A reset of `env_ids` begins: called before anything changes (envs still in flight are waited for
+        after it).  A backend that cannot reset these envs now raises (ValueError); one that holds actions
+        it has not applied yet gives them back.  Nothing to do by default."""
 
     @abc.abstractmethod
     def reset(self, env_ids: np.ndarray, seeds: list, options: dict | None) -> None:
@@ -120,6 +139,12 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def infos_for(self, env_ids: np.ndarray, deadline: float | None = None) -> tuple[dict, dict]:
         """``(infos, final_infos)`` by env index for the envs of `env_ids` whose info flag is set."""
+
+    def batched_infos(self, env_ids: np.ndarray, size: int, deadline: float | None = None) -> dict | None:
+        """The infos of `env_ids` in gymnasium's batched layout (positions 0..len-1 of a batch of `size`),
+        for a backend whose envs report their infos batched already (a batched engine); None (the default):
+        `collect_infos` builds them from `infos_for`, env by env."""
+        return None
 
     @abc.abstractmethod
     def call(self, name, args: tuple, kwargs: dict, env_ids=None, timeout: float | None = None) -> list:
