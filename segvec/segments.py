@@ -77,11 +77,11 @@ def plan_of(storage) -> _Plan:
 class _Selection:
     """Buffer rows in the order of a batch, and their runs of adjacent rows."""
 
-    __slots__ = ("rows", "slice", "_runs")
+    __slots__ = ("rows", "slice", "_runs", "_index")
 
     def __init__(self, rows: np.ndarray, ascending_unique: bool = False):
         self.rows = rows
-        self._runs = None
+        self._runs = self._index = None
         n = len(rows)
         self.slice: slice | None = slice(0, 0)
         if n:
@@ -110,7 +110,11 @@ class _Selection:
 
     def gather(self, array: np.ndarray) -> np.ndarray:
         """`array`'s rows of the selection: a view when they are one run, else one gather (a copy)."""
-        return array[self.slice] if self.slice is not None else array[self.rows]
+        if self.slice is not None:
+            return array[self.slice]
+        if self._index is None:
+            self._index = self.rows.astype(np.intp)  # (numpy indexes with intp: converted once, not per field)
+        return array[self._index]
 
 
 def _index(value: Any, index: np.ndarray) -> Any:
