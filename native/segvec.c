@@ -842,22 +842,37 @@ int segvec_begin_resets(segvec_core_t *c, int32_t n, const int32_t *env_ids) {
 }
 
 int segvec_fill_next_values(segvec_core_t *c, int32_t n, const int32_t *rows, int32_t same_step, float *out) {
+    const int32_t T = c->T;
+    const int any_truncation_value = same_step != 0;
     for (int32_t i = 0; i < n; ++i) {
         int32_t r = rows[i];
         if (r < 0 || r >= c->S) return SEGVEC_ERR_INVALID;
-        int64_t base = (int64_t)r * c->T;
+        int64_t base = (int64_t)r * T;
         int32_t len = c->row_length[r];
-        float *o = out + (int64_t)i * c->T;
-        for (int32_t t = 0; t < c->T; ++t) {
-            int64_t k = base + t;
-            float nv;
-            if (t >= len) nv = 0.0f;
-            else if (c->terminated[k]) nv = 0.0f;
-            else if (c->truncated[k] && (same_step || !isnan(c->truncation_value[k]))) nv = c->truncation_value[k];
-            else if (t == len - 1) nv = c->tail_value[r];
-            else nv = c->value[k + 1];
-            o[t] = nv;
+        const uint8_t *term = c->terminated + base, *trunc = c->truncated + base;
+        const float *value = c->value + base, *tv = c->truncation_value + base;
+        float *o = out + (int64_t)i * T;
+        /* Steps inside the row (t < len - 1): value[t + 1], or 0 where terminated (a branch-free loop the
+         * compiler vectorizes); then, in rows with a truncation, the truncation value where it is known (or,
+         * with same_step, always).  Truncation values are read only in those rows. */
+        int32_t inside = len - 1 < T ? len - 1 : T;
+        uint8_t any_truncated = 0;
+        for (int32_t t = 0; t < inside; ++t) {
+            float next = value[t + 1];
+            any_truncated |= trunc[t];
+            o[t] = term[t] != 0 ? 0.0f : next;
         }
+        if (any_truncated) {
+            for (int32_t t = 0; t < inside; ++t)
+                if (trunc[t] && !term[t] && (any_truncation_value || !isnan(tv[t]))) o[t] = tv[t];
+        }
+        if (len >= 1 && len <= T) { /* the row's last step: the tail value */
+            int32_t t = len - 1;
+            float x = tv[t];
+            float nv = (trunc[t] && (same_step || !isnan(x))) ? x : c->tail_value[r];
+            o[t] = term[t] ? 0.0f : nv;
+        }
+        for (int32_t t = len < 0 ? 0 : len; t < T; ++t) o[t] = 0.0f; /* past the length */
     }
     return SEGVEC_OK;
 }

@@ -28,6 +28,9 @@ class TorchSegments:
         return f"TorchSegments({', '.join(sorted(self.__dict__))})"
 
 
+_CPU = torch.device("cpu")
+
+
 def _as_tensor(array: np.ndarray) -> torch.Tensor:
     """A CPU tensor sharing memory with `array` (a contiguous copy only if torch cannot view it)."""
     try:
@@ -73,52 +76,122 @@ def _map(value: Any, fn):
     return fn(value)
 
 
-def batch_to_torch(batch, device=None, non_blocking: bool = True) -> TorchSegments:
-    """Returns every field of a `SegmentBatch` as torch tensors, in a `TorchSegments`.
+# Fields whose rows are at least this many bytes are copied run by run from the block; smaller ones, when the
+# rows are not one run, are gathered on the host first (a few KiB a row: one copy beats many small ones).
+RUN_COPY_MIN_BYTES = 1 << 16
 
-    On the CPU (``device`` None or ``"cpu"``) each tensor is a ``torch.from_numpy`` view: it shares memory
-    with the batch (with the shared segment buffer itself when ``batch.zero_copy``), so nothing is copied
-    and the tensors are valid until ``batch.release()``.  For a CUDA device, the shared block is page-locked
-    once (cudaHostRegister) and zero-copy views are copied straight from it to the device; other arrays
-    are staged through pinned memory.  Copies are asynchronous when `non_blocking` (ordered on the current
-    stream, so kernels launched afterwards on it see the data; release the batch only after they ran).
 
-    Structured observations and actions (Dict/Tuple spaces) come back as dicts/tuples of tensors.
-    ``final_obs`` comes back as ``(observations, positions)`` tensors; the batch's buffer row indices as
-    ``rows``.
+def batch_to_torch(batch, device=None, non_blocking: bool = True, copy: bool = False, fields=None) -> TorchSegments:
+    """Returns the fields of a `SegmentBatch` (or of `SegmentRows`, a selection of its rows) as torch tensors,
+    in a `TorchSegments`.
+
+    On the CPU (``device`` None or ``"cpu"``) with `copy` False, each tensor is a ``torch.from_numpy`` view of
+    the batch's field: of the shared segment buffer itself when ``batch.zero_copy``, else of the field the
+    batch gathered (on first access), so the tensors are valid until ``batch.release()``.
+
+    For any other device, and on the CPU with `copy` True, each field becomes one fresh tensor
+    ``[n, ...]`` on `device`, filled run by run: every run of adjacent buffer rows (``batch.runs``) is copied
+    straight from the block into its place, with no host gather (fields of fewer than `RUN_COPY_MIN_BYTES`
+    bytes a row, when the rows are not one run, are gathered on the host first: a small copy).  For CUDA the
+    shared block is page-locked once (cudaHostRegister), so these copies are DMA from shared memory,
+    asynchronous when `non_blocking` (ordered on the current stream; ``batch.release()`` waits for them);
+    what does not live in the block (``final_obs``) is staged through pinned memory.
+
+    Structured observations and actions (Dict/Tuple spaces) come back as dicts/tuples of tensors; parts with
+    no fixed shape stay numpy object arrays.  ``final_obs`` comes back as ``(observations, positions)``
+    tensors; the batch's buffer row indices as ``rows`` (a CPU tensor).
 
     Args:
-        batch: a live `SegmentBatch`.
+        batch: a live `SegmentBatch` or `SegmentRows` (or any object with ``fields()``, the fields as
+            attributes, ``final_obs`` and ``rows``: its arrays are converted one by one).
         device: a torch device, or None for the CPU.
         non_blocking: asynchronous host-to-device copies (CUDA only).
+        copy: on the CPU, fresh tensors (copied run by run, as for a device) instead of views.
+        fields: the names to convert (default: every name of ``batch.fields()`` and ``final_obs``).
 
     Returns:
-        A `TorchSegments` with one attribute per name of ``batch.fields()``, plus ``final_obs`` and ``rows``.
+        A `TorchSegments` with one attribute per converted name, plus ``rows``.
 
     Raises:
-        RuntimeError: the batch was released.
+        RuntimeError: the batch was released.  AttributeError: a name in `fields` is no field.
     """
-    device = torch.device("cpu") if device is None else torch.device(device)
-    if device.type == "cpu":
-        convert = _as_tensor
+    device = _CPU if device is None else torch.device(device)
+    check_live = getattr(batch, "_check_live", None)
+    if check_live is not None:
+        check_live()
+    if fields is None:
+        names = list(batch.fields()) + ["final_obs"]
     else:
-        pin = device.type == "cuda" and torch.cuda.is_available()
-        # Zero-copy views lie in the shared block: page-lock it once and copy straight from it.
-        storage = getattr(batch, "_storage", None)
-        registered = pin and storage is not None and register_with_cuda(storage)
-        block = (storage.address, storage.nbytes) if registered else None
+        names, known = list(fields), set(batch.fields()) | {"final_obs"}
+        for name in names:
+            if name not in known:
+                raise AttributeError(f"{type(batch).__name__} has no field {name!r}")
+    tensors: dict[str, Any] = {}
+    if device.type == "cpu" and not copy:  # views of the fields (the hot path of CPU trainers: kept short)
+        arrays = batch._arrays(names) if hasattr(batch, "_arrays") else {name: getattr(batch, name) for name in names}
+        for name, array in arrays.items():
+            if type(array) is np.ndarray and array.dtype != object:
+                tensors[name] = _as_tensor(array)
+            elif name == "final_obs":
+                tensors[name] = (_map(array[0], _as_tensor), _as_tensor(array[1]))
+            else:
+                tensors[name] = _map(array, _as_tensor)
+        tensors["rows"] = torch.from_numpy(np.asarray(batch.rows))
+        return TorchSegments(tensors)
+    pin = device.type == "cuda" and torch.cuda.is_available()
+    storage = getattr(batch, "_storage", None)
+    registered = pin and storage is not None and register_with_cuda(storage)
+    block = (storage.address, storage.nbytes) if registered else None
 
-        def convert(array: np.ndarray) -> torch.Tensor:
-            host = _as_tensor(array)
-            if pin and not (block is not None and _inside(array, *block)):
-                host = host.pin_memory()
-            return host.to(device, non_blocking=non_blocking and pin)
+    def stage(array: np.ndarray) -> torch.Tensor:
+        """A host array to `device`: pinned first for CUDA, unless it lies in the page-locked block."""
+        host = _as_tensor(array)
+        if device.type == "cpu":
+            return host.clone()
+        if pin and not (block is not None and _inside(array, *block)):
+            host = host.pin_memory()
+        return host.to(device, non_blocking=non_blocking and pin)
 
-    arrays = batch.numpy() if hasattr(batch, "numpy") else {}  # one liveness check, not one per field
-    tensors = {name: _map(arrays[name] if name in arrays else getattr(batch, name), convert)
-               for name in batch.fields()}
-    final_obs, positions = batch.final_obs
-    tensors["final_obs"] = (_map(final_obs, convert), convert(positions))
+    if hasattr(batch, "_block_field"):  # run by run, from the block
+        selection = batch._selection
+        runs = selection.runs.tolist()
+        n = len(selection.rows)
+        one_run = len(runs) <= 1
+        direct = non_blocking and registered  # asynchronous DMA straight from the page-locked block
+
+        def from_block(array: np.ndarray) -> torch.Tensor:
+            """This selection's rows of a block array ``[S, ...]``, as one tensor on `device`."""
+            if not one_run and array[0].nbytes < RUN_COPY_MIN_BYTES:
+                return stage(selection.gather(array))  # small rows, several runs: one host gather
+            out = None
+            for position, row, count in runs:
+                part = _as_tensor(array[row:row + count])
+                if out is None:
+                    out = torch.empty((n,) + tuple(part.shape[1:]), dtype=part.dtype, device=device)
+                out[position:position + count].copy_(part, non_blocking=direct)
+            if out is None:  # no rows
+                out = _as_tensor(array[:0]).to(device)
+            return out
+
+        for name in names:
+            if name == "final_obs":
+                continue
+            leaves, objects, layout = batch._block_field(name)
+            if layout is None:
+                tensors[name] = from_block(leaves[0])
+            else:
+                tensors[name] = layout.structure([from_block(leaf) for leaf in leaves], list(objects))
+        if direct and n:
+            event = torch.cuda.Event()
+            event.record()
+            batch._on_release(event.synchronize)  # the rows are read by the copies until the event
+    else:  # any other batch: its arrays one by one
+        for name in names:
+            if name != "final_obs":
+                tensors[name] = _map(getattr(batch, name), stage)
+    if "final_obs" in names:
+        final_obs, positions = batch.final_obs
+        tensors["final_obs"] = (_map(final_obs, stage), stage(positions))
     tensors["rows"] = torch.from_numpy(np.asarray(batch.rows))
     return TorchSegments(tensors)
 

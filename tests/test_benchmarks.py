@@ -1,4 +1,5 @@
-"""Smoke test of benchmarks/throughput.py: a tiny run prints its table (no timing asserts)."""
+"""Smoke tests of benchmarks/throughput.py and benchmarks/handoff.py: tiny runs print their tables (no timing
+asserts)."""
 import importlib.util
 import pathlib
 import re
@@ -44,3 +45,19 @@ def test_throughput_c_envs_table_prints_ratios_to_the_c_loop():
                   "segvec mp async (n/2) + segments"):
         row = next(line for line in out.splitlines() if line.strip().startswith(label))
         assert re.search(r"[\d,]+\s+\d+%\s+[\d.]+x", row), row
+
+
+def test_handoff_quick_prints_every_line():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "handoff.py"), "--envs", "4", "--transitions", "256",
+         "--repeats", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if " segvec " in line]
+    assert len(lines) == 12, result.stdout
+    for case in ("CartPole (4 float32)", "84x84x4 uint8"):
+        for kind in ("contiguous", "non-contiguous"):
+            for line in ("take ", "take + to_torch()", "take + minibatch epoch"):
+                assert any(row.startswith(case) and f" {kind} " in row and f"segvec {line}" in row
+                           and re.search(r"ratio\s+[\d.]+x$", row) for row in lines), (case, kind, line)
