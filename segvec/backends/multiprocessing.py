@@ -11,6 +11,7 @@ import multiprocessing.connection
 import multiprocessing.reduction
 import os
 import pickle
+import select
 import signal
 import time
 from typing import Any, Callable
@@ -23,7 +24,7 @@ from segvec.backends.base import Backend
 from segvec.backends.worker import Command, Reply, env_error_from, worker_main
 from segvec.errors import WorkerDied, warn
 
-WAIT_SLICE_MS = 100
+WAIT_SLICE_MS = 250  # a waiting learner looks after dead workers this often (errors wake it at once)
 LIVENESS_CHECK_S = 0.2  # how often a learner that never waits still checks that its workers live
 
 
@@ -65,6 +66,7 @@ class MultiprocessingBackend(Backend):
         self._reset_options = None
         self._last_liveness_check = time.monotonic()
         self._payloads: list[bytes] = []
+        self._pollers: dict[int, tuple] = {}  # worker -> (pipe fd, poll object), see _readable
         self.num_workers = num_workers
         self.envs_per_worker = len(env_fns) // num_workers
         if context is None or isinstance(context, str):
@@ -258,10 +260,21 @@ class MultiprocessingBackend(Backend):
         for w in range(len(self.pipes)) if workers is None else workers:
             pipe = self.pipes[w]
             try:
-                while pipe.poll():
+                while self._readable(w):
                     self._handle(w, pipe.recv())
-            except (EOFError, ConnectionResetError, BrokenPipeError):
+            except (EOFError, OSError):  # a dead worker's pipe: hung up, reset or closed
                 continue
+
+    def _readable(self, w: int) -> bool:
+        """Whether worker w's pipe holds a message (or hung up), from one poll object per pipe: cheaper than
+        ``conn.poll()``, which builds a selector on every call, for a learner that looks at every wait slice."""
+        fd = self.pipes[w].fileno()
+        entry = self._pollers.get(w)
+        if entry is None or entry[0] != fd:
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            entry = self._pollers[w] = (fd, poller)
+        return bool(entry[1].poll(0))
 
     def infos_for(self, env_ids: np.ndarray, deadline: float | None = None) -> tuple[dict, dict]:
         flags = self.storage.env_has_info
