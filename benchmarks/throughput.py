@@ -55,7 +55,6 @@ import functools
 import importlib
 import importlib.util
 import os
-import pathlib
 import platform
 import statistics
 import sys
@@ -282,24 +281,10 @@ def setup_segvec_envpool(env_id: str, n: int, workers: int):
     return _segvec_engine(_envpool(n, workers), n)
 
 
-def setup_envpool_async(env_id: str, n: int, workers: int):
-    engine = _envpool(n, workers, batch_size=n // 2)
-    actions = _batched(engine.single_action_space, n // 2)
-    engine.async_reset()
-    state = {"i": 0}
-
-    def step() -> int:
-        info = engine.recv()[4]
-        engine.send(actions[state["i"] % ACTION_BANK], info["env_id"])
-        state["i"] += 1
-        return n // 2
-
-    return step, engine.close
-
-
-def setup_segvec_envpool_async(env_id: str, n: int, workers: int):
-    envs = segvec.wrap_vector_env(_envpool(n, workers, batch_size=n // 2), **ENGINE_SEGMENT_OPTIONS)
-    actions = _batched(envs.single_action_space, n // 2)
+def _recv_send_loop(envs, batch: int) -> Callable[[], int]:
+    """An ``async_reset``, then one ``recv``/``send`` of `batch` envs per call (EnvPool's async API, which
+    segvec's async face shares)."""
+    actions = _batched(envs.single_action_space, batch)
     envs.async_reset()
     state = {"i": 0}
 
@@ -307,8 +292,19 @@ def setup_segvec_envpool_async(env_id: str, n: int, workers: int):
         info = envs.recv()[4]
         envs.send(actions[state["i"] % ACTION_BANK], info["env_id"])
         state["i"] += 1
-        return n // 2
+        return batch
 
+    return step
+
+
+def setup_envpool_async(env_id: str, n: int, workers: int):
+    engine = _envpool(n, workers, batch_size=n // 2)
+    return _recv_send_loop(engine, n // 2), engine.close
+
+
+def setup_segvec_envpool_async(env_id: str, n: int, workers: int):
+    envs = segvec.wrap_vector_env(_envpool(n, workers, batch_size=n // 2), **ENGINE_SEGMENT_OPTIONS)
+    step = _recv_send_loop(envs, n // 2)
     while envs.stats()["segments_completed"] < envs.num_segments:  # steady state (see _segvec_engine)
         step()
     return step, envs.close

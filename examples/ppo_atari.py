@@ -30,7 +30,7 @@ from tqdm import tqdm
 import segvec
 
 from common import gae_with_rewards, parse_args, plot_learning_curve  # examples/common.py
-from ppo import CategoricalHead, Rows, layer_init, ppo_update  # examples/ppo.py: the same PPO update
+from ppo import CategoricalHead, Rows, check_args, layer_init, ppo_update  # examples/ppo.py: the same update
 
 gym.register_envs(ale_py)
 
@@ -100,17 +100,6 @@ class Args:
     """gradient norm clip"""
     target_kl: float = 0.0
     """stop an update's epochs early past this approximate KL (0: off)"""
-
-
-def check_args(args: Args) -> str | None:
-    """What is wrong with `args`, said as a command-line error (None when nothing is)."""
-    if args.num_envs < 1 or args.num_minibatches < 1 or args.num_envs % args.num_minibatches:
-        return (f"--num-minibatches {args.num_minibatches} must divide --num-envs {args.num_envs}: each minibatch "
-                f"holds whole rows (num_envs / num_minibatches of them, {args.horizon} steps each)")
-    if args.total_timesteps < args.num_envs * args.horizon:
-        return (f"--total-timesteps {args.total_timesteps} is less than one update's "
-                f"--num-envs {args.num_envs} x --horizon {args.horizon} steps")
-    return None
 
 
 class Game(gym.Wrapper):

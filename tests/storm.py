@@ -212,3 +212,26 @@ def kill_storm(seconds: float, kill_every: float, num_envs: int = 8, num_workers
                     restarts=restarts, rolled_back=stats["rolled_back"], exhausted=collector.exhausted)
     finally:
         envs.close()
+
+
+def collect(envs, rounds: int, error_text: str | None = None):
+    """Steps `rounds` times with action = step % 3 and value = step, taking every segment (and flushing at
+    the end); returns ``(rows, restarts seen, last obs)``.  Every restart must come with ``truncated``, and
+    with `error_text` in its ``env_error`` when given."""
+    rows, restarts_seen = [], 0
+    obs, _ = envs.reset(seed=0)
+    for _ in range(rounds):
+        obs, _, _, truncated, info = envs.step(obs[:, 3].astype(np.int64) % 3, value=obs[:, 3].astype(np.float32))
+        if "env_restarted" in info:
+            restarted = info["_env_restarted"]
+            restarts_seen += int(restarted.sum())
+            assert truncated[restarted].all()
+            if error_text is not None:
+                assert all(error_text in text for text in info["env_error"][restarted])
+        while envs.segments_ready:
+            with envs.take_segments() as batch:
+                rows.extend(rows_of(batch))
+    envs.flush()
+    with envs.take_segments() as batch:
+        rows.extend(rows_of(batch))
+    return rows, restarts_seen, obs

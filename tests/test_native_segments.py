@@ -24,7 +24,7 @@ from conftest import backend_options
 from envs import counter_fns, policy
 from native_envs import NativeCountingEnv, native_counter_fns, native_counting_factory
 from segvec.runner import NativeEnvRunner
-from storm import Collector, assert_exactly_once, kill_storm, rows_of
+from storm import Collector, assert_exactly_once, collect, kill_storm
 from test_segments import DISABLED, NEXT, OPS, SAME, Config, _cycle, check, config_strategy, drive
 
 
@@ -93,25 +93,6 @@ def test_episodes_and_stats_are_those_of_the_python_env(backend):
 
 
 # ---- failures, restarts, dead workers ------------------------------------------------------------------
-def collect(envs, rounds):
-    """Steps `rounds` times with action = step % 3 and values = step, taking every segment."""
-    rows, restarts_seen = [], 0
-    obs, _ = envs.reset(seed=0)
-    for _ in range(rounds):
-        obs, _, _, truncated, info = envs.step(obs[:, 3].astype(np.int64) % 3, value=obs[:, 3].astype(np.float32))
-        if "env_restarted" in info:
-            restarts_seen += int(info["_env_restarted"].sum())
-            assert truncated[info["_env_restarted"]].all()
-            assert all("broke" in text for text in info["env_error"][info["_env_restarted"]])
-        while envs.segments_ready:
-            with envs.take_segments() as batch:
-                rows.extend(rows_of(batch))
-    envs.flush()
-    with envs.take_segments() as batch:
-        rows.extend(rows_of(batch))
-    return rows, restarts_seen, obs
-
-
 def test_a_failing_c_env_raises_env_error_and_is_failed_until_reset(backend):
     envs = segvec.make_vec([native_counting_factory(i, 5 if i == 1 else 0) for i in range(2)], num_envs=2,
                            horizon=4, **backend_options(backend, 2))
@@ -135,7 +116,7 @@ def test_failing_c_envs_are_rebuilt_and_nothing_is_lost(backend, c_steps):
                                 num_workers=None if backend == "serial" else 2, horizon=5, num_segments=64,
                                 restart_failed_envs=True)
     try:
-        rows, restarts_seen, current_obs = collect(envs, rounds=60)
+        rows, restarts_seen, current_obs = collect(envs, rounds=60, error_text="broke")
         stats = envs.stats()
     finally:
         envs.close()

@@ -12,29 +12,9 @@ import numpy as np
 import pytest
 
 import segvec
-from storm import Collector, assert_exactly_once, factory, kill_storm, rows_of
+from storm import Collector, assert_exactly_once, collect, factory, kill_storm
 
 BACKENDS = ["serial", "multiprocessing"]
-
-
-def collect(envs, rounds):
-    """Steps `rounds` times with action = step % 3, takes every segment; returns rows and restart count."""
-    rows = []
-    restarts_seen = 0
-    obs, _ = envs.reset(seed=0)
-    for _ in range(rounds):
-        actions = (obs[:, 3].astype(np.int64) % 3)
-        obs, reward, terminated, truncated, info = envs.step(actions, value=obs[:, 3].astype(np.float32))
-        if "env_restarted" in info:
-            restarts_seen += int(info["_env_restarted"].sum())
-            assert truncated[info["_env_restarted"]].all()
-        while envs.segments_ready:
-            with envs.take_segments() as batch:
-                rows.extend(rows_of(batch))
-    envs.flush()
-    with envs.take_segments() as batch:
-        rows.extend(rows_of(batch))
-    return rows, restarts_seen, obs
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
