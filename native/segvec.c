@@ -29,7 +29,7 @@
 /* The counter of stats field `name` (segvec_stats_t), in the shared block `sh`. */
 #define COUNTER(sh, name) (&(sh)->counters[offsetof(segvec_stats_t, name) / sizeof(int64_t)])
 #define CACHE_LINE 64
-#define WAIT_SLICE_MS 100
+#define WAIT_SLICE_MS 500
 #define SPIN_CHECKS 64
 /* After the spin, a waiter keeps checking for this long, yielding the core between checks, before it
  * sleeps on its futex: a hand-over that comes soon (the learner's turn-around, a worker's batch) then needs

@@ -52,7 +52,7 @@
  *
  * Waiting: a short spin, then up to 50 us of checks that yield the core between them (a hand-over that
  * comes soon needs no wake-up), then a futex on a 32-bit sequence word (Linux; elsewhere a short sleep),
- * always in slices of at most ~100 ms so the caller can look after dead processes and Ctrl-C.  Nobody
+ * always in slices of at most ~500 ms so the caller can look after dead processes and Ctrl-C.  Nobody
  * burns a core while idle.
  *
  * Every function returns an int status (SEGVEC_OK or a negative code, see segvec_strerror); out
@@ -192,7 +192,7 @@ int segvec_flush_envs(segvec_core_t *core, int32_t n, const int32_t *env_ids, co
  * state -> RESETTING. */
 int segvec_begin_resets(segvec_core_t *core, int32_t n, const int32_t *env_ids);
 /* Wait until at least `min_count` envs are published (or fewer if fewer are still outstanding), at most
- * `timeout_ms` (< 0: up to a slice of ~100 ms, then SEGVEC_ERR_TIMEOUT so the caller can check its
+ * `timeout_ms` (< 0: up to a slice of ~500 ms, then SEGVEC_ERR_TIMEOUT so the caller can check its
  * workers and signals).  Returns SEGVEC_ERR_ALERT when a worker posted an error. */
 int segvec_wait_ready(segvec_core_t *core, int32_t min_count, int32_t timeout_ms, int32_t *ready_out);
 /* Pop up to `max_n` published envs (READY -> HELD), oldest publication first. */

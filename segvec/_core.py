@@ -404,7 +404,7 @@ class Core:
         check(lib.segvec_begin_resets(self._core, len(env_ids), ffi.from_buffer("int32_t[]", env_ids)), "reset")
 
     def wait_ready(self, min_count: int, timeout_ms: int) -> tuple[Wait, int]:
-        """Waits (at most `timeout_ms`, and ~100 ms at a time) for `min_count` published envs."""
+        """Waits (at most `timeout_ms`, and ~500 ms at a time) for `min_count` published envs."""
         status = lib.segvec_wait_ready(self._core, min_count, timeout_ms, self._count)
         return _WAITS[status], int(self._count[0])
 

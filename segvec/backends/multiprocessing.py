@@ -24,7 +24,7 @@ from segvec.backends.base import Backend
 from segvec.backends.worker import Command, Reply, env_error_from, worker_main
 from segvec.errors import WorkerDied, warn
 
-WAIT_SLICE_MS = 250  # a waiting learner looks after dead workers this often (errors wake it at once)
+WAIT_SLICE_MS = 500  # a waiting learner looks after dead workers this often (errors wake it at once)
 LIVENESS_CHECK_S = 0.2  # how often a learner that never waits still checks that its workers live
 
 
