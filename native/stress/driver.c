@@ -751,6 +751,17 @@ static void start_worker(int32_t w) {
     wk->running = 1;
 }
 
+/* A dead worker's envs that it FAILED but died before noting: the learner finds them by their state. */
+static void adopt_unnoted_failures(int32_t w) {
+    for (int32_t e = w * G.k; e < (w + 1) * G.k; ++e)
+        if (env_state_now(e) == SEGVEC_ENV_FAILED && Lr.lstate[e] == L_OUT) {
+            Lr.lstate[e] = L_FAILED;
+            Lr.out--;
+            Lr.pending[Lr.n_pending++] = e;
+            Lr.failures++;
+        }
+}
+
 /* A worker that died: join it, segvec_recover_worker, start a replacement with its orders. */
 static void handle_deaths(void) {
     for (int32_t w = 0; w < G.W; ++w) {
@@ -791,17 +802,12 @@ static void handle_deaths(void) {
                 CHECK(Lr.lstate[e] == L_HELD, "env %d HELD, learner state %d", e, Lr.lstate[e]);
                 break;
             case SEGVEC_ENV_FAILED:
-                if (Lr.lstate[e] == L_OUT) { /* failed, the note never sent: the learner finds it here */
-                    Lr.lstate[e] = L_FAILED;
-                    Lr.out--;
-                    Lr.pending[Lr.n_pending++] = e;
-                    Lr.failures++;
-                }
-                break;
+                break; /* adopt_unnoted_failures below */
             default:
                 violation("env %d of dead worker %d in state %d", e, w, st);
             }
         }
+        adopt_unnoted_failures(w);
         /* its reset orders not served: those envs are RESETTING and go to the replacement's list */
         pthread_mutex_lock(&wk->mu);
         wk->n_resets = 0;
@@ -1091,6 +1097,7 @@ static void *learner_main(void *arg) {
                 int32_t lost[MAX_ENVS], n_lost;
                 drain_failures();
                 OK(segvec_recover_worker(Lr.core, w, lost, &n_lost));
+                adopt_unnoted_failures(w);
                 Lr.lost_envs += n_lost;
                 Lr.deaths++;
             }
