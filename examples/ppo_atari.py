@@ -12,12 +12,14 @@ lost while the game goes on, and presses FIRE to start each life in games that n
     pip install "segvec[atari,examples]"                  # ale-py (ROMs included) and opencv
     python examples/ppo_atari.py                          # ALE/Breakout-v5, 10M steps (CUDA when available)
     python examples/ppo_atari.py --total-timesteps 250000 --plot-path /tmp/ppo_atari_learning_curve.png
+    python examples/ppo_atari.py --engine ale             # the games in ale-py's AtariVectorEnv (C++ threads)
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
 import os
+import re
 import time
 
 import ale_py
@@ -25,6 +27,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn as nn
+from ale_py.vector_env import AtariVectorEnv
 from tqdm import tqdm
 
 import segvec
@@ -54,9 +57,14 @@ class Args:
     num_envs: int = 8
     """parallel envs; also the number of rows per update"""
     backend: str = "multiprocessing"
-    """segvec backend: "serial" (in-process) or "multiprocessing" """
+    """segvec backend: "serial" (in-process) or "multiprocessing" (ignored with --engine)"""
     num_workers: int = 0
     """worker processes for the multiprocessing backend (0: segvec's default)"""
+    engine: str = ""
+    """"ale": the games run in ale-py's AtariVectorEnv (C++ threads, its own preprocessing), written into
+    segment rows by segvec.wrap_vector_env; "" (default): each game is a Python env in a segvec worker"""
+    engine_threads: int = 0
+    """threads of the --engine (0: one per CPU core)"""
     horizon: int = 128
     """steps per segment row, i.e. per env per update"""
     total_timesteps: int = 10_000_000
@@ -69,7 +77,7 @@ class Args:
     """frames stacked into one observation"""
     episodic_life: bool = True
     """end a training episode at each life lost (the game goes on, and games that need FIRE to start a life
-    get it); reported returns are still whole games'"""
+    get it); reported returns are still whole games'.  Off by default with --engine, which cannot do it"""
     return_window: int = 20
     """games in the mean return reported"""
 
@@ -156,6 +164,29 @@ class Game(gym.Wrapper):
         return obs, reward, terminated, truncated, info
 
 
+def check_atari_args(args: Args) -> str | None:
+    """examples/ppo.py's checks, and the engine's."""
+    if args.engine not in ("", "ale"):
+        return f'--engine {args.engine!r}: "ale" (ale-py\'s AtariVectorEnv) or "" (Python envs)'
+    if args.engine and args.episodic_life:
+        # ale-py's own options do not fit: its episodic_life restarts the whole game at the first life lost,
+        # and its life_loss_info ends the episode without the reset that the next step then is said to be.
+        return ("--episodic-life needs Python envs: with --engine ale each episode is a whole game "
+                "(leave --episodic-life off)")
+    return check_args(args)
+
+
+def make_engine(args: Args):
+    """ale-py's AtariVectorEnv with the preprocessing that `make_env` gives each Python env: 84x84 grey frames,
+    frame-skip 4 with max-pooling, up to `noop_max` no-ops at reset, a stack of `frame_stack` frames, sticky
+    actions, FIRE at reset where the game needs it; the games' own rewards (training clips them itself)."""
+    game = re.sub(r"(?<!^)(?=[A-Z])", "_", args.env_id.split("/")[-1].split("-")[0]).lower()  # SpaceInvaders
+    return AtariVectorEnv(game, args.num_envs, num_threads=args.engine_threads or (os.cpu_count() or 1),
+                          repeat_action_probability=args.repeat_action_probability, noop_max=args.noop_max,
+                          stack_num=args.frame_stack, frameskip=4, img_height=84, img_width=84, grayscale=True,
+                          episodic_life=False, reward_clipping=False, use_fire_reset=True)
+
+
 def make_env(args: Args):
     """A zero-argument constructor of one preprocessed game."""
 
@@ -201,7 +232,7 @@ class Agent(nn.Module):
 
 
 if __name__ == "__main__":
-    args = parse_args(Args, check=check_args)
+    args = parse_args(Args, defaults=lambda a: {"episodic_life": not a.engine}, check=check_atari_args)
     num_iterations = args.total_timesteps // (args.num_envs * args.horizon)
 
     # ---- Seeding and device ---------------------------------------------------------------------
@@ -213,8 +244,11 @@ if __name__ == "__main__":
 
     # ---- Environments: rows of `horizon` steps of uint8 frame stacks -------------------------------
     start_time = time.time()
-    envs = segvec.make_vec(make_env(args), num_envs=args.num_envs, backend=args.backend,
-                           num_workers=args.num_workers or None, horizon=args.horizon)
+    if args.engine:  # the engine steps its games itself; segvec writes each batch it returns into the rows
+        envs = segvec.wrap_vector_env(make_engine(args), horizon=args.horizon)
+    else:
+        envs = segvec.make_vec(make_env(args), num_envs=args.num_envs, backend=args.backend,
+                               num_workers=args.num_workers or None, horizon=args.horizon)
     agent = Agent(args.frame_stack, int(envs.single_action_space.n)).to(device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
 
@@ -290,6 +324,7 @@ if __name__ == "__main__":
           f"{np.mean(recent) if recent else float('nan'):.1f}; {global_step} steps, {len(episode_returns)} games, "
           f"{elapsed:.1f} s ({global_step / elapsed:.0f} steps/s) on {device}")
     if args.plot_path:
-        title = f"{args.exp_name} on {args.env_id} (segvec, {args.num_envs} envs, {device})"
+        source = "segvec over ale-py's AtariVectorEnv" if args.engine else "segvec"
+        title = f"{args.exp_name} on {args.env_id} ({source}, {args.num_envs} envs, {device})"
         plot_learning_curve(args.plot_path, episode_steps, episode_returns, args.return_window, title)
         print(f"learning curve: {os.path.abspath(args.plot_path)}")

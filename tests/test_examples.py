@@ -140,6 +140,24 @@ def test_ppo_atari_runs(tmp_path):
     assert plot.exists() and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_ppo_atari_runs_on_ale_vector_env(tmp_path):
+    pytest.importorskip("ale_py")
+    out = run_example(tmp_path, PPO_ATARI, "--engine", "ale", "--engine-threads", "1", "--total-timesteps", "256",
+                      "--num-envs", "2", "--horizon", "64", "--num-minibatches", "2", "--update-epochs", "1",
+                      "--no-cuda", "--torch-threads", "1", "--plot-path", "")
+    assert "258 steps" in out.stdout, out.stdout
+    metrics = printed_metrics(out.stdout)
+    assert all(math.isfinite(metrics[name]) for name in LOSSES), out.stdout
+
+
+def test_ppo_atari_engine_errors(tmp_path):
+    pytest.importorskip("ale_py")
+    out = run_example(tmp_path, PPO_ATARI, "--engine", "ale", "--episodic-life", expect_rc=2)
+    assert "error: --episodic-life needs Python envs" in out.stderr, out.stderr
+    out = run_example(tmp_path, PPO_ATARI, "--engine", "envpol", expect_rc=2)
+    assert "error: --engine 'envpol'" in out.stderr, out.stderr
+
+
 def test_ppo_atari_num_minibatches_error(tmp_path):
     pytest.importorskip("ale_py")
     out = run_example(tmp_path, PPO_ATARI, "--num-envs", "8", "--num-minibatches", "3", expect_rc=2)
