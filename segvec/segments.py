@@ -379,13 +379,20 @@ class SegmentBatch(SegmentRows):
         Selections (`rows_view`, `minibatches`) whose ``next_value`` was read before keep what they read.
 
         Args:
-            values: ``[k]`` values of ``final_obs[0]``, in the same order.
+            values: ``[k]`` values of ``final_obs[0]``, in the same order (with value heads ``[k, heads]``).
         """
         self._check_live()
         positions = self._positions_of_final
-        values = np.asarray(values, np.float32).reshape(-1)
-        if len(values) != len(positions):
-            raise ValueError(f"expected {len(positions)} truncation values, got {len(values)}")
+        value_shape = self._storage.geometry.value_shape
+        if value_shape:
+            values = np.asarray(values, np.float32)
+            if values.shape != (len(positions),) + value_shape:
+                raise ValueError(f"expected truncation values of shape {(len(positions),) + value_shape} (one per "
+                                 f"final observation and value head), got {values.shape}")
+        else:
+            values = np.asarray(values, np.float32).reshape(-1)
+            if len(values) != len(positions):
+                raise ValueError(f"expected {len(positions)} truncation values, got {len(values)}")
         rows, steps = positions[:, 0], positions[:, 1]
         self._storage.next_value[self.rows[rows], steps] = values
         gathered = self._data.get("next_value")

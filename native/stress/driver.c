@@ -1176,7 +1176,8 @@ int main(int argc, char **argv) {
                            (int32_t)parse(argv[5], "num_segments", 2, 1 << 20),
                            (int32_t)parse(argv[4], "horizon", 1, 4096),
                            EPISODE_CAPACITY,
-                           0};
+                           0,
+                           1};
     G.seed = (uint64_t)parse(argv[6], "seed", 0, 0x7fffffffL);
     if (cfg.num_envs % cfg.num_workers || cfg.num_segments < 2 * cfg.num_envs) {
         fprintf(stderr, "driver: num_envs %% num_workers must be 0 and num_segments >= 2 * num_envs\n");
