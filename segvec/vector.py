@@ -628,6 +628,7 @@ class SegmentVecEnv(VectorEnv):
 
         Accepts the learner fields of `send` (``value=``, ``logprob=``, step/segment fields) so that the
         gymnasium face fills segments with them.  Follows ``autoreset_mode`` like gymnasium's vector envs.
+        Rewards are ``(num_envs,)``, or ``(num_envs, k)`` with ``value_shape=(k,)`` (the rewards per head).
         Envs that were never reset are reset first (no seed): an env's first observation starts its row.
         """
         self.step_async(actions, **learner_fields)
@@ -761,7 +762,8 @@ class SegmentVecEnv(VectorEnv):
         envs the rows are.  When they are every env outstanding (always with ``batch_size == num_envs``),
         they come in env id order, so synchronous stepping never depends on the workers' timing; otherwise
         in the order they became ready.  Rewards, terminations and truncations are the outcome of each
-        env's previous action (0/False right after a reset).
+        env's previous action (0/False right after a reset); rewards are ``(n,)``, or ``(n, k)`` with
+        ``value_shape=(k,)``.
 
         Raises:
             NoAsyncCallError: nothing is outstanding (call `async_reset` or `send` first).
@@ -796,7 +798,8 @@ class SegmentVecEnv(VectorEnv):
         Args:
             actions: ``[len(env_ids), *action_shape]`` (structured spaces: their batched structure).
             env_ids: the envs, e.g. ``infos["env_id"]`` of the last `recv`.
-            value, logprob: ``[len(env_ids)]`` stored at each env's current step (NaN when omitted).
+            value, logprob: ``[len(env_ids)]`` stored at each env's current step (NaN when omitted); with
+                ``value_shape=(k,)``, `value` is ``[len(env_ids), k]`` (one value per head).
             **fields: step and segment fields declared at construction.
 
         Raises:
