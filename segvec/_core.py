@@ -805,14 +805,15 @@ class EnvBatch:
 def gae_kernel(reward, value, next_value, terminated, truncated, mask, length, gamma, lam,
                advantages: np.ndarray, returns: np.ndarray) -> None:
     """The C GAE kernel on checked, C-contiguous arrays (see `segvec.advantages.gae_numpy`): reward, value,
-    next_value and the outputs ``[n, T]`` or ``[n, T, k]``; the flags ``[n, T]``; gamma and lam float32
-    arrays of one entry per head (1 for ``[n, T]``)."""
+    next_value and the outputs ``[n, T]`` or ``[n, T, k]``; the flags ``[n, T]``; gamma and lam floats for
+    ``[n, T]``, sequences of k floats for ``[n, T, k]`` (each rounded to float32)."""
     n, T = reward.shape[:2]
     heads = reward.shape[2] if reward.ndim == 3 else 1
     check(lib.segvec_gae(n, T, heads, *(ffi.from_buffer("float[]", a) for a in (reward, value, next_value)),
                          *(ffi.from_buffer("uint8_t[]", a) for a in (terminated, truncated, mask)),
-                         ffi.from_buffer("int32_t[]", length), ffi.from_buffer("float[]", gamma),
-                         ffi.from_buffer("float[]", lam),
+                         ffi.from_buffer("int32_t[]", length),
+                         ffi.new("float[]", gamma if reward.ndim == 3 else (gamma,)),
+                         ffi.new("float[]", lam if reward.ndim == 3 else (lam,)),
                          ffi.from_buffer("float[]", advantages, require_writable=True),
                          ffi.from_buffer("float[]", returns, require_writable=True)), "gae")
 

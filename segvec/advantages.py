@@ -40,14 +40,8 @@ def _number(name: str, value, wanted: str = "a real number") -> float:
     return float(value)
 
 
-def _per_head(name: str, value, heads: int | None):
-    """`value` (gamma or lam) checked: a float without heads; with k heads a tuple of k floats (a single
-    number serves every head)."""
-    if heads is None or isinstance(value, numbers.Real):
-        number = _number(name, value, "a real number" if heads is None else "a real number or one per value head")
-        if not math.isfinite(number):
-            raise ValueError(f"gae: {name} must be finite, got {number}")
-        return number if heads is None else (number,) * heads
+def _per_head(name: str, value, heads: int):
+    """`value` (gamma or lam), a sequence, checked: a tuple of `heads` finite floats."""
     try:
         entries = np.asarray(value.detach().cpu() if hasattr(value, "detach") else value)
     except (TypeError, ValueError, RuntimeError) as error:
@@ -96,10 +90,19 @@ def check_gae_inputs(batch, gamma, lam, rho_clip=None, c_clip=None, behaviour_lo
             outside ``[0, T]``; `gamma` or `lam` is not finite, or is a sequence without k entries (or without
             heads); a clip is not > 0; a clip or `behaviour_logprob` is given without `target_logprob`.
     """
-    if isinstance(gamma, numbers.Real) or not hasattr(gamma, "__len__"):
-        _per_head("gamma", gamma, None)  # (a plain number is checked before the fields, as always)
-    if isinstance(lam, numbers.Real) or not hasattr(lam, "__len__"):
-        _per_head("lam", lam, None)
+    per_head = {}  # gamma / lam given as sequences, checked once the number of heads is known
+    if hasattr(gamma, "__len__"):
+        per_head["gamma"] = gamma
+    else:
+        gamma = _number("gamma", gamma)  # (a plain number is checked before the fields, as always)
+        if not math.isfinite(gamma):
+            raise ValueError(f"gae: gamma must be finite, got {gamma}")
+    if hasattr(lam, "__len__"):
+        per_head["lam"] = lam
+    else:
+        lam = _number("lam", lam)
+        if not math.isfinite(lam):
+            raise ValueError(f"gae: lam must be finite, got {lam}")
     rho_clip, c_clip = (None if clip is None else _number(name, clip, "None or a real number")
                         for name, clip in (("rho_clip", rho_clip), ("c_clip", c_clip)))
     for name, clip in (("rho_clip", rho_clip), ("c_clip", c_clip)):
@@ -143,7 +146,13 @@ def check_gae_inputs(batch, gamma, lam, rho_clip=None, c_clip=None, behaviour_lo
             raise ValueError(f"gae: {name} has shape {got}, expected {expected}{what}")
         arrays[key] = array
     heads = shape[2] if len(shape) == 3 else None
-    gamma, lam = _per_head("gamma", gamma, heads), _per_head("lam", lam, heads)
+    if heads is not None:
+        gamma = (gamma,) * heads if "gamma" not in per_head else _per_head("gamma", gamma, heads)
+        lam = (lam,) * heads if "lam" not in per_head else _per_head("lam", lam, heads)
+    elif per_head:
+        raise TypeError(f"gae: {next(iter(per_head))} must be a real number, got "
+                        f"{type(next(iter(per_head.values()))).__name__} (one per value head needs rewards of "
+                        "shape (n, T, k))")
     length, T = arrays["length"], shape[1]
     if shape[0]:
         for bound in (int(length.min()), int(length.max())):
@@ -235,8 +244,7 @@ def gae_numpy(batch, gamma: float, lam: float, rho_clip: float | None = None, c_
     _check_sent(x, real["value"], flag["mask"], length)
     advantages, returns = np.empty(shape, np.float32), np.empty(shape, np.float32)
     gae_kernel(real["reward"], real["value"], real["next_value"], flag["terminated"], flag["truncated"],
-               flag["mask"], length, np.array(gamma, np.float32).reshape(-1), np.array(lam, np.float32).reshape(-1),
-               advantages, returns)
+               flag["mask"], length, gamma, lam, advantages, returns)
     return advantages, returns
 
 
