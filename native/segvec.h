@@ -194,9 +194,9 @@ int segvec_count_envs(segvec_core_t *core, int32_t state_mask, int32_t *count_ou
 /* Close each env's filling row at its cursor (rows of length 0 are kept, not closed), complete its row
  * that awaits a bootstrap, and start a new row.  The envs must be the learner's (NEW, HELD or FAILED) or
  * landed (READY), else SEGVEC_ERR_NOT_HELD; when the new rows cannot all be had, SEGVEC_ERR_NO_FREE_ROW; in both cases
- * nothing changed.  The tail bootstrap (the value of the env's current observation) is `tail_values[i * H + h]`
- * ([n, H]), or with `tail_values` NULL the value the learner already sent for that observation (NaN if none).  For
- * each env, `copy_from_out[i]` and `copy_to_out[i]` are observation slots (r * (T + 1) + t): copy the
+ * nothing changed.  The tail bootstraps (the values of the env's current observation) are `tail_values`
+ * [n, H], or with `tail_values` NULL the values the learner already sent for that observation (NaN if
+ * none).  For each env, `copy_from_out[i]` and `copy_to_out[i]` are observation slots (r * (T + 1) + t): copy the
  * current observation from one to the other (-1 when there is nothing to copy).  Used by flush() and
  * before every reset. */
 int segvec_flush_envs(segvec_core_t *core, int32_t n, const int32_t *env_ids, const float *tail_values,
@@ -213,8 +213,8 @@ int segvec_pop_ready(segvec_core_t *core, int32_t max_n, int32_t *env_ids_out, i
 /* Validate and stamp a send: each env must be HELD (not twice in one call), else SEGVEC_ERR_NOT_HELD;
  * when the spare rows it needs cannot all be had, SEGVEC_ERR_NO_FREE_ROW; in both cases nothing changed.
  * Writes value (`values` is [n, H]; NULL: NaN), logprob (NULL: NaN) and policy_version into the env's
- * current slot, completes its row awaiting a bootstrap with that value, and reserves a spare row for each env that is at its row's last
- * slot.  `slot_out[i]` = r * T + t, the step slot where the caller writes the action and step fields;
+ * current slot, completes its row awaiting a bootstrap with that value, and reserves a spare row for each
+ * env that is at its row's last slot.  `slot_out[i]` = r * T + t, the step slot where the caller writes the action and step fields;
  * `row_start_out[i]` = 1 when t == 0 (the caller writes segment fields).  State HELD -> SENDING. */
 int segvec_prepare_send(segvec_core_t *core, int32_t n, const int32_t *env_ids, const float *values,
                         const float *logprobs, int64_t policy_version, int64_t *slot_out,
@@ -291,8 +291,8 @@ int segvec_commit_steps(segvec_core_t *core, int32_t n, const int32_t *env_ids, 
 int segvec_commit_resets(segvec_core_t *core, int32_t n, const int32_t *env_ids, int64_t *obs_slot_out);
 /* A rebuilt env (restart_failed_envs) starts a new episode at its cursor slot t, in the same row: the
  * transition before it (slot t - 1, when it is a real one in this row and not terminated) becomes
- * truncated with the value already sent for slot t as its truncation value (every head) (unless slot t already starts
- * an episode: an autoreset, or an earlier restart here, whose cut stands); slot t gets episode_start
+ * truncated with the values already sent for slot t as its truncation values, head by head (unless slot t
+ * already starts an episode: an autoreset, or an earlier restart here, whose cut stands); slot t gets episode_start
  * and its value is cleared (the learner sends the value of the new observation).  The learner sees the
  * env with truncated = 1.  `obs_slot_out` is where the new observation goes.  The env is IN_FLIGHT. */
 int segvec_restart_env(segvec_core_t *core, int32_t env_id, int64_t *obs_slot_out);

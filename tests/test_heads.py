@@ -254,6 +254,29 @@ def test_to_torch_keeps_the_head_axis(make_envs):
         np.testing.assert_allclose(ret_t.numpy(), ret_np, rtol=1e-5, atol=1e-6)
 
 
+@requires_torch
+@pytest.mark.skipif(torch is None or not torch.cuda.is_available(), reason="needs CUDA")
+def test_heads_on_the_device_match_the_host(make_envs):
+    """``to_torch("cuda")`` keeps the head axis; GAE per head on the device equals the C kernel's."""
+    envs = make_envs(env_fns(VectorRewardEnv, 4), 4, "serial", horizon=5, value_shape=(K,))
+    with rollout(envs, 16, seed=4) as batch:
+        tensors = batch.to_torch("cuda")
+        torch.cuda.synchronize()
+        for name in ("value", "reward", "next_value"):
+            assert getattr(tensors, name).device.type == "cuda"
+            np.testing.assert_array_equal(getattr(tensors, name).cpu().numpy(), getattr(batch, name))
+        behaviour = np.zeros(batch.mask.shape, np.float32)
+        target = np.random.default_rng(0).normal(0, 0.5, batch.mask.shape).astype(np.float32)
+        adv, ret = segvec.gae(batch, GAMMAS, LAMS, rho_clip=1.0, c_clip=1.0, behaviour_logprob=behaviour,
+                              target_logprob=target)
+        adv_t, ret_t = segvec.gae(tensors, GAMMAS, LAMS, rho_clip=1.0, c_clip=1.0,
+                                  behaviour_logprob=torch.from_numpy(behaviour).cuda(),
+                                  target_logprob=torch.from_numpy(target).cuda())
+        assert adv_t.device.type == "cuda"
+        np.testing.assert_allclose(adv_t.cpu().numpy(), adv, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(ret_t.cpu().numpy(), ret, rtol=1e-5, atol=1e-5)
+
+
 # ---- the kernels on random batches -----------------------------------------------------------------------
 @st.composite
 def head_batches(draw):
