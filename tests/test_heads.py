@@ -7,7 +7,11 @@ lam), and hypothesis batches for the kernels (C and torch, plain and clipped).
 from __future__ import annotations
 
 import functools
+import os
+import pathlib
 import re
+import subprocess
+import sys
 import types
 
 import gymnasium
@@ -445,3 +449,17 @@ def test_sb3_adapter_refuses_heads():
             SB3VecEnv(envs)
     finally:
         envs.close()
+
+
+# ---- the example -----------------------------------------------------------------------------------------------
+@requires_torch
+def test_value_heads_example_trains_both_heads(tmp_path):
+    """examples/value_heads.py runs a few updates as a user would run it, and reports both heads' losses."""
+    root = pathlib.Path(__file__).resolve().parent.parent
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, str(root / "examples" / "value_heads.py"), "--total-timesteps", "512",
+                          "--num-envs", "4", "--horizon", "32", "--update-epochs", "1"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120, env=environment)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    losses = [float(v) for v in re.findall(r"^losses/aux_value_loss (\S+)$", out.stdout, re.MULTILINE)]
+    assert len(losses) >= 2 and all(np.isfinite(losses)), out.stdout[-2000:]
