@@ -281,6 +281,42 @@ def test_heads_on_the_device_match_the_host(make_envs):
         np.testing.assert_allclose(ret_t.cpu().numpy(), ret, rtol=1e-5, atol=1e-5)
 
 
+def test_one_head_gives_the_numbers_of_no_heads(make_envs, backend):
+    """``value_shape=(1,)`` stores and bootstraps exactly what ``value_shape=()`` does, with a head axis."""
+    batches = {}
+    for value_shape in ((), (1,)):
+        envs = make_envs(env_fns(CounterEnv, 2), 2, backend, horizon=4, value_shape=value_shape,
+                         autoreset_mode=AutoresetMode.SAME_STEP, value_fn=lambda obs: value_of(obs).reshape(
+                             (-1,) + value_shape))
+        obs, _ = envs.reset(seed=9)
+        for _ in range(17):
+            obs, *_ = envs.step(policy(obs), value=value_of(obs).reshape((-1,) + value_shape))
+        with envs.take_segments() as batch:
+            batches[value_shape] = {name: np.array(getattr(batch, name)) for name in ("value", "reward", "next_value")}
+            batches[value_shape]["gae"] = np.stack(segvec.gae(batch, [0.9] if value_shape else 0.9, 0.8))
+    for name, array in batches[()].items():
+        np.testing.assert_array_equal(batches[(1,)][name][..., 0], array, err_msg=name)
+
+
+def test_restarted_env_truncates_with_every_head(make_envs):
+    """restart_failed_envs: the transition before a failed step is truncated, bootstrapped head by head by
+    the values already sent for the observation the env failed on."""
+    from fault_envs import FaultEnv
+
+    fn = functools.partial(FaultEnv, index=0, fault="step", at_step=5, times=1)
+    envs = make_envs([fn], 1, "serial", horizon=8, num_segments=4, value_shape=(2,), restart_failed_envs=True)
+    obs, _ = envs.reset(seed=0)
+    for step in range(12):
+        obs, _, _, truncated, info = envs.step(np.zeros(1, np.int64), value=np.array([[step, 100.0 + step]]))
+    envs.flush()
+    with envs.take_segments() as batch:
+        cuts = np.argwhere(batch.truncated & batch.mask)  # (a rebuilt env fails again at its step 5)
+        assert len(cuts) >= 1
+        for i, t in cuts:
+            np.testing.assert_array_equal(batch.next_value[i, t], batch.value[i, t] + 1)  # sent for the failed step
+            assert not np.array_equal(batch.next_value[i, t], batch.value[i, t + 1])      # not the new episode's
+
+
 # ---- the kernels on random batches -----------------------------------------------------------------------
 @st.composite
 def head_batches(draw):
