@@ -418,7 +418,8 @@ class Core:
 
     # ---- learner ----------------------------------------------------------------------------------
     def flush_envs(self, env_ids: np.ndarray, tail_values: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Closes the envs' rows in progress; returns ``(copy_from, copy_to)`` observation slots (-1: none)."""
+        """Closes the envs' rows in progress; returns ``(copy_from, copy_to)`` observation slots (-1: none).
+        `tail_values`: None (the values already sent), or float32 ``[n, *value_shape]``, C-contiguous."""
         n = len(env_ids)
         check(lib.segvec_flush_envs(
             self._core, n, ffi.from_buffer("int32_t[]", env_ids),
@@ -440,7 +441,8 @@ class Core:
         return self._ids[:self._count[0]].copy()
 
     def prepare_send(self, env_ids: np.ndarray, values, logprobs, policy_version: int) -> tuple[np.ndarray, np.ndarray]:
-        """Stamps a send; returns ``(step slots, row starts as uint8)``.  All or nothing.
+        """Stamps a send; returns ``(step slots, row starts as uint8)``.  All or nothing.  `values`: None or
+        float32 ``[n, *value_shape]`` and `logprobs` None or float32 ``[n]``, C-contiguous.
 
         Raises:
             NotReceivedError: an env is not held (not received, failed, or named twice).
