@@ -1225,23 +1225,24 @@ int segvec_scatter_obs(const void *obs, int64_t item_bytes, int32_t n, const int
     return SEGVEC_OK;
 }
 
-/* GAE of head h of row i (see segvec_gae); always inlined, so heads = 1 compiles to the scalar loop. */
+/* GAE of head h of row i (see segvec_gae): flags at base + t, head values at (base + t) * H + h.  Always
+ * inlined, so heads = 1 compiles to the scalar loop. */
 static inline __attribute__((always_inline)) void gae_row_head(
-        int32_t T, int32_t H, int32_t h, int32_t len, const float *reward, const float *value,
+        int64_t base, int32_t T, int32_t H, int32_t h, int32_t len, const float *reward, const float *value,
         const float *next_value, const uint8_t *terminated, const uint8_t *truncated, const uint8_t *mask,
         float gamma, float lam, float *adv, float *ret) {
     float running = 0.0f; /* advantage of the step after t, 0 when the recursion stops */
     for (int32_t t = T - 1; t >= 0; --t) {
-        int64_t k = (int64_t)t * H + h;
-        if (t >= len || !mask[t]) {
+        int64_t f = base + t, k = f * H + h;
+        if (t >= len || !mask[f]) {
             adv[k] = 0.0f;
             ret[k] = 0.0f;
             running = 0.0f;
             continue;
         }
-        float nv = terminated[t] ? 0.0f : next_value[k];
+        float nv = terminated[f] ? 0.0f : next_value[k];
         float delta = reward[k] + gamma * nv - value[k];
-        int stop = terminated[t] || truncated[t] || t == len - 1;
+        int stop = terminated[f] || truncated[f] || t == len - 1;
         running = delta + (stop ? 0.0f : gamma * lam * running);
         adv[k] = running;
         ret[k] = running + value[k];
@@ -1253,10 +1254,9 @@ int segvec_gae(int32_t n, int32_t T, int32_t H, const float *reward, const float
                const int32_t *length, const float *gamma, const float *lam, float *adv, float *ret) {
     if (n < 0 || T < 1 || H < 1) return SEGVEC_ERR_INVALID;
     for (int32_t i = 0; i < n; ++i) {
-        int64_t flags = (int64_t)i * T, items = flags * H;
-#define GAE_ROW(H_, h_)                                                                                      \
-    gae_row_head(T, H_, h_, length[i], reward + items, value + items, next_value + items, terminated + flags, \
-                 truncated + flags, mask + flags, gamma[h_], lam[h_], adv + items, ret + items)
+        int64_t base = (int64_t)i * T;
+#define GAE_ROW(H_, h_) gae_row_head(base, T, H_, h_, length[i], reward, value, next_value, terminated, truncated, \
+                                     mask, gamma[h_], lam[h_], adv, ret)
         if (H == 1)
             GAE_ROW(1, 0);
         else
