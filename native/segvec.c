@@ -115,7 +115,7 @@ typedef struct {
 struct segvec_core {
     shared_t *shared;
     char *base;
-    int32_t E, W, S, T, K, envs_per_worker;
+    int32_t E, W, S, T, K, H, envs_per_worker;   /* K: episode ring entries, H: value heads */
     pthread_mutex_t pool_mutex;   /* the learner's threads take turns on the row pool */
     /* every array of the block (see SEGVEC_ARRAYS and INTERNAL_ARRAYS) */
 #define POINTER_FIELD(name, ctype, ...) ctype *name;
@@ -150,7 +150,7 @@ static int64_t align_up(int64_t x) { return (x + CACHE_LINE - 1) & ~(int64_t)(CA
 static int config_is_valid(const segvec_config_t *c) {
     if (c->num_envs < 1 || c->num_workers < 1 || c->num_workers > SEGVEC_MAX_WORKERS) return 0;
     if (c->num_envs % c->num_workers != 0) return 0;
-    if (c->horizon < 1 || c->episode_capacity < 1) return 0;
+    if (c->horizon < 1 || c->episode_capacity < 1 || c->value_heads < 1) return 0;
     if ((int64_t)c->num_segments < 2 * (int64_t)c->num_envs) return 0;
     return 1;
 }
@@ -161,6 +161,9 @@ static int64_t dims_count(const segvec_config_t *c, int32_t dims) {
     case SEGVEC_DIMS_ST: return (int64_t)c->num_segments * c->horizon;
     case SEGVEC_DIMS_S: return c->num_segments;
     case SEGVEC_DIMS_E: return c->num_envs;
+    case SEGVEC_DIMS_STH: return (int64_t)c->num_segments * c->horizon * c->value_heads;
+    case SEGVEC_DIMS_SH: return (int64_t)c->num_segments * c->value_heads;
+    case SEGVEC_DIMS_EH: return (int64_t)c->num_envs * c->value_heads;
     default: return c->episode_capacity;
     }
 }
@@ -223,6 +226,7 @@ static void bind(segvec_core_t *c, shared_t *sh) {
     c->S = sh->config.num_segments;
     c->T = sh->config.horizon;
     c->K = sh->config.episode_capacity;
+    c->H = sh->config.value_heads;
     c->envs_per_worker = c->E / c->W;
 #define BIND_PUBLIC(name, ctype, ...) c->name = (ctype *)(b + L->name);
 #define BIND_INTERNAL(name, ctype, count) c->name = (ctype *)(b + I->name);
@@ -266,20 +270,22 @@ static void pool_unlock(segvec_core_t *c) { pthread_mutex_unlock(&c->pool_mutex)
 
 /* Fresh contents of a row about to be filled (no lock needed: the caller owns the row). */
 static void reset_row_data(segvec_core_t *c, int32_t row) {
-    int64_t base = (int64_t)row * c->T;
+    int64_t base = (int64_t)row * c->T, head_base = base * c->H, head_count = (int64_t)c->T * c->H;
     float fresh_reward = c->shared->config.poison ? (float)SEGVEC_POISON_REWARD_MILLI / 1000.0f : 0.0f;
     for (int32_t t = 0; t < c->T; ++t) {
-        c->reward[base + t] = fresh_reward;
-        c->value[base + t] = NAN;
         c->logprob[base + t] = NAN;
-        c->truncation_value[base + t] = NAN;
         c->policy_version[base + t] = 0;
+    }
+    for (int64_t k = 0; k < head_count; ++k) {
+        c->reward[head_base + k] = fresh_reward;
+        c->value[head_base + k] = NAN;
+        c->truncation_value[head_base + k] = NAN;
     }
     memset(c->terminated + base, 0, (size_t)c->T);
     memset(c->truncated + base, 0, (size_t)c->T);
     memset(c->mask + base, 0, (size_t)c->T);
     memset(c->episode_start + base, 0, (size_t)c->T);
-    c->tail_value[row] = NAN;
+    for (int32_t h = 0; h < c->H; ++h) c->tail_value[(int64_t)row * c->H + h] = NAN;
     c->row_length[row] = 0;
 }
 
@@ -624,6 +630,11 @@ static int claim_for_send(segvec_core_t *c, int32_t n, const int32_t *env_ids) {
     return SEGVEC_OK;
 }
 
+/* dst[h] = src[h] for every value head. */
+static inline void copy_heads(const segvec_core_t *c, float *dst, const float *src) {
+    for (int32_t h = 0; h < c->H; ++h) dst[h] = src[h];
+}
+
 int segvec_prepare_send(segvec_core_t *c, int32_t n, const int32_t *env_ids, const float *values,
                         const float *logprobs, int64_t policy_version, int64_t *slot_out,
                         uint8_t *row_start_out) {
@@ -654,15 +665,15 @@ int segvec_prepare_send(segvec_core_t *c, int32_t n, const int32_t *env_ids, con
     for (int32_t i = 0; i < n; ++i) {
         int32_t e = env_ids[i];
         int64_t slot = (int64_t)c->env_row[e] * c->T + c->env_step[e];
-        float v = values ? values[i] : NAN;
-        c->value[slot] = v;
+        const float *v = values ? values + (int64_t)i * c->H : NULL;
+        for (int32_t h = 0; h < c->H; ++h) c->value[slot * c->H + h] = v ? v[h] : NAN;
         c->logprob[slot] = logprobs ? logprobs[i] : NAN;
         c->policy_version[slot] = policy_version;
         c->env_sent_slot[e] = slot;
         slot_out[i] = slot;
         row_start_out[i] = c->env_step[e] == 0;
         if (c->awaiting_row[e] >= 0) {
-            c->tail_value[c->awaiting_row[e]] = v;
+            copy_heads(c, c->tail_value + (int64_t)c->awaiting_row[e] * c->H, c->value + slot * c->H);
             complete_row_locked(c, c->awaiting_row[e]);
             c->awaiting_row[e] = -1;
         }
@@ -741,7 +752,8 @@ static void roll_back(segvec_core_t *c, int32_t e) {
     if (c->awaiting_row[e] == r) c->awaiting_row[e] = -1;
     c->row_state[r] = SEGVEC_ROW_FILLING;
     c->row_length[r] = 0;
-    c->reward[slot] = c->shared->config.poison ? (float)SEGVEC_POISON_REWARD_MILLI / 1000.0f : 0.0f;
+    for (int32_t h = 0; h < c->H; ++h)
+        c->reward[slot * c->H + h] = c->shared->config.poison ? (float)SEGVEC_POISON_REWARD_MILLI / 1000.0f : 0.0f;
     c->terminated[slot] = c->truncated[slot] = c->mask[slot] = 0;
     c->env_row[e] = r;
     c->env_step[e] = t;
@@ -799,18 +811,19 @@ int segvec_flush_envs(segvec_core_t *c, int32_t n, const int32_t *env_ids, const
         }
     for (int32_t i = 0; i < n; ++i) {
         int32_t e = env_ids[i];
-        float tail = tail_values ? tail_values[i] : c->value[(int64_t)c->env_row[e] * c->T + c->env_step[e]];
+        const float *tail = tail_values ? tail_values + (int64_t)i * c->H
+                                        : c->value + ((int64_t)c->env_row[e] * c->T + c->env_step[e]) * c->H;
         copy_from_out[i] = -1;
         copy_to_out[i] = -1;
         if (c->awaiting_row[e] >= 0) {
-            c->tail_value[c->awaiting_row[e]] = tail;
+            copy_heads(c, c->tail_value + (int64_t)c->awaiting_row[e] * c->H, tail);
             complete_row_locked(c, c->awaiting_row[e]);
             c->awaiting_row[e] = -1;
         }
         int32_t row = c->env_row[e], t = c->env_step[e];
         if (t == 0) continue; /* nothing written in this row yet: keep it */
         c->row_length[row] = t;
-        c->tail_value[row] = tail;
+        copy_heads(c, c->tail_value + (int64_t)row * c->H, tail);
         complete_row_locked(c, row);
         int32_t fresh = c->env_spare[e] >= 0 ? c->env_spare[e] : reserve_row_locked(c, e);
         c->env_spare[e] = -1;
@@ -841,38 +854,51 @@ int segvec_begin_resets(segvec_core_t *c, int32_t n, const int32_t *env_ids) {
     return SEGVEC_OK;
 }
 
-int segvec_fill_next_values(segvec_core_t *c, int32_t n, const int32_t *rows, int32_t same_step, float *out) {
+/* The bootstraps of head h of row r into o[t * H + h] (see segvec_fill_next_values).  Always inlined, so
+ * the call with H = 1 and h = 0 compiles to the plain scalar loops. */
+static inline __attribute__((always_inline)) void fill_row_head(const segvec_core_t *c, int32_t r,
+                                                                int32_t same_step, int32_t H, int32_t h,
+                                                                float *o) {
     const int32_t T = c->T;
-    const int any_truncation_value = same_step != 0;
+    int64_t base = (int64_t)r * T;
+    int32_t len = c->row_length[r];
+    const uint8_t *term = c->terminated + base, *trunc = c->truncated + base;
+    const float *value = c->value + base * H + h, *tv = c->truncation_value + base * H + h;
+    o += h;
+    /* Steps inside the row (t < len - 1): value[t + 1], or 0 where terminated (a branch-free loop the
+     * compiler vectorizes); then, in rows with a truncation, the truncation value where it is known (or,
+     * with same_step, always).  Truncation values are read only in those rows. */
+    int32_t inside = len - 1 < T ? len - 1 : T;
+    uint8_t any_truncated = 0;
+    for (int32_t t = 0; t < inside; ++t) {
+        float next = value[(int64_t)(t + 1) * H];
+        any_truncated |= trunc[t];
+        o[(int64_t)t * H] = term[t] != 0 ? 0.0f : next;
+    }
+    if (any_truncated) {
+        for (int32_t t = 0; t < inside; ++t)
+            if (trunc[t] && !term[t] && (same_step || !isnan(tv[(int64_t)t * H]))) o[(int64_t)t * H] = tv[(int64_t)t * H];
+    }
+    if (len >= 1 && len <= T) { /* the row's last step: the tail value */
+        int32_t t = len - 1;
+        float x = tv[(int64_t)t * H];
+        float nv = (trunc[t] && (same_step || !isnan(x))) ? x : c->tail_value[(int64_t)r * H + h];
+        o[(int64_t)t * H] = term[t] ? 0.0f : nv;
+    }
+    for (int32_t t = len < 0 ? 0 : len; t < T; ++t) o[(int64_t)t * H] = 0.0f; /* past the length */
+}
+
+int segvec_fill_next_values(segvec_core_t *c, int32_t n, const int32_t *rows, int32_t same_step, float *out) {
+    const int64_t row_items = (int64_t)c->T * c->H;
+    same_step = same_step != 0;
+    for (int32_t i = 0; i < n; ++i)
+        if (rows[i] < 0 || rows[i] >= c->S) return SEGVEC_ERR_INVALID;
     for (int32_t i = 0; i < n; ++i) {
-        int32_t r = rows[i];
-        if (r < 0 || r >= c->S) return SEGVEC_ERR_INVALID;
-        int64_t base = (int64_t)r * T;
-        int32_t len = c->row_length[r];
-        const uint8_t *term = c->terminated + base, *trunc = c->truncated + base;
-        const float *value = c->value + base, *tv = c->truncation_value + base;
-        float *o = out + (int64_t)i * T;
-        /* Steps inside the row (t < len - 1): value[t + 1], or 0 where terminated (a branch-free loop the
-         * compiler vectorizes); then, in rows with a truncation, the truncation value where it is known (or,
-         * with same_step, always).  Truncation values are read only in those rows. */
-        int32_t inside = len - 1 < T ? len - 1 : T;
-        uint8_t any_truncated = 0;
-        for (int32_t t = 0; t < inside; ++t) {
-            float next = value[t + 1];
-            any_truncated |= trunc[t];
-            o[t] = term[t] != 0 ? 0.0f : next;
-        }
-        if (any_truncated) {
-            for (int32_t t = 0; t < inside; ++t)
-                if (trunc[t] && !term[t] && (any_truncation_value || !isnan(tv[t]))) o[t] = tv[t];
-        }
-        if (len >= 1 && len <= T) { /* the row's last step: the tail value */
-            int32_t t = len - 1;
-            float x = tv[t];
-            float nv = (trunc[t] && (same_step || !isnan(x))) ? x : c->tail_value[r];
-            o[t] = term[t] ? 0.0f : nv;
-        }
-        for (int32_t t = len < 0 ? 0 : len; t < T; ++t) o[t] = 0.0f; /* past the length */
+        float *o = out + (int64_t)i * row_items;
+        if (c->H == 1)
+            fill_row_head(c, rows[i], same_step, 1, 0, o);
+        else
+            for (int32_t h = 0; h < c->H; ++h) fill_row_head(c, rows[i], same_step, c->H, h, o);
     }
     return SEGVEC_OK;
 }
@@ -1024,12 +1050,12 @@ int segvec_commit_steps(segvec_core_t *c, int32_t n, const int32_t *env_ids, con
         double r = o->reward;
         uint8_t term = o->terminated != 0.0, trunc = o->truncated != 0.0, real = o->valid != 0.0;
         uint8_t started = o->episode_started != 0.0;
-        c->reward[slot] = (float)r;
+        for (int32_t h = 0; h < c->H; ++h) c->reward[slot * c->H + h] = (float)r;
         c->env_last_slot[e] = slot;
         c->terminated[slot] = term;
         c->truncated[slot] = trunc;
         c->mask[slot] = real;
-        c->env_last_reward[e] = r;
+        for (int32_t h = 0; h < c->H; ++h) c->env_last_reward[(int64_t)e * c->H + h] = r;
         c->env_last_terminated[e] = term;
         c->env_last_truncated[e] = trunc;
         c->env_needs_reset[e] = o->needs_reset != 0.0;
@@ -1082,7 +1108,7 @@ int segvec_commit_steps(segvec_core_t *c, int32_t n, const int32_t *env_ids, con
 static void begin_episode(segvec_core_t *c, int32_t e, int64_t *obs_slot_out) {
     int32_t row = c->env_row[e], t = c->env_step[e];
     c->episode_start[(int64_t)row * c->T + t] = 1;
-    c->env_last_reward[e] = 0.0;
+    for (int32_t h = 0; h < c->H; ++h) c->env_last_reward[(int64_t)e * c->H + h] = 0.0;
     c->env_last_slot[e] = -1;
     c->env_last_terminated[e] = 0;
     c->env_last_truncated[e] = 0;
@@ -1113,9 +1139,9 @@ int segvec_restart_env(segvec_core_t *c, int32_t e, int64_t *obs_slot_out) {
      * (an autoreset, or an earlier restart at this same slot, whose cut stands). */
     if (c->env_step[e] > 0 && !c->episode_start[slot] && c->mask[slot - 1] && !c->terminated[slot - 1]) {
         c->truncated[slot - 1] = 1;
-        c->truncation_value[slot - 1] = c->value[slot];
+        copy_heads(c, c->truncation_value + (slot - 1) * c->H, c->value + slot * c->H);
     }
-    c->value[slot] = NAN;
+    for (int32_t h = 0; h < c->H; ++h) c->value[slot * c->H + h] = NAN;
     c->logprob[slot] = NAN;
     begin_episode(c, e, obs_slot_out);
     c->env_last_truncated[e] = 1;
@@ -1199,29 +1225,43 @@ int segvec_scatter_obs(const void *obs, int64_t item_bytes, int32_t n, const int
     return SEGVEC_OK;
 }
 
-int segvec_gae(int32_t n, int32_t T, const float *reward, const float *value, const float *next_value,
+/* GAE of head h of row i (see segvec_gae): flags at base + t, head values at (base + t) * H + h.  Always
+ * inlined, so heads = 1 compiles to the scalar loop. */
+static inline __attribute__((always_inline)) void gae_row_head(
+        int64_t base, int32_t T, int32_t H, int32_t h, int32_t len, const float *reward, const float *value,
+        const float *next_value, const uint8_t *terminated, const uint8_t *truncated, const uint8_t *mask,
+        float gamma, float lam, float *adv, float *ret) {
+    float running = 0.0f; /* advantage of the step after t, 0 when the recursion stops */
+    for (int32_t t = T - 1; t >= 0; --t) {
+        int64_t f = base + t, k = f * H + h;
+        if (t >= len || !mask[f]) {
+            adv[k] = 0.0f;
+            ret[k] = 0.0f;
+            running = 0.0f;
+            continue;
+        }
+        float nv = terminated[f] ? 0.0f : next_value[k];
+        float delta = reward[k] + gamma * nv - value[k];
+        int stop = terminated[f] || truncated[f] || t == len - 1;
+        running = delta + (stop ? 0.0f : gamma * lam * running);
+        adv[k] = running;
+        ret[k] = running + value[k];
+    }
+}
+
+int segvec_gae(int32_t n, int32_t T, int32_t H, const float *reward, const float *value, const float *next_value,
                const uint8_t *terminated, const uint8_t *truncated, const uint8_t *mask,
-               const int32_t *length, float gamma, float lam, float *adv, float *ret) {
-    if (n < 0 || T < 1) return SEGVEC_ERR_INVALID;
+               const int32_t *length, const float *gamma, const float *lam, float *adv, float *ret) {
+    if (n < 0 || T < 1 || H < 1) return SEGVEC_ERR_INVALID;
     for (int32_t i = 0; i < n; ++i) {
         int64_t base = (int64_t)i * T;
-        int32_t len = length[i];
-        float running = 0.0f; /* advantage of the step after t, 0 when the recursion stops */
-        for (int32_t t = T - 1; t >= 0; --t) {
-            int64_t k = base + t;
-            if (t >= len || !mask[k]) {
-                adv[k] = 0.0f;
-                ret[k] = 0.0f;
-                running = 0.0f;
-                continue;
-            }
-            float nv = terminated[k] ? 0.0f : next_value[k];
-            float delta = reward[k] + gamma * nv - value[k];
-            int stop = terminated[k] || truncated[k] || t == len - 1;
-            running = delta + (stop ? 0.0f : gamma * lam * running);
-            adv[k] = running;
-            ret[k] = running + value[k];
-        }
+#define GAE_ROW(H_, h_) gae_row_head(base, T, H_, h_, length[i], reward, value, next_value, terminated, truncated, \
+                                     mask, gamma[h_], lam[h_], adv, ret)
+        if (H == 1)
+            GAE_ROW(1, 0);
+        else
+            for (int32_t h = 0; h < H; ++h) GAE_ROW(H, h);
+#undef GAE_ROW
     }
     return SEGVEC_OK;
 }

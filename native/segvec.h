@@ -11,10 +11,18 @@
  *
  *   row r of the buffer = `horizon` consecutive steps of ONE env;  slot (r, t) = step t of row r.
  *
- *   reward, terminated, truncated, mask, episode_start,
- *   value, logprob, policy_version, truncation_value    [num_segments, horizon]
- *   tail_value, row_env_id, row_length, row_start_step  [num_segments]
+ *   terminated, truncated, mask, episode_start,
+ *   logprob, policy_version                              [num_segments, horizon]
+ *   reward, value, truncation_value, next_value          [num_segments, horizon, value_heads]
+ *   row_env_id, row_length, row_start_step               [num_segments]
+ *   tail_value                                           [num_segments, value_heads]
  *   observations (Python)                                [num_segments, horizon + 1, *obs_shape]
+ *
+ * Value heads: every value the learner sends, every bootstrap and every reward is a vector of
+ * `value_heads` (H) floats, head-minor (slot (r, t) head h at (r * T + t) * H + h).  The bootstrap rules
+ * hold head by head; the env's own scalar reward (the outcome a worker commits) goes to every head and
+ * counts in the episode statistics; a runner with one reward per head overwrites the heads after the
+ * commit, before it publishes the env.  H = 1 is the plain scalar case: the same bytes as a [S, T] array.
  *
  * Ownership is handed over, never shared: an env is owned by the learner (NEW, HELD, SENDING, FAILED) or
  * by its worker (RESETTING, IN_FLIGHT) until the worker publishes it (READY), and only the owner touches
@@ -67,7 +75,7 @@
 /* SEGVEC_CDEF_BEGIN */
 
 enum {
-    SEGVEC_VERSION = 3,
+    SEGVEC_VERSION = 4,
     SEGVEC_MAX_WORKERS = 1024,
     SEGVEC_POISON_REWARD_MILLI = -42420   /* debug builds fill fresh rewards with -42.42 */
 };
@@ -118,16 +126,21 @@ typedef struct segvec_config {
     int32_t horizon;            /* >= 1 */
     int32_t episode_capacity;   /* finished-episode ring; >= 1 */
     int32_t poison;             /* 1: fill fresh rows' rewards with -42.42 (debug) */
+    int32_t value_heads;        /* H >= 1: values, bootstraps and rewards per step are H-vectors */
 } segvec_config_t;
 
 /* The arrays of the block other processes and languages view (their list is SEGVEC_ARRAYS below the
  * declarations): element types and shape kinds, and where array i lies for a given config. */
 enum segvec_dtype { SEGVEC_FLOAT32 = 0, SEGVEC_FLOAT64 = 1, SEGVEC_INT32 = 2, SEGVEC_INT64 = 3, SEGVEC_BOOL = 4 };
-enum segvec_dims {             /* S = num_segments, T = horizon, E = num_envs, K = episode_capacity */
+enum segvec_dims {             /* S = num_segments, T = horizon, E = num_envs, K = episode_capacity,
+                                * H = value_heads */
     SEGVEC_DIMS_ST = 0,        /* [S, T]: one item per step slot */
     SEGVEC_DIMS_S = 1,         /* [S]: one per row */
     SEGVEC_DIMS_E = 2,         /* [E]: one per env */
-    SEGVEC_DIMS_K = 3          /* [K]: one per entry of the finished-episode ring */
+    SEGVEC_DIMS_K = 3,         /* [K]: one per entry of the finished-episode ring */
+    SEGVEC_DIMS_STH = 4,       /* [S, T, H]: one item per step slot and value head */
+    SEGVEC_DIMS_SH = 5,        /* [S, H]: one per row and value head */
+    SEGVEC_DIMS_EH = 6         /* [E, H]: one per env and value head */
 };
 typedef struct segvec_array_info {
     const char *name;          /* the array's name, e.g. "reward" */
@@ -181,9 +194,9 @@ int segvec_count_envs(segvec_core_t *core, int32_t state_mask, int32_t *count_ou
 /* Close each env's filling row at its cursor (rows of length 0 are kept, not closed), complete its row
  * that awaits a bootstrap, and start a new row.  The envs must be the learner's (NEW, HELD or FAILED) or
  * landed (READY), else SEGVEC_ERR_NOT_HELD; when the new rows cannot all be had, SEGVEC_ERR_NO_FREE_ROW; in both cases
- * nothing changed.  The tail bootstrap (the value of the env's current observation) is `tail_values[i]`,
- * or with `tail_values` NULL the value the learner already sent for that observation (NaN if none).  For
- * each env, `copy_from_out[i]` and `copy_to_out[i]` are observation slots (r * (T + 1) + t): copy the
+ * nothing changed.  The tail bootstraps (the values of the env's current observation) are `tail_values`
+ * [n, H], or with `tail_values` NULL the values the learner already sent for that observation (NaN if
+ * none).  For each env, `copy_from_out[i]` and `copy_to_out[i]` are observation slots (r * (T + 1) + t): copy the
  * current observation from one to the other (-1 when there is nothing to copy).  Used by flush() and
  * before every reset. */
 int segvec_flush_envs(segvec_core_t *core, int32_t n, const int32_t *env_ids, const float *tail_values,
@@ -199,9 +212,9 @@ int segvec_wait_ready(segvec_core_t *core, int32_t min_count, int32_t timeout_ms
 int segvec_pop_ready(segvec_core_t *core, int32_t max_n, int32_t *env_ids_out, int32_t *n_out);
 /* Validate and stamp a send: each env must be HELD (not twice in one call), else SEGVEC_ERR_NOT_HELD;
  * when the spare rows it needs cannot all be had, SEGVEC_ERR_NO_FREE_ROW; in both cases nothing changed.
- * Writes value, logprob (NULL: NaN) and policy_version into the env's current slot, completes its row
- * awaiting a bootstrap with that value, and reserves a spare row for each env that is at its row's last
- * slot.  `slot_out[i]` = r * T + t, the step slot where the caller writes the action and step fields;
+ * Writes value (`values` is [n, H]; NULL: NaN), logprob (NULL: NaN) and policy_version into the env's
+ * current slot, completes its row awaiting a bootstrap with that value, and reserves a spare row for each
+ * env that is at its row's last slot.  `slot_out[i]` = r * T + t, the step slot where the caller writes the action and step fields;
  * `row_start_out[i]` = 1 when t == 0 (the caller writes segment fields).  State HELD -> SENDING. */
 int segvec_prepare_send(segvec_core_t *core, int32_t n, const int32_t *env_ids, const float *values,
                         const float *logprobs, int64_t policy_version, int64_t *slot_out,
@@ -211,10 +224,11 @@ int segvec_prepare_send(segvec_core_t *core, int32_t n, const int32_t *env_ids, 
 int segvec_cancel_send(segvec_core_t *core, int32_t n, const int32_t *env_ids);
 /* Hand the envs to their workers (SENDING -> IN_FLIGHT) and wake the workers that got work. */
 int segvec_dispatch(segvec_core_t *core, int32_t n, const int32_t *env_ids);
-/* The bootstrap of every step of taken rows, into out[i * T + t] (out may be the block's own next_value
- * rows, for zero-copy batches): 0 where terminated; where truncated, the truncation value (always with
- * `same_step`, else when it is known); value[t + 1] inside the row; the tail value at t = length - 1;
- * 0 past the length. */
+/* The bootstrap of every step and head of taken rows, into out[(i * T + t) * H + h] (out may be the block's
+ * own next_value rows, for zero-copy batches): 0 where terminated; where truncated, the truncation value
+ * (always with `same_step`, else when it is known); value[t + 1] inside the row; the tail value at
+ * t = length - 1; 0 past the length.  Head by head: a NaN truncation value of one head leaves only that
+ * head's bootstrap to the rule after it. */
 int segvec_fill_next_values(segvec_core_t *core, int32_t n, const int32_t *rows, int32_t same_step, float *out);
 /* Take `n` rows from the completed FIFO, oldest first (COMPLETE -> TAKEN). */
 int segvec_take(segvec_core_t *core, int32_t n, int32_t *rows_out);
@@ -261,7 +275,8 @@ typedef struct segvec_outcome {
     double needs_reset;      /* 1: NEXT_STEP, the episode ended and the env's next action will be ignored */
 } segvec_outcome_t;
 
-/* Record each IN_FLIGHT env's outcome at its cursor slot (r, t): reward, terminated, truncated,
+/* Record each IN_FLIGHT env's outcome at its cursor slot (r, t): reward (into every head, and the env's
+ * last reward of every head; episode statistics count it once), terminated, truncated,
  * mask = valid, episode statistics; advance the cursor, onto the env's spare row when this one is full
  * (the row then awaits its bootstrap).  Never waits.  An env that is not IN_FLIGHT (SEGVEC_ERR_NOT_HELD)
  * or at its row's last slot without a spare (SEGVEC_ERR_NO_FREE_ROW) fails the call before it changes
@@ -276,8 +291,8 @@ int segvec_commit_steps(segvec_core_t *core, int32_t n, const int32_t *env_ids, 
 int segvec_commit_resets(segvec_core_t *core, int32_t n, const int32_t *env_ids, int64_t *obs_slot_out);
 /* A rebuilt env (restart_failed_envs) starts a new episode at its cursor slot t, in the same row: the
  * transition before it (slot t - 1, when it is a real one in this row and not terminated) becomes
- * truncated with the value already sent for slot t as its truncation value (unless slot t already starts
- * an episode: an autoreset, or an earlier restart here, whose cut stands); slot t gets episode_start
+ * truncated with the values already sent for slot t as its truncation values, head by head (unless slot t
+ * already starts an episode: an autoreset, or an earlier restart here, whose cut stands); slot t gets episode_start
  * and its value is cleared (the learner sends the value of the new observation).  The learner sees the
  * env with truncated = 1.  `obs_slot_out` is where the new observation goes.  The env is IN_FLIGHT. */
 int segvec_restart_env(segvec_core_t *core, int32_t env_id, int64_t *obs_slot_out);
@@ -306,31 +321,34 @@ int segvec_gather_current(segvec_core_t *core, int32_t n, const int32_t *env_ids
  * >= 0 (a finished row's obs[horizon]): the scatter after segvec_commit_steps, one call per leaf. */
 int segvec_scatter_obs(const void *obs, int64_t item_bytes, int32_t n, const int64_t *obs_slots,
                        const int64_t *chain_slots, void *dst);
-/* GAE over rows of length T (contiguous [n, T] arrays; the caller checks the shapes).
- * delta = r + gamma * next_value * (1 - term) - v; the recursion stops at terminated or truncated steps,
- * at t = length - 1, and skips masked-out steps (advantage 0).  returns = advantages + value. */
-int segvec_gae(int32_t n, int32_t horizon, const float *reward, const float *value, const float *next_value,
-               const uint8_t *terminated, const uint8_t *truncated, const uint8_t *mask,
-               const int32_t *length, float gamma, float lam, float *advantages_out, float *returns_out);
+/* GAE over rows of length T for `heads` value heads at once: reward, value, next_value and the outputs
+ * are contiguous [n, T, heads], the flags [n, T], gamma and lam [heads] (the caller checks the shapes).
+ * Per head h: delta = r + gamma[h] * next_value * (1 - term) - v; the recursion (factor gamma[h] * lam[h])
+ * stops at terminated or truncated steps, at t = length - 1, and skips masked-out steps (advantage 0).
+ * returns = advantages + value. */
+int segvec_gae(int32_t n, int32_t horizon, int32_t heads, const float *reward, const float *value,
+               const float *next_value, const uint8_t *terminated, const uint8_t *truncated, const uint8_t *mask,
+               const int32_t *length, const float *gamma, const float *lam, float *advantages_out,
+               float *returns_out);
 
 /* SEGVEC_CDEF_END */
 
 /* The block's arrays, each listed once: X(name, element C type, dtype, dims, doc).  This list generates
  * the layout's offsets, their placement, the handle's pointers and segvec_array_info (so Python's views). */
 #define SEGVEC_ARRAYS(X)                                                                                   \
-    X(reward, float, SEGVEC_FLOAT32, SEGVEC_DIMS_ST, "outcome of action[t]")                               \
+    X(reward, float, SEGVEC_FLOAT32, SEGVEC_DIMS_STH, "outcome of action[t]")                              \
     X(terminated, uint8_t, SEGVEC_BOOL, SEGVEC_DIMS_ST, "")                                                \
     X(truncated, uint8_t, SEGVEC_BOOL, SEGVEC_DIMS_ST, "")                                                 \
     X(mask, uint8_t, SEGVEC_BOOL, SEGVEC_DIMS_ST, "1: a real transition")                                  \
     X(episode_start, uint8_t, SEGVEC_BOOL, SEGVEC_DIMS_ST, "1: obs[t] is an episode's first observation")  \
-    X(value, float, SEGVEC_FLOAT32, SEGVEC_DIMS_ST, "sent by the learner, NaN until sent")                 \
+    X(value, float, SEGVEC_FLOAT32, SEGVEC_DIMS_STH, "sent by the learner, NaN until sent")                \
     X(logprob, float, SEGVEC_FLOAT32, SEGVEC_DIMS_ST, "sent by the learner, NaN until sent")               \
     X(policy_version, int64_t, SEGVEC_INT64, SEGVEC_DIMS_ST, "stamped at send")                            \
-    X(truncation_value, float, SEGVEC_FLOAT32, SEGVEC_DIMS_ST,                                             \
+    X(truncation_value, float, SEGVEC_FLOAT32, SEGVEC_DIMS_STH,                                             \
       "value of the final obs of a truncation whose next slot does not hold it (SAME_STEP autoreset, "     \
       "restarted envs), else NaN")                                                                         \
-    X(next_value, float, SEGVEC_FLOAT32, SEGVEC_DIMS_ST, "bootstraps, filled by segvec_fill_next_values")  \
-    X(tail_value, float, SEGVEC_FLOAT32, SEGVEC_DIMS_S, "value of obs[length] (next_value at length - 1)") \
+    X(next_value, float, SEGVEC_FLOAT32, SEGVEC_DIMS_STH, "bootstraps, filled by segvec_fill_next_values") \
+    X(tail_value, float, SEGVEC_FLOAT32, SEGVEC_DIMS_SH, "value of obs[length] (next_value at length - 1)") \
     X(row_env_id, int32_t, SEGVEC_INT32, SEGVEC_DIMS_S, "")                                                \
     X(row_length, int32_t, SEGVEC_INT32, SEGVEC_DIMS_S, "steps written")                                   \
     X(row_state, int32_t, SEGVEC_INT32, SEGVEC_DIMS_S, "enum segvec_row_state")                            \
@@ -340,7 +358,7 @@ int segvec_gae(int32_t n, int32_t horizon, const float *reward, const float *val
     X(env_step, int32_t, SEGVEC_INT32, SEGVEC_DIMS_E, "current slot: obs[env_row, env_step] is its obs")   \
     X(env_state, atomic_int, SEGVEC_INT32, SEGVEC_DIMS_E, "enum segvec_env_state (the hand-over flag)")    \
     X(env_needs_reset, uint8_t, SEGVEC_BOOL, SEGVEC_DIMS_E, "NEXT_STEP: the last step ended an episode")   \
-    X(env_last_reward, double, SEGVEC_FLOAT64, SEGVEC_DIMS_E, "outcome of the env's previous action")      \
+    X(env_last_reward, double, SEGVEC_FLOAT64, SEGVEC_DIMS_EH, "outcome of the env's previous action")     \
     X(env_last_terminated, uint8_t, SEGVEC_BOOL, SEGVEC_DIMS_E, "")                                        \
     X(env_last_truncated, uint8_t, SEGVEC_BOOL, SEGVEC_DIMS_E, "")                                         \
     X(env_episode_id, int64_t, SEGVEC_INT64, SEGVEC_DIMS_E, "episodes started by this env")                \

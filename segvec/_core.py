@@ -251,10 +251,17 @@ class Geometry:
     action_space: object
     step_fields: tuple
     segment_fields: tuple
+    value_shape: tuple = ()   # () one value per step; (k,) k value heads (the core's value_heads = k)
+
+    @property
+    def value_heads(self) -> int:
+        """Value heads of the core: 1 for ``value_shape=()``, else ``value_shape[0]``."""
+        return self.value_shape[0] if self.value_shape else 1
 
     @classmethod
     def make(cls, num_envs, num_workers, num_segments, horizon, observation_space, action_space,
-             step_fields=None, segment_fields=None, poison=False, episode_capacity=None):
+             step_fields=None, segment_fields=None, poison=False, episode_capacity=None, value_shape=()):
+        value_shape = check_value_shape(value_shape)
         if episode_capacity is None:
             episode_capacity = default_episode_capacity(num_envs)
         elif (not isinstance(episode_capacity, (int, np.integer)) or isinstance(episode_capacity, bool)
@@ -264,6 +271,7 @@ class Geometry:
             num_envs, num_workers, num_segments, horizon, int(episode_capacity), bool(poison),
             observation_space, action_space,
             tuple(_field_specs(step_fields, "step field")), tuple(_field_specs(segment_fields, "segment field")),
+            value_shape,
         )
 
     def config(self):
@@ -274,7 +282,25 @@ class Geometry:
         config.horizon = self.horizon
         config.episode_capacity = self.episode_capacity
         config.poison = int(self.poison)
+        config.value_heads = self.value_heads
         return config
+
+
+def check_value_shape(value_shape) -> tuple:
+    """`value_shape` as a tuple: ``()`` (one value per step) or ``(k,)`` with ``k >= 1`` value heads.
+
+    Raises:
+        ValueError: anything else (more than one dimension, a size below 1, a non-integer).
+    """
+    try:
+        shape = tuple(value_shape)
+    except TypeError:
+        shape = None
+    if shape is None or len(shape) > 1 or not all(isinstance(k, (int, np.integer)) and not isinstance(k, bool)
+                                                   and 1 <= k < 2**16 for k in shape):
+        raise ValueError(f"value_shape must be () (one value per step) or (k,) with k >= 1 value heads, "
+                         f"got {value_shape!r}")
+    return tuple(int(k) for k in shape)
 
 
 def _i32(array) -> np.ndarray:
@@ -392,7 +418,8 @@ class Core:
 
     # ---- learner ----------------------------------------------------------------------------------
     def flush_envs(self, env_ids: np.ndarray, tail_values: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Closes the envs' rows in progress; returns ``(copy_from, copy_to)`` observation slots (-1: none)."""
+        """Closes the envs' rows in progress; returns ``(copy_from, copy_to)`` observation slots (-1: none).
+        `tail_values`: None (the values already sent), or float32 ``[n, *value_shape]``, C-contiguous."""
         n = len(env_ids)
         check(lib.segvec_flush_envs(
             self._core, n, ffi.from_buffer("int32_t[]", env_ids),
@@ -414,7 +441,8 @@ class Core:
         return self._ids[:self._count[0]].copy()
 
     def prepare_send(self, env_ids: np.ndarray, values, logprobs, policy_version: int) -> tuple[np.ndarray, np.ndarray]:
-        """Stamps a send; returns ``(step slots, row starts as uint8)``.  All or nothing.
+        """Stamps a send; returns ``(step slots, row starts as uint8)``.  All or nothing.  `values`: None or
+        float32 ``[n, *value_shape]`` and `logprobs` None or float32 ``[n]``, C-contiguous.
 
         Raises:
             NotReceivedError: an env is not held (not received, failed, or named twice).
@@ -435,7 +463,7 @@ class Core:
         check(lib.segvec_dispatch(self._core, len(env_ids), self._env_ids(env_ids)), "send")
 
     def fill_next_values(self, rows: np.ndarray, same_step: bool, out: np.ndarray) -> None:
-        """Bootstraps of every step of taken `rows` into `out` ([n, T] float32, C-contiguous)."""
+        """Bootstraps of every step of taken `rows` into `out` ([n, T, *value_shape] float32, C-contiguous)."""
         check(lib.segvec_fill_next_values(self._core, len(rows), ffi.from_buffer("int32_t[]", rows), int(same_step),
                                           ffi.from_buffer("float[]", out, require_writable=True)), "next_value")
 
@@ -776,13 +804,18 @@ class EnvBatch:
         return list(zip(self.failed[:count].tolist(), self.status[:count].tolist())) if count else []
 
 
-def gae_kernel(reward, value, next_value, terminated, truncated, mask, length, gamma: float, lam: float,
+def gae_kernel(reward, value, next_value, terminated, truncated, mask, length, gamma, lam,
                advantages: np.ndarray, returns: np.ndarray) -> None:
-    """The C GAE kernel on checked, C-contiguous ``[n, T]`` arrays (see `segvec.advantages.gae_numpy`)."""
-    n, T = reward.shape
-    check(lib.segvec_gae(n, T, *(ffi.from_buffer("float[]", a) for a in (reward, value, next_value)),
+    """The C GAE kernel on checked, C-contiguous arrays (see `segvec.advantages.gae_numpy`): reward, value,
+    next_value and the outputs ``[n, T]`` or ``[n, T, k]``; the flags ``[n, T]``; gamma and lam floats for
+    ``[n, T]``, sequences of k floats for ``[n, T, k]`` (each rounded to float32)."""
+    n, T = reward.shape[:2]
+    heads = reward.shape[2] if reward.ndim == 3 else 1
+    check(lib.segvec_gae(n, T, heads, *(ffi.from_buffer("float[]", a) for a in (reward, value, next_value)),
                          *(ffi.from_buffer("uint8_t[]", a) for a in (terminated, truncated, mask)),
-                         ffi.from_buffer("int32_t[]", length), gamma, lam,
+                         ffi.from_buffer("int32_t[]", length),
+                         ffi.new("float[]", gamma if reward.ndim == 3 else (gamma,)),
+                         ffi.new("float[]", lam if reward.ndim == 3 else (lam,)),
                          ffi.from_buffer("float[]", advantages, require_writable=True),
                          ffi.from_buffer("float[]", returns, require_writable=True)), "gae")
 
@@ -798,6 +831,8 @@ class Storage:
         final_obs leaves      # [E, *leaf_shape]  SAME_STEP final observation of each env's last step
         env_has_info          # [E] uint8         1: the env's last step produced a non-empty info
         the core's arrays     # each an attribute of its name: reward, terminated, ..., env_state, ...
+                              # reward, value, truncation_value, next_value [S, T, *value_shape],
+                              # tail_value [S, *value_shape], env_last_reward [E, *value_shape]
                               # (SEGVEC_ARRAYS in native/segvec.h lists them with their shapes)
     """
 
@@ -812,8 +847,10 @@ class Storage:
         core_bytes, info = ffi.new("int64_t *"), ffi.new("segvec_array_info_t *")
         check(lib.segvec_block_bytes(config, core_bytes), "segment geometry")
         S, T, E = g.num_segments, g.horizon, g.num_envs
+        V = g.value_shape  # the head axis: absent for value_shape=(), so scalar values keep [S, T]
         shapes = {lib.SEGVEC_DIMS_ST: (S, T), lib.SEGVEC_DIMS_S: (S,), lib.SEGVEC_DIMS_E: (E,),
-                  lib.SEGVEC_DIMS_K: (g.episode_capacity,)}
+                  lib.SEGVEC_DIMS_K: (g.episode_capacity,), lib.SEGVEC_DIMS_STH: (S, T) + V,
+                  lib.SEGVEC_DIMS_SH: (S,) + V, lib.SEGVEC_DIMS_EH: (E,) + V}
         plan = []  # (group, name, shape, dtype, offset)
         for index in range(lib.segvec_num_arrays()):
             check(lib.segvec_array_info(config, index, info))
@@ -886,6 +923,14 @@ class Storage:
 
     def stats(self) -> dict[str, int]:
         return self.core.stats()
+
+    def write_head_rewards(self, env_ids: np.ndarray, rewards: np.ndarray) -> None:
+        """Value heads: overwrites the per-head rewards of each env's last committed step (which the commit
+        filled with the env's scalar reward in every head) with ``rewards[i]`` (``[len(env_ids), k]``).  The
+        runner of `env_ids` calls it after `commit_steps` and before it publishes them."""
+        slots = self.env_last_slot[env_ids]
+        self.reward.reshape((-1,) + self.geometry.value_shape)[slots] = rewards
+        self.env_last_reward[env_ids] = rewards
 
     def close(self) -> None:
         """Runs the close callbacks (once); the mapping stays valid while views of it live."""

@@ -7,6 +7,11 @@ at terminated or truncated steps and at ``t = length - 1``; steps past ``length`
 advantage and return 0 and restart the recursion, so a NaN (an unknown bootstrap) reaches back to the previous
 stop and no further.  ``returns = advantages + value`` on real steps.
 
+Value heads: ``reward, value, next_value`` may be ``(n, T, k)`` (k heads, e.g. ``make_vec(...,
+value_shape=(k,))``) with the flags, ``length`` and log-probabilities as without heads; each head runs the
+recursion above with its own ``gamma[h]`` and ``lam[h]`` (a single number serves every head), and
+importance weights, computed once per step, weigh every head alike.
+
 A ``value`` that is NaN on a real step (the learner sent no value with that action, or its critic returned
 NaN), and with importance weights a NaN behaviour log-probability, makes advantages NaN: every kernel then
 warns (`segvec.SegvecWarning`, see `warn_unsent`) and still returns them.
@@ -24,6 +29,7 @@ from segvec.errors import warn
 
 _KINDS = {"real": ("fiu", "a real-valued array"), "flag": ("biu", "a bool or integer array"),
           "count": ("iu", "an integer array")}
+_HEADED = frozenset({"reward", "value", "next_value"})  # (n, T, k) with value heads; the rest (n, T)
 _FIELDS = {"reward": "real", "value": "real", "next_value": "real", "terminated": "flag", "truncated": "flag",
            "mask": "flag", "length": "count"}
 
@@ -34,16 +40,35 @@ def _number(name: str, value, wanted: str = "a real number") -> float:
     return float(value)
 
 
+def _per_head(name: str, value, heads: int):
+    """`value` (gamma or lam), a sequence, checked: a tuple of `heads` finite floats."""
+    try:
+        entries = np.asarray(value.detach().cpu() if hasattr(value, "detach") else value)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"gae: {name} must be a real number or one per value head, got "
+                        f"{type(value).__name__}") from error
+    if entries.ndim != 1 or entries.dtype.kind not in "fiu":
+        raise TypeError(f"gae: {name} must be a real number or a sequence of {heads} real numbers (one per "
+                        f"value head), got {type(value).__name__} of shape {entries.shape}")
+    if len(entries) != heads:
+        raise ValueError(f"gae: {name} has {len(entries)} entries, expected {heads} (one per value head: "
+                         f"reward has shape (n, T, {heads}))")
+    if not np.isfinite(entries).all():
+        raise ValueError(f"gae: {name} must be finite, got {entries.tolist()}")
+    return tuple(float(entry) for entry in entries)
+
+
 def check_gae_inputs(batch, gamma, lam, rho_clip=None, c_clip=None, behaviour_logprob=None,
                      target_logprob=None, asarray: Callable[[Any], Any] = np.asarray,
                      kind: Callable[[Any], str] = lambda array: array.dtype.kind):
     """Reads GAE's inputs from `batch` and checks their types, shapes and values.
 
     Args:
-        batch: any object with attributes ``reward, value, next_value, terminated, truncated, mask`` of shape
-            ``(n, T)`` and ``length`` of shape ``(n,)`` (and ``logprob`` ``(n, T)`` when it is the behaviour
-            log-probability of a clipped GAE).
-        gamma, lam: discount and GAE lambda, finite real numbers.
+        batch: any object with attributes ``reward, value, next_value`` of shape ``(n, T)`` or, with k value
+            heads, ``(n, T, k)``; ``terminated, truncated, mask`` of shape ``(n, T)`` and ``length`` of shape
+            ``(n,)`` (and ``logprob`` ``(n, T)`` when it is the behaviour log-probability of a clipped GAE).
+        gamma, lam: discount and GAE lambda, finite real numbers; with k value heads also a sequence (list,
+            array, tensor) of k of them, one per head.
         rho_clip, c_clip: None or numbers > 0; given only with `target_logprob`.
         behaviour_logprob, target_logprob: None or ``(n, T)``; `behaviour_logprob` only with `target_logprob`.
         asarray: turns a field into an array (``np.asarray``, ``torch.as_tensor``).
@@ -52,21 +77,32 @@ def check_gae_inputs(batch, gamma, lam, rho_clip=None, c_clip=None, behaviour_lo
     Returns:
         ``(arrays, gamma, lam, rho_clip, c_clip)``: `arrays` maps every field name above (and, with
         `target_logprob`, ``"target_logprob"`` and ``"behaviour_logprob"``) to what `asarray` made of it,
-        dtypes unchanged; the scalars as floats (clips None when not given).
+        dtypes unchanged; gamma and lam as floats, or with k heads as tuples of k floats; the clips as floats
+        (None when not given).
 
     Raises:
         TypeError: `batch` lacks a field; a field is not an array of the right kind (real values for
             ``reward, value, next_value`` and log-probabilities, bool or integer flags, integer ``length``);
             a scalar is not a real number.
-        ValueError: ``reward`` is not ``(n, T)`` with ``T >= 1``; another step field is not exactly
-            ``reward``'s shape or ``length`` not ``(n,)`` (the message names the field, the shape got and the
-            shape expected); ``length`` is outside ``[0, T]``; `gamma` or `lam` is not finite; a clip is not
-            > 0; a clip or `behaviour_logprob` is given without `target_logprob`.
+        ValueError: ``reward`` is not ``(n, T)`` or ``(n, T, k)`` with ``T, k >= 1``; ``value`` or
+            ``next_value`` is not exactly ``reward``'s shape, another step field not ``(n, T)`` or ``length``
+            not ``(n,)`` (the message names the field, the shape got and the shape expected); ``length`` is
+            outside ``[0, T]``; `gamma` or `lam` is not finite, or is a sequence without k entries (or without
+            heads); a clip is not > 0; a clip or `behaviour_logprob` is given without `target_logprob`.
     """
-    gamma, lam = _number("gamma", gamma), _number("lam", lam)
-    for name, value in (("gamma", gamma), ("lam", lam)):
-        if not math.isfinite(value):
-            raise ValueError(f"gae: {name} must be finite, got {value}")
+    per_head = {}  # gamma / lam given as sequences, checked once the number of heads is known
+    if hasattr(gamma, "__len__"):
+        per_head["gamma"] = gamma
+    else:
+        gamma = _number("gamma", gamma)  # (a plain number is checked before the fields, as always)
+        if not math.isfinite(gamma):
+            raise ValueError(f"gae: gamma must be finite, got {gamma}")
+    if hasattr(lam, "__len__"):
+        per_head["lam"] = lam
+    else:
+        lam = _number("lam", lam)
+        if not math.isfinite(lam):
+            raise ValueError(f"gae: lam must be finite, got {lam}")
     rho_clip, c_clip = (None if clip is None else _number(name, clip, "None or a real number")
                         for name, clip in (("rho_clip", rho_clip), ("c_clip", c_clip)))
     for name, clip in (("rho_clip", rho_clip), ("c_clip", c_clip)):
@@ -100,15 +136,23 @@ def check_gae_inputs(batch, gamma, lam, rho_clip=None, c_clip=None, behaviour_lo
             raise TypeError(f"gae: {name} must be {description}, got {array.dtype}")
         got = tuple(array.shape)
         if shape is None:
-            if len(got) != 2 or got[1] < 1:
-                wanted = "(n, T) with T >= 1" if len(got) == 2 else "(n, T)"
+            if len(got) not in (2, 3) or 0 in got[1:]:
+                wanted = "(n, T) or (n, T, k) with T, k >= 1" if len(got) in (2, 3) else "(n, T) or (n, T, k)"
                 raise ValueError(f"gae: reward has shape {got}, expected {wanted}")
             shape = got
-        expected = shape[:1] if key == "length" else shape
+        expected = shape[:1] if key == "length" else shape if key in _HEADED else shape[:2]
         if got != expected:
-            raise ValueError(f"gae: {name} has shape {got}, expected {expected}"
-                             + ("" if key == "length" else " (the shape of reward)"))
+            what = "" if key == "length" else " (the shape of reward)" if key in _HEADED else " (reward's (n, T))"
+            raise ValueError(f"gae: {name} has shape {got}, expected {expected}{what}")
         arrays[key] = array
+    heads = shape[2] if len(shape) == 3 else None
+    if heads is not None:
+        gamma = (gamma,) * heads if "gamma" not in per_head else _per_head("gamma", gamma, heads)
+        lam = (lam,) * heads if "lam" not in per_head else _per_head("lam", lam, heads)
+    elif per_head:
+        raise TypeError(f"gae: {next(iter(per_head))} must be a real number, got "
+                        f"{type(next(iter(per_head.values()))).__name__} (one per value head needs rewards of "
+                        "shape (n, T, k))")
     length, T = arrays["length"], shape[1]
     if shape[0]:
         for bound in (int(length.min()), int(length.max())):
@@ -154,7 +198,15 @@ def _check_sent(x: dict, value, mask, length) -> None:
             continue
         if real is None:
             real = _real_steps(mask, length, array.shape[1])
+        if nan.ndim == 3:  # value heads: a step counts once, whichever heads are NaN
+            nan = nan.any(axis=2)
         warn_unsent(key, int((nan & real).sum()), int(real.sum()))
+
+
+def head_axis(reward) -> Callable:
+    """For ``(n, T, k)`` rewards, a function that gives ``(n, T)`` flags and weights a head axis of 1 (so
+    they broadcast over the heads); for ``(n, T)`` rewards, the identity."""
+    return (lambda array: array[..., None]) if reward.ndim == 3 else (lambda array: array)
 
 
 def gae_numpy(batch, gamma: float, lam: float, rho_clip: float | None = None, c_clip: float | None = None,
@@ -162,13 +214,14 @@ def gae_numpy(batch, gamma: float, lam: float, rho_clip: float | None = None, c_
     """GAE of a numpy batch by the C kernel (by `gae_numpy_clipped` when `target_logprob` is given).
 
     Args:
-        batch: a `SegmentBatch`, or any object with numpy-convertible ``reward, value, next_value,
-            terminated, truncated, mask`` ``(n, T)`` and ``length`` ``(n,)``.
-        gamma, lam: discount and GAE lambda.
+        batch: a `SegmentBatch`, or any object with numpy-convertible ``reward, value, next_value``
+            ``(n, T)`` or ``(n, T, k)`` (k value heads), ``terminated, truncated, mask`` ``(n, T)`` and
+            ``length`` ``(n,)``.
+        gamma, lam: discount and GAE lambda; with value heads, one number for all or one per head.
         rho_clip, c_clip, behaviour_logprob, target_logprob: as `gae_numpy_clipped`.
 
     Returns:
-        ``(advantages, returns)``, each ``(n, T)`` float32.
+        ``(advantages, returns)``, each float32 of ``reward``'s shape.
 
     Raises:
         TypeError, ValueError: as `check_gae_inputs`.
@@ -187,9 +240,9 @@ def gae_numpy(batch, gamma: float, lam: float, rho_clip: float | None = None, c_
     real = {name: np.ascontiguousarray(x[name], np.float32) for name in ("reward", "value", "next_value")}
     flag = {name: np.ascontiguousarray(x[name], bool).view(np.uint8) for name in ("terminated", "truncated", "mask")}
     length = np.ascontiguousarray(x["length"], np.int32)
-    n, T = real["reward"].shape
+    shape = real["reward"].shape
     _check_sent(x, real["value"], flag["mask"], length)
-    advantages, returns = np.empty((n, T), np.float32), np.empty((n, T), np.float32)
+    advantages, returns = np.empty(shape, np.float32), np.empty(shape, np.float32)
     gae_kernel(real["reward"], real["value"], real["next_value"], flag["terminated"], flag["truncated"],
                flag["mask"], length, gamma, lam, advantages, returns)
     return advantages, returns
@@ -206,12 +259,13 @@ def gae_numpy_clipped(batch, gamma: float, lam: float, rho_clip: float | None = 
 
     Args:
         batch: as `gae_numpy`.
-        gamma, lam: discount and GAE lambda.
+        gamma, lam: discount and GAE lambda (with value heads: one for all, or one per head).
         rho_clip, c_clip: clips of the importance ratio (None: no clip).
-        behaviour_logprob, target_logprob: ``(n, T)`` log-probabilities of the taken actions.
+        behaviour_logprob, target_logprob: ``(n, T)`` log-probabilities of the taken actions; with value
+            heads the weights of a step weigh every head.
 
     Returns:
-        ``(advantages, returns)``, each ``(n, T)`` float32.
+        ``(advantages, returns)``, each float32 of ``reward``'s shape.
 
     Raises:
         TypeError, ValueError: as `check_gae_inputs`.
@@ -221,21 +275,24 @@ def gae_numpy_clipped(batch, gamma: float, lam: float, rho_clip: float | None = 
     f32 = np.float32
     reward, value, next_value = (np.asarray(x[name], f32) for name in ("reward", "value", "next_value"))
     terminated, truncated, mask = (np.asarray(x[name], bool) for name in ("terminated", "truncated", "mask"))
-    n, T = reward.shape
+    n, T = reward.shape[:2]
     steps = np.arange(T)
     length = np.asarray(x["length"], np.int64)[:, None]
     valid = mask & (steps < length)
     _check_sent(x, value, mask, length[:, 0])
     carries = valid & ~(terminated | truncated | (steps == length - 1))
-    delta = reward + f32(gamma) * np.where(terminated, f32(0), next_value) - value
-    carry = np.full((n, T), f32(gamma) * f32(lam), f32)
+    per_head = head_axis(reward)  # (n, T) flags and weights -> (n, T, 1) with value heads
+    terminated, valid, carries = per_head(terminated), per_head(valid), per_head(carries)
+    gamma, lam = np.asarray(gamma, f32), np.asarray(lam, f32)  # () or (k,): broadcast over the head axis
+    delta = reward + gamma * np.where(terminated, f32(0), next_value) - value
+    carry = np.broadcast_to(gamma * lam, reward.shape)
     if target_logprob is not None:
-        ratio = np.exp(np.asarray(x["target_logprob"], f32) - np.asarray(x["behaviour_logprob"], f32))
+        ratio = per_head(np.exp(np.asarray(x["target_logprob"], f32) - np.asarray(x["behaviour_logprob"], f32)))
         delta = delta * (ratio if rho_clip is None else np.minimum(ratio, f32(rho_clip)))
         carry = carry * (ratio if c_clip is None else np.minimum(ratio, f32(c_clip)))
     delta = np.where(valid, delta, f32(0))
-    advantages = np.zeros((n, T), f32)
-    running = np.zeros(n, f32)
+    advantages = np.zeros(reward.shape, f32)
+    running = np.zeros((n,) + reward.shape[2:], f32)
     for t in range(T - 1, -1, -1):
         running = np.where(carries[:, t], delta[:, t] + carry[:, t] * running, delta[:, t])
         advantages[:, t] = running

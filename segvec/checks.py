@@ -136,14 +136,21 @@ def learner_fields(fields: dict, storage, count: int) -> dict[str, np.ndarray]:
     return out
 
 
-def per_env(values, count: int, name: str) -> np.ndarray:
-    """One float32 per env (e.g. value, logprob), from numpy, a sequence or a torch tensor."""
+def per_env(values, count: int, name: str, item_shape: tuple = ()) -> np.ndarray:
+    """One float32 per env (e.g. value, logprob), or one `item_shape` ``(k,)`` item per env (values of k
+    heads, shape ``(count, k)``), from numpy, a sequence or a torch tensor; C-contiguous."""
     if hasattr(values, "detach"):
         values = values.detach().cpu().numpy()
-    array = np.ascontiguousarray(np.asarray(values, np.float32).reshape(-1))
-    if len(array) != count:
-        raise ValueError(f"{name} must have one entry per env ({count}), got shape {np.shape(values)}")
-    return array
+    if not item_shape:
+        array = np.ascontiguousarray(np.asarray(values, np.float32).reshape(-1))
+        if len(array) != count:
+            raise ValueError(f"{name} must have one entry per env ({count}), got shape {np.shape(values)}")
+        return array
+    array = np.asarray(values, np.float32)
+    if array.shape != (count,) + item_shape:
+        raise ValueError(f"{name} must have shape {(count,) + item_shape} (one entry per env and value head), "
+                         f"got shape {array.shape}")
+    return np.ascontiguousarray(array)
 
 
 def reset_mask(mask, num_envs: int) -> np.ndarray:

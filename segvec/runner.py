@@ -80,6 +80,7 @@ class EnvRunner:
         self.obs_layout = storage.obs_layout
         self.action_layout = storage.action_layout
         self.horizon = storage.geometry.horizon
+        self._heads = storage.geometry.value_shape  # (k,): rewards per value head (see _head_reward)
         n = len(envs)
         self.core = storage.core
         self._own = slice(first_env, first_env + n)  # this runner's envs in [E] arrays
@@ -250,6 +251,7 @@ class EnvRunner:
         # (index in the lists, (valid, episode_started, needs_reset)), see segvec_outcome_t.  `skipped`:
         # batch positions with no entry in the lists (restarted or failed envs).
         observations, rewards, terminated, truncated, specials, skipped = [], [], [], [], [], []
+        head_rewards: dict[int, np.ndarray] = {}  # value heads: env -> its step's rewards per head
         restarted: list[int] = []
         failures: list[EnvFailure] = []
         interrupt = None
@@ -269,7 +271,9 @@ class EnvRunner:
                     specials.append((len(observations), (0.0, 1.0, 0.0)))
                 else:
                     obs, reward, term, trunc, info = env.step(action)
-                    if type(reward) is not float:
+                    if self._heads:
+                        reward = self._head_reward(reward, info, env_index, head_rewards)
+                    elif type(reward) is not float:
                         reward = _scalar_reward(reward, env_index)
                     if term or trunc:
                         if same_step:
@@ -281,6 +285,7 @@ class EnvRunner:
                             specials.append((len(observations), (1.0, 0.0, 1.0)))
             except Exception as error:  # noqa: BLE001 - reported to the learner with its traceback
                 final_infos.pop(env_index, None)
+                head_rewards.pop(env_index, None)
                 if specials and specials[-1][0] == len(observations):
                     specials.pop()
                 self._env_failed(env_index, error, infos, restarted, failures)
@@ -288,6 +293,7 @@ class EnvRunner:
                 continue
             except BaseException as error:  # KeyboardInterrupt: stop here, hand everything back
                 final_infos.pop(env_index, None)
+                head_rewards.pop(env_index, None)
                 if specials and specials[-1][0] == len(observations):
                     specials.pop()
                 interrupt = error
@@ -313,6 +319,7 @@ class EnvRunner:
                 ids = id_array.tolist()
                 for position, error in misfits:
                     final_infos.pop(ids[position], None)
+                    head_rewards.pop(ids[position], None)
                     infos.pop(ids[position], None)
                     self._env_failed(ids[position], error, infos, restarted, failures)
                 bad = {position for position, _ in misfits}
@@ -337,11 +344,28 @@ class EnvRunner:
                 self._scatter(obs_slots[index], chain_slots[index], leaves=(0,))
             if self._object_obs:
                 self._attach_objects(infos, id_array, obs_slots, chain_slots)
+            if head_rewards:
+                storage.write_head_rewards(np.fromiter(head_rewards, np.int32, len(head_rewards)),
+                                           np.stack(list(head_rewards.values())))
         if infos or final_infos:
             self._mark_infos(infos, final_infos)
         self._fail(failures)
         finished = np.concatenate([id_array, np.asarray(restarted, np.int32)]) if restarted else id_array
         return BatchResult(finished, infos, final_infos, failures, interrupt)
+
+    def _head_reward(self, reward, info: dict, env_index: int, head_rewards: dict) -> float:
+        """Value heads: the scalar reward the core counts in episode statistics, and the step's reward per
+        head into ``head_rewards[env_index]`` when the env gives one: a reward of shape ``(k,)`` (head 0
+        counts), or ``info["rewards"]`` of shape ``(k,)`` beside a scalar reward (which counts).  A scalar
+        reward alone goes to every head (the core writes it).  ValueError for anything else."""
+        if np.ndim(reward) == 1:
+            head_rewards[env_index] = vector = head_reward_vector(reward, self._heads, env_index, "reward")
+            return float(vector[0])
+        scalar = reward if type(reward) is float else _scalar_reward(reward, env_index)
+        if info and HEAD_REWARDS_KEY in info:
+            head_rewards[env_index] = head_reward_vector(info[HEAD_REWARDS_KEY], self._heads, env_index,
+                                                         f"info[{HEAD_REWARDS_KEY!r}]")
+        return scalar
 
     def _env_failed(self, env_index: int, error, infos: dict, restarted: list, failures: list) -> None:
         """An env raised in the middle of a batch: restart it (restart_failed_envs) or report it."""
@@ -590,6 +614,19 @@ class _SameKind:
             raise TypeError(f"the env factory built a {type(env).__name__} to replace a {self.kind.__name__}: "
                             "envs stepped in C are rebuilt as the same bare NativeEnv class")
         return env
+
+
+HEAD_REWARDS_KEY = "rewards"  # info key of an env's rewards per value head, shape (k,)
+
+
+def head_reward_vector(rewards, value_shape: tuple, env_index: int, what: str) -> np.ndarray:
+    """`rewards` as a float32 array of `value_shape` ``(k,)``; ValueError naming the env otherwise."""
+    array = np.asarray(rewards)
+    if array.shape != value_shape or array.dtype.kind not in "biuf":
+        raise ValueError(f"env {env_index} returned {what} of shape {array.shape} and dtype {array.dtype}; "
+                         f"with value_shape={value_shape} it must be {value_shape} real numbers (one per value "
+                         "head), or the reward a single number (it goes to every head)")
+    return array.astype(np.float32)
 
 
 def _scalar_reward(reward, env_index: int) -> float:

@@ -336,6 +336,8 @@ class SegmentBatch(SegmentRows):
         next_value: ``[n, T]`` float32, the bootstrap of every step: 0 where terminated, the value of the
             final observation where truncated, ``value[t + 1]`` inside the row, the tail value at
             ``length - 1``; NaN where not known (see `final_obs` and `set_truncation_values`).
+        Value heads (``value_shape=(k,)``): ``value``, ``reward`` and ``next_value`` are ``[n, T, k]``, the
+            rules above holding head by head; the flags, ``logprob`` and the rest keep their shapes.
         episode_start: ``[n, T]`` bool, True where ``obs[t]`` is an episode's first observation.
         mask: ``[n, T]`` bool, True on real transitions (False past ``length`` and on NEXT_STEP reset steps).
         length, env_id, start_step: ``[n]``; policy_version: ``[n, T]``.
@@ -379,13 +381,20 @@ class SegmentBatch(SegmentRows):
         Selections (`rows_view`, `minibatches`) whose ``next_value`` was read before keep what they read.
 
         Args:
-            values: ``[k]`` values of ``final_obs[0]``, in the same order.
+            values: ``[k]`` values of ``final_obs[0]``, in the same order (with value heads ``[k, heads]``).
         """
         self._check_live()
         positions = self._positions_of_final
-        values = np.asarray(values, np.float32).reshape(-1)
-        if len(values) != len(positions):
-            raise ValueError(f"expected {len(positions)} truncation values, got {len(values)}")
+        value_shape = self._storage.geometry.value_shape
+        if value_shape:
+            values = np.asarray(values, np.float32)
+            if values.shape != (len(positions),) + value_shape:
+                raise ValueError(f"expected truncation values of shape {(len(positions),) + value_shape} (one per "
+                                 f"final observation and value head), got {values.shape}")
+        else:
+            values = np.asarray(values, np.float32).reshape(-1)
+            if len(values) != len(positions):
+                raise ValueError(f"expected {len(positions)} truncation values, got {len(values)}")
         rows, steps = positions[:, 0], positions[:, 1]
         self._storage.next_value[self.rows[rows], steps] = values
         gathered = self._data.get("next_value")
@@ -421,25 +430,42 @@ def gae(batch, gamma: float, lam: float, rho_clip: float | None = None, c_clip: 
     none with that action) warns (`segvec.SegvecWarning`), as does a NaN behaviour log-probability of a
     weighted GAE.  Numpy batches never need torch.
 
+    With value heads (``reward, value, next_value`` of shape ``(n, T, k)``, as batches of
+    ``make_vec(..., value_shape=(k,))`` have them) every head runs its own recursion at once, with its own
+    gamma and lam; importance weights (one per step) weigh every head alike.
+
     Args:
-        batch: a `SegmentBatch` or any object with ``reward, value, next_value, terminated, truncated, mask``
-            ``(n, T)`` and ``length`` ``(n,)`` (numpy: `segvec.advantages.gae_numpy`, the C kernel), or a
-            `TorchSegments` / torch tensors (`segvec.torch_utils.gae_torch`, on the tensors' device).
-        gamma, lam: discount and GAE lambda, finite.
+        batch: a `SegmentBatch` or any object with ``reward, value, next_value`` ``(n, T)`` or
+            ``(n, T, k)``, ``terminated, truncated, mask`` ``(n, T)`` and ``length`` ``(n,)`` (numpy:
+            `segvec.advantages.gae_numpy`, the C kernel), or a `TorchSegments` / torch tensors
+            (`segvec.torch_utils.gae_torch`, on the tensors' device).
+        gamma, lam: discount and GAE lambda, finite; with value heads, a number for every head or a
+            sequence of k numbers (one per head).
         rho_clip, c_clip: with `target_logprob` given, V-trace-style clipped importance weights
             ``rho = min(rho_clip, pi/mu)`` on delta and ``c = lam * min(c_clip, pi/mu)`` in the recursion,
             where ``mu`` is ``batch.logprob`` (or `behaviour_logprob`) — for data from older policy versions.
         behaviour_logprob, target_logprob: ``(n, T)`` log-probabilities.
 
     Returns:
-        ``(advantages, returns)``, each ``(n, T)`` float32 (arrays or tensors, as the batch);
+        ``(advantages, returns)``, each float32 of ``reward``'s shape (arrays or tensors, as the batch);
         ``returns = advantages + value`` on real steps, 0 elsewhere.
 
     Raises:
         TypeError: a field is missing or of the wrong kind, or a scalar is not a real number.
-        ValueError: a field's shape differs from ``reward``'s ``(n, T)`` (``length``: ``(n,)``), ``length``
-            lies outside ``[0, T]``, `gamma` or `lam` is not finite, a clip is not > 0, or a clip is given
-            without `target_logprob` (see `segvec.advantages.check_gae_inputs`).
+        ValueError: a field's shape differs from what ``reward`` asks (``value``, ``next_value``: its shape;
+            flags and log-probabilities: its ``(n, T)``; ``length``: ``(n,)``), ``length`` lies outside
+            ``[0, T]``, `gamma` or `lam` is not finite or has not one entry per head, a clip is not > 0, or
+            a clip is given without `target_logprob` (see `segvec.advantages.check_gae_inputs`).
+
+    Example:
+        >>> import types
+        >>> ones, no = np.ones((1, 3, 2), np.float32), np.zeros((1, 3), bool)
+        >>> batch = types.SimpleNamespace(reward=ones, value=0 * ones, next_value=0 * ones, terminated=no,
+        ...                               truncated=no, mask=~no, length=np.array([3]))
+        >>> gae(batch, gamma=[0.5, 1.0], lam=1.0)[0][0]   # [T, heads]
+        array([[1.75, 3.  ],
+               [1.5 , 2.  ],
+               [1.  , 1.  ]], dtype=float32)
     """
     if _is_torch(getattr(batch, "reward", None)):
         from segvec.torch_utils import gae_torch

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from segvec.advantages import check_gae_inputs, warn_unsent
+from segvec.advantages import head_axis, check_gae_inputs, warn_unsent
 
 
 class TorchSegments:
@@ -204,7 +204,8 @@ def _kind(tensor: torch.Tensor) -> str:
 
 def gae_torch(batch, gamma: float, lam: float, rho_clip: float | None = None, c_clip: float | None = None,
               behaviour_logprob=None, target_logprob=None):
-    """GAE over ``(n, T)`` torch tensors, vectorized across rows (a loop over T only).
+    """GAE over ``(n, T)`` (or, with k value heads, ``(n, T, k)``) torch tensors, vectorized across rows
+    and heads (a loop over T only).
 
     Same semantics and, without clips, the same float32 operations in the same order as the C kernel behind
     `segvec.gae` (see `segvec.advantages`): ``delta[t] = reward[t] + gamma * next_value[t] - value[t]``
@@ -222,15 +223,15 @@ def gae_torch(batch, gamma: float, lam: float, rho_clip: float | None = None, c_
     `behaviour_logprob` (default ``batch.logprob``).  With ratios 1 and clips >= 1 this is plain GAE.
 
     Args:
-        batch: anything with ``reward, value, next_value, terminated, truncated, mask`` ``(n, T)`` and
-            ``length`` ``(n,)`` as tensors (a `TorchSegments`) on any device, or as arrays (moved to
-            ``reward``'s device).
-        gamma, lam: discount and GAE lambda.
+        batch: anything with ``reward, value, next_value`` ``(n, T)`` or ``(n, T, k)``, ``terminated,
+            truncated, mask`` ``(n, T)`` and ``length`` ``(n,)`` as tensors (a `TorchSegments`) on any device,
+            or as arrays (moved to ``reward``'s device).
+        gamma, lam: discount and GAE lambda; with value heads, one number for all or one per head.
         rho_clip, c_clip: clips of the importance ratios (None: no clip).
         behaviour_logprob, target_logprob: ``(n, T)`` log-probabilities of the taken actions.
 
     Returns:
-        ``(advantages, returns)``, ``(n, T)`` float32 tensors on the batch's device; ``returns =
+        ``(advantages, returns)``, float32 tensors of ``reward``'s shape on the batch's device; ``returns =
         advantages + value`` on real steps, 0 elsewhere.
 
     Raises:
@@ -242,7 +243,7 @@ def gae_torch(batch, gamma: float, lam: float, rho_clip: float | None = None, c_
     device = x["reward"].device
     reward, value, next_value = (x[name].to(device, torch.float32) for name in ("reward", "value", "next_value"))
     terminated, truncated, mask = (x[name].to(device, torch.bool) for name in ("terminated", "truncated", "mask"))
-    n, T = reward.shape
+    n, T = reward.shape[:2]
     steps = torch.arange(T, device=device)
     length = x["length"].to(device, torch.long)[:, None]
     valid = mask & (steps < length)
@@ -250,22 +251,31 @@ def gae_torch(batch, gamma: float, lam: float, rho_clip: float | None = None, c_
     if target_logprob is not None:
         checked["behaviour_logprob"] = x["behaviour_logprob"].to(device, torch.float32)
     for key, array in checked.items():
-        nan = torch.isnan(array) & valid
+        nan = torch.isnan(array)
+        nan = (nan.any(dim=2) if nan.dim() == 3 else nan) & valid  # (a step counts once, whatever its heads)
         if nan.any():  # (one read back from the device per check)
             warn_unsent(key, int(nan.sum()), int(valid.sum()))
     carries = valid & ~(terminated | truncated | (steps == length - 1))
+    per_head = head_axis(reward)  # (n, T) flags and weights -> (n, T, 1) with value heads
+    terminated, valid, carries = per_head(terminated), per_head(valid), per_head(carries)
     zero = torch.zeros((), device=device)
     # Same float32 operations, in the same order, as the C kernel.
-    delta = reward + float(np.float32(gamma)) * torch.where(terminated, zero, next_value) - value
-    carry = torch.full((n, T), float(np.float32(gamma) * np.float32(lam)), device=device)
+    if reward.dim() == 3:
+        gammas = torch.tensor(np.asarray(gamma, np.float32), device=device)
+        carry = torch.tensor(np.asarray(gamma, np.float32) * np.asarray(lam, np.float32), device=device)
+        delta = reward + gammas * torch.where(terminated, zero, next_value) - value
+        carry = carry.expand(reward.shape)
+    else:
+        delta = reward + float(np.float32(gamma)) * torch.where(terminated, zero, next_value) - value
+        carry = torch.full((n, T), float(np.float32(gamma) * np.float32(lam)), device=device)
     if target_logprob is not None:
         target, behaviour = (x[name].to(device, torch.float32) for name in ("target_logprob", "behaviour_logprob"))
-        ratio = torch.exp(target - behaviour)
+        ratio = per_head(torch.exp(target - behaviour))
         delta = delta * (ratio if rho_clip is None else ratio.clamp(max=rho_clip))
         carry = carry * (ratio if c_clip is None else ratio.clamp(max=c_clip))
     delta = torch.where(valid, delta, zero)
-    advantages = torch.zeros((n, T), dtype=torch.float32, device=device)
-    running = torch.zeros(n, dtype=torch.float32, device=device)
+    advantages = torch.zeros(reward.shape, dtype=torch.float32, device=device)
+    running = torch.zeros((n,) + tuple(reward.shape[2:]), dtype=torch.float32, device=device)
     for t in range(T - 1, -1, -1):
         running = torch.where(carries[:, t], delta[:, t] + carry[:, t] * running, delta[:, t])
         advantages[:, t] = running

@@ -13,6 +13,7 @@ from typing import Callable
 import numpy as np
 
 from segvec._core import EnvState, Storage
+from segvec.checks import per_env
 from segvec.objects import object_array
 
 
@@ -49,8 +50,9 @@ class TruncationLedger:
         objects = self._final_objects(ids)
         if self.value_fn is not None:
             structured = storage.obs_layout.structure(final, [tuple(column) for column in zip(*objects)])
-            values = np.asarray(self.value_fn(structured), np.float32).reshape(-1)
-            storage.truncation_value.reshape(-1)[slots] = values
+            value_shape = storage.geometry.value_shape
+            values = per_env(self.value_fn(structured), len(ids), "value_fn's values", value_shape)
+            storage.truncation_value.reshape((-1,) + value_shape)[slots] = values
             return
         for i, (row, t) in enumerate(zip((slots // self.horizon).tolist(), (slots % self.horizon).tolist())):
             identity = self._identity(row)

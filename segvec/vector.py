@@ -24,7 +24,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_differing_spaces, batch_space
 
 from segvec import checks
-from segvec._core import OUTSTANDING, EnvState, Geometry
+from segvec._core import OUTSTANDING, EnvState, Geometry, check_value_shape
 from segvec.backends import BACKENDS
 from segvec.errors import (
     AlreadyPendingCallError,
@@ -181,8 +181,16 @@ class SegmentVecEnv(VectorEnv):
         autoreset_mode: a gymnasium ``AutoresetMode`` (or its string).
         step_fields: extra per-step learner fields ``{name: (shape, dtype)}``, given to ``send``/``step``.
         segment_fields: per-segment fields stored at a row's first step (e.g. recurrent state).
-        value_fn: optional ``obs_batch -> values``; gives the value of final observations of truncated
-            episodes (SAME_STEP) and of the current observations at ``flush``.
+        value_fn: optional ``obs_batch -> values`` (``[n]``, or ``[n, k]`` with value heads); gives the
+            value of final observations of truncated episodes (SAME_STEP) and of the current observations at
+            ``flush``.
+        value_shape: ``()`` (default): one value per step.  ``(k,)``: k value heads (one per reward stream
+            or auxiliary prediction), each bootstrapped by the same rules: ``value``/``next_value``/``reward``
+            of segments are ``[n, T, k]``, ``send``/``step`` take ``value=`` of shape ``(n, k)``, the rewards
+            that ``step``/``recv`` return are ``(n, k)`` and `segvec.gae` takes one gamma/lam per head.  The
+            rewards per head are the env's reward when it is an array of shape ``(k,)`` (head 0 counts in
+            the episode statistics), else ``info["rewards"]`` of shape ``(k,)`` when the env's info has it
+            (its scalar reward counts), else the scalar reward in every head (native C envs too).
         context: multiprocessing context or start method name (``"fork"``, ``"spawn"``, ``"forkserver"``).
         shared_memory: True (default): every part of both spaces must have a fixed shape and dtype, or
             `SharedMemorySpaceError` (a TypeError and ValueError) is raised.  False: parts with no fixed shape
@@ -249,6 +257,7 @@ class SegmentVecEnv(VectorEnv):
         step_fields: dict | None = None,
         segment_fields: dict | None = None,
         value_fn: Callable | None = None,
+        value_shape: tuple = (),
         context: Any = None,
         restart_failed_envs: bool = False,
         debug: bool = False,
@@ -270,6 +279,7 @@ class SegmentVecEnv(VectorEnv):
                              "into shared segment memory themselves. Wrap the env instead (gymnasium.Wrapper) to "
                              "change what a step does.")
         checks.observation_mode(observation_mode)
+        self.value_shape = check_value_shape(value_shape)
         self.horizon, self.batch_size, self.num_segments = checks.sizes(num_envs, horizon, batch_size, num_segments)
         backend_type = BACKENDS[backend]
         num_workers = checks.max_concurrency(max_concurrency, num_envs, num_workers, backend)
@@ -290,7 +300,8 @@ class SegmentVecEnv(VectorEnv):
                 obs_layout.require_shared_memory()
             geometry = Geometry.make(num_envs, self.num_workers, self.num_segments, self.horizon,
                                      self.single_observation_space, self.single_action_space,
-                                     step_fields, segment_fields, poison=debug, episode_capacity=episode_capacity)
+                                     step_fields, segment_fields, poison=debug, episode_capacity=episode_capacity,
+                                     value_shape=self.value_shape)
             self._storage = self._backend.attach(geometry)
             try:
                 self.metadata = dict(self._backend.env_metadata())
@@ -488,7 +499,7 @@ class SegmentVecEnv(VectorEnv):
         if self._check_actions.reshaped:  # the env gets the number as given, as gymnasium's vector envs do
             object_actions = {int(e): AsGiven(actions[i]) for i, e in enumerate(env_ids.tolist())}
         fields = checks.learner_fields(fields or {}, storage, count)
-        values = None if value is None else checks.per_env(value, count, "value")
+        values = None if value is None else checks.per_env(value, count, "value", self.value_shape)
         logprobs = None if logprob is None else checks.per_env(logprob, count, "logprob")
         try:
             slots, row_start = core.prepare_send(env_ids, values, logprobs, self.policy_version)
@@ -617,6 +628,7 @@ class SegmentVecEnv(VectorEnv):
 
         Accepts the learner fields of `send` (``value=``, ``logprob=``, step/segment fields) so that the
         gymnasium face fills segments with them.  Follows ``autoreset_mode`` like gymnasium's vector envs.
+        Rewards are ``(num_envs,)``, or ``(num_envs, k)`` with ``value_shape=(k,)`` (the rewards per head).
         Envs that were never reset are reset first (no seed): an env's first observation starts its row.
         """
         self.step_async(actions, **learner_fields)
@@ -750,7 +762,8 @@ class SegmentVecEnv(VectorEnv):
         envs the rows are.  When they are every env outstanding (always with ``batch_size == num_envs``),
         they come in env id order, so synchronous stepping never depends on the workers' timing; otherwise
         in the order they became ready.  Rewards, terminations and truncations are the outcome of each
-        env's previous action (0/False right after a reset).
+        env's previous action (0/False right after a reset); rewards are ``(n,)``, or ``(n, k)`` with
+        ``value_shape=(k,)``.
 
         Raises:
             NoAsyncCallError: nothing is outstanding (call `async_reset` or `send` first).
@@ -785,7 +798,8 @@ class SegmentVecEnv(VectorEnv):
         Args:
             actions: ``[len(env_ids), *action_shape]`` (structured spaces: their batched structure).
             env_ids: the envs, e.g. ``infos["env_id"]`` of the last `recv`.
-            value, logprob: ``[len(env_ids)]`` stored at each env's current step (NaN when omitted).
+            value, logprob: ``[len(env_ids)]`` stored at each env's current step (NaN when omitted); with
+                ``value_shape=(k,)``, `value` is ``[len(env_ids), k]`` (one value per head).
             **fields: step and segment fields declared at construction.
 
         Raises:
@@ -883,7 +897,8 @@ class SegmentVecEnv(VectorEnv):
         storage = self._storage
         tails = None
         if self.value_fn is not None:
-            tails = np.asarray(self.value_fn(self._current_obs(env_ids)), np.float32).reshape(-1)
+            tails = checks.per_env(self.value_fn(self._current_obs(env_ids)), len(env_ids), "value_fn's values",
+                                   self.value_shape)
         try:
             copy_from, copy_to = self._core.flush_envs(env_ids, tails)
         except SegmentBufferExhausted:

@@ -161,7 +161,7 @@ BAD_FIELDS = [  # (field, bad value, exception, message)
     *[(name, shape, ValueError, f"{name} has shape {shape}, expected {(N, T)}")
       for name in STEP_FIELDS[1:] for shape in [(N, T - 1), (N - 1, T), (N, T + 1), (N * T,), (N, T, 1)]],
     ("reward", (N * T,), ValueError, f"reward has shape {(N * T,)}, expected (n, T)"),
-    ("reward", (N, 0), ValueError, f"reward has shape {(N, 0)}, expected (n, T) with T >= 1"),
+    ("reward", (N, 0), ValueError, f"reward has shape {(N, 0)}, expected (n, T) or (n, T, k) with T, k >= 1"),
     ("length", (N - 1,), ValueError, f"length has shape {(N - 1,)}, expected {(N,)}"),
     ("length", (N, 1), ValueError, f"length has shape {(N, 1)}, expected {(N,)}"),
     ("length", np.array([T, -1, T], np.int32), ValueError, f"length must lie in [0, T={T}], got -1"),

@@ -1,6 +1,6 @@
 /* driver.c -- a threaded stress driver of the segvec core (native/segvec.c), for the sanitizers.
  *
- *   driver <seconds> <num_envs> <num_workers> <horizon> <num_segments> <seed>
+ *   driver <seconds> <num_envs> <num_workers> <horizon> <num_segments> <seed> [value_heads]
  *
  * One block of plain memory holds the core (segvec_format); every thread attaches its own handle.
  *
@@ -22,7 +22,8 @@
  * A fake env: observation = obs_code(env, counter), where the counter of the env goes up by one for each new
  * observation (step, reset, restart) and never goes back.  The reward of a step names the env and the
  * counter of the observation it leads to; the learner's value of an observation names the env and its
- * counter; the action the learner writes is the code of the observation it acted on.  Envs with an even id
+ * counter (with value heads, head h sends head_value(h, that value), so every head is checked against head 0);
+ * the action the learner writes is the code of the observation it acted on.  Envs with an even id
  * follow SAME_STEP autoreset (an episode's last step starts the next episode), odd ones NEXT_STEP (the step
  * after an episode's end is a reset step with valid = 0).
  *
@@ -49,6 +50,7 @@
 #define MAX_ENVS 64          /* keeps reward and value codes exact in float32 */
 #define EPISODE_CAPACITY 32  /* small, so that the finished-episode ring overwrites entries */
 #define MAX_EPISODE_LEN 40
+#define MAX_HEADS 4          /* value heads (the optional last argument) */
 
 /* ---- checks ----------------------------------------------------------------------------------- */
 
@@ -112,13 +114,15 @@ static int64_t obs_ctr(int64_t code) { return code & CTR_MASK; }
 static float reward_of(int32_t e, int64_t ctr) { return (float)(e * 65536 + (int32_t)(ctr & 0xffff)); }
 /* the learner's value of the observation with counter `ctr` */
 static float value_of(int32_t e, int64_t ctr) { return (float)(e * 65536 + (int32_t)(ctr & 0xffff)) + 0.25f; }
+/* the learner's value of head h, from head 0's value v (exact in float32: odd heads negate it) */
+static float head_value(int32_t h, float v) { return h % 2 ? -v : v; }
 static int same_step_env(int32_t e) { return e % 2 == 0; }
 static int same_float(float a, float b) { return (isnan(a) && isnan(b)) || a == b; }
 
 /* ---- shared state ----------------------------------------------------------------------------- */
 
 static struct {
-    int32_t E, W, S, T, k;
+    int32_t E, W, S, T, k, H;   /* H: value heads (values, rewards and bootstraps are [.., H], head-minor) */
     uint64_t seed;
     void *block;
     int64_t block_bytes;
@@ -446,13 +450,16 @@ static struct {
     int64_t *end_step, *end_ctr; /* [E] end of the env's last taken row: step count, counter of obs[length] */
     int32_t *pending;          /* envs known FAILED, to reset */
     int32_t n_pending;
-    float *nv;                 /* [S * T] scratch for fill_next_values */
+    float *nv;                 /* [S * T * H] scratch for fill_next_values */
     int64_t ep_cursor;
     segvec_stats_t last;
     /* tallies for the summary */
     int64_t taken, rows_checked, resets, failures, deaths, lost_envs, flushes, landed_flushes, sends, cancels,
         no_free_row, episodes_read, episodes_lost, negative_checks, pops;
 } Lr;
+
+/* Element (k, h) of a head-minor array: k a step slot (or a row, for tail_value), h a value head. */
+#define HEAD(array, k, h) ((array)[(int64_t)(k) * G.H + (h)])
 
 static int env_state_now(int32_t e) { return atomic_load_explicit(&G.env_state[e], memory_order_acquire); }
 
@@ -464,15 +471,15 @@ static uint64_t row_sum(int32_t r) {
         for (size_t i_ = 0; i_ < (size_t)(bytes); ++i_) h = (h ^ p_[i_]) * 1099511628211ull; \
     } while (0)
     int64_t T = G.T, b = (int64_t)r * T;
-    MIX(G.reward + b, 4 * T);
-    MIX(G.value + b, 4 * T);
-    MIX(G.truncation_value + b, 4 * T);
+    MIX(G.reward + b * G.H, 4 * T * G.H);
+    MIX(G.value + b * G.H, 4 * T * G.H);
+    MIX(G.truncation_value + b * G.H, 4 * T * G.H);
     MIX(G.policy_version + b, 8 * T);
     MIX(G.terminated + b, T);
     MIX(G.truncated + b, T);
     MIX(G.mask + b, T);
     MIX(G.episode_start + b, T);
-    MIX(G.tail_value + r, 4);
+    MIX(G.tail_value + (int64_t)r * G.H, 4 * G.H);
     MIX(G.row_env_id + r, 4);
     MIX(G.row_length + r, 4);
     MIX(G.row_start_step + r, 8);
@@ -497,35 +504,35 @@ static void check_row(int32_t r) {
         c[t] = obs_ctr(o[t]);
     }
     /* segvec_fill_next_values, into scratch or into the block's own next_value row (zero-copy use) */
-    float *nv = chance(&Lr.rng, 0.5) ? G.next_value + (int64_t)r * T : Lr.nv;
+    float *nv = chance(&Lr.rng, 0.5) ? G.next_value + (int64_t)r * T * G.H : Lr.nv;
     OK(segvec_fill_next_values(Lr.core, 1, &r, 0, nv));
-    float tail = G.tail_value[r];
+    float tail = HEAD(G.tail_value, r, 0);
     int64_t base = (int64_t)r * T;
     for (int32_t t = 0; t < T; ++t) {
         int64_t k = base + t;
         if (t >= L) {
             /* past the length nothing was committed (a flush closes the row at the cursor) */
-            CHECK(!G.mask[k] && !G.terminated[k] && G.reward[k] == 0.0f, "row %d (env %d, length %d): slot %d is written",
+            CHECK(!G.mask[k] && !G.terminated[k] && HEAD(G.reward, k, 0) == 0.0f, "row %d (env %d, length %d): slot %d is written",
                   r, e, L, t);
-            CHECK(nv[t] == 0.0f, "row %d: next_value[%d] past the length is %g", r, t, nv[t]);
+            CHECK(HEAD(nv, t, 0) == 0.0f, "row %d: next_value[%d] past the length is %g", r, t, HEAD(nv, t, 0));
             continue;
         }
         int jump = c[t + 1] != c[t] + 1;
         /* the learner sent value_of(obs[t]) for every slot it acted on, stamped with its policy version */
-        CHECK(G.value[k] == value_of(e, c[t]), "row %d (env %d): value[%d] = %g, expected %g for ctr %lld", r, e, t,
-              G.value[k], value_of(e, c[t]), (long long)c[t]);
+        CHECK(HEAD(G.value, k, 0) == value_of(e, c[t]), "row %d (env %d): value[%d] = %g, expected %g for ctr %lld", r, e, t,
+              HEAD(G.value, k, 0), value_of(e, c[t]), (long long)c[t]);
         CHECK(G.policy_version[k] >= 1 && G.policy_version[k] <= Lr.it + 1 &&
                   (t == 0 || G.policy_version[k] >= G.policy_version[k - 1]),
               "row %d: policy_version[%d] = %lld", r, t, (long long)G.policy_version[k]);
         CHECK(!(G.terminated[k] && G.truncated[k]), "row %d: slot %d both terminated and truncated", r, t);
         if (G.mask[k]) {
             /* a real transition: its reward names the observation the step led to (counter + 1) */
-            CHECK(G.reward[k] == reward_of(e, c[t] + 1), "row %d (env %d): reward[%d] = %g, expected %g (ctr %lld)", r, e,
-                  t, G.reward[k], reward_of(e, c[t] + 1), (long long)c[t]);
+            CHECK(HEAD(G.reward, k, 0) == reward_of(e, c[t] + 1), "row %d (env %d): reward[%d] = %g, expected %g (ctr %lld)", r, e,
+                  t, HEAD(G.reward, k, 0), reward_of(e, c[t] + 1), (long long)c[t]);
         } else {
             /* NEXT_STEP reset step (valid = 0): no reward, no episode end, the next obs starts an episode */
-            CHECK(!same_step_env(e) && G.reward[k] == 0.0f && !G.terminated[k] && !G.truncated[k],
-                  "row %d (env %d): masked slot %d has reward %g term %d trunc %d", r, e, t, G.reward[k],
+            CHECK(!same_step_env(e) && HEAD(G.reward, k, 0) == 0.0f && !G.terminated[k] && !G.truncated[k],
+                  "row %d (env %d): masked slot %d has reward %g term %d trunc %d", r, e, t, HEAD(G.reward, k, 0),
                   G.terminated[k], G.truncated[k]);
             if (t + 1 < T)
                 CHECK(G.episode_start[k + 1], "row %d (env %d): no episode_start after the reset step at %d", r, e, t);
@@ -540,13 +547,13 @@ static void check_row(int32_t r) {
                   "row %d (env %d): obs counter goes %lld -> %lld at slot %d without a restart", r, e, (long long)c[t],
                   (long long)c[t + 1], t + 1);
             if (G.mask[k] && !G.terminated[k])
-                CHECK(G.truncated[k] && (G.truncation_value[k] == value_of(e, c[t] + 1) ||
-                                         (same_step_env(e) && isnan(G.truncation_value[k]))),
+                CHECK(G.truncated[k] && (HEAD(G.truncation_value, k, 0) == value_of(e, c[t] + 1) ||
+                                         (same_step_env(e) && isnan(HEAD(G.truncation_value, k, 0)))),
                       "row %d (env %d): restart at slot %d: truncated[%d] = %d, truncation_value = %g, expected %g", r, e,
-                      t + 1, t, G.truncated[k], G.truncation_value[k], value_of(e, c[t] + 1));
+                      t + 1, t, G.truncated[k], HEAD(G.truncation_value, k, 0), value_of(e, c[t] + 1));
         } else {
-            CHECK(isnan(G.truncation_value[k]), "row %d (env %d): truncation_value[%d] = %g without a restart", r, e, t,
-                  G.truncation_value[k]);
+            CHECK(isnan(HEAD(G.truncation_value, k, 0)), "row %d (env %d): truncation_value[%d] = %g without a restart", r, e, t,
+                  HEAD(G.truncation_value, k, 0));
             if (G.mask[k] && (G.terminated[k] || G.truncated[k])) {
                 if (same_step_env(e) && t + 1 < T)
                     CHECK(G.episode_start[k + 1], "row %d (env %d): SAME_STEP episode end at %d, no episode_start", r, e, t);
@@ -557,18 +564,38 @@ static void check_row(int32_t r) {
         /* segvec_fill_next_values' contract, then what it means here */
         float expect;
         if (G.terminated[k]) expect = 0.0f;
-        else if (G.truncated[k] && !isnan(G.truncation_value[k])) expect = G.truncation_value[k];
+        else if (G.truncated[k] && !isnan(HEAD(G.truncation_value, k, 0))) expect = HEAD(G.truncation_value, k, 0);
         else if (t == L - 1) expect = tail;
-        else expect = G.value[k + 1];
-        CHECK(same_float(nv[t], expect), "row %d: next_value[%d] = %g, expected %g", r, t, nv[t], expect);
+        else expect = HEAD(G.value, k + 1, 0);
+        CHECK(same_float(HEAD(nv, t, 0), expect), "row %d: next_value[%d] = %g, expected %g", r, t, HEAD(nv, t, 0), expect);
         if (G.mask[k] && !G.terminated[k] && !jump && !(t == L - 1 && isnan(tail)))
-            CHECK(nv[t] == value_of(e, c[t + 1]), "row %d (env %d): next_value[%d] = %g is not the value %g of obs[%d]", r,
-                  e, t, nv[t], value_of(e, c[t + 1]), t + 1);
+            CHECK(HEAD(nv, t, 0) == value_of(e, c[t + 1]), "row %d (env %d): next_value[%d] = %g is not the value %g of obs[%d]", r,
+                  e, t, HEAD(nv, t, 0), value_of(e, c[t + 1]), t + 1);
     }
     /* the tail bootstrap is the value of obs[length] (sent with the env's next action, or given to the
      * flush), or NaN when a flush had none */
     CHECK(isnan(tail) || tail == value_of(e, c[L]), "row %d (env %d, length %d): tail value %g, obs[length] has ctr %lld",
           r, e, L, tail, (long long)c[L]);
+    /* every other head: the learner sent head_value(h, v) for each head's value, rewards go to every head,
+     * so each head's values, truncation values, tail and bootstraps are head 0's mapped by head_value */
+    for (int32_t h = 1; h < G.H; ++h) {
+        CHECK(same_float(HEAD(G.tail_value, r, h), head_value(h, tail)), "row %d: tail value of head %d is %g, head 0's %g",
+              r, h, HEAD(G.tail_value, r, h), tail);
+        for (int32_t t = 0; t < T; ++t) {
+            int64_t k = base + t;
+            CHECK(HEAD(G.reward, k, h) == HEAD(G.reward, k, 0), "row %d: reward[%d] of head %d is %g, head 0's %g", r, t,
+                  h, HEAD(G.reward, k, h), HEAD(G.reward, k, 0));
+            CHECK(same_float(HEAD(nv, t, h), head_value(h, HEAD(nv, t, 0))),
+                  "row %d: next_value[%d] of head %d is %g, head 0's %g", r, t, h, HEAD(nv, t, h), HEAD(nv, t, 0));
+            if (t < L) {
+                CHECK(same_float(HEAD(G.value, k, h), head_value(h, HEAD(G.value, k, 0))),
+                      "row %d: value[%d] of head %d is %g, head 0's %g", r, t, h, HEAD(G.value, k, h), HEAD(G.value, k, 0));
+                CHECK(same_float(HEAD(G.truncation_value, k, h), head_value(h, HEAD(G.truncation_value, k, 0))),
+                      "row %d: truncation_value[%d] of head %d is %g, head 0's %g", r, t, h,
+                      HEAD(G.truncation_value, k, h), HEAD(G.truncation_value, k, 0));
+            }
+        }
+    }
     /* rows of one env come out of the completed FIFO in the order the env filled them */
     int64_t start = G.row_start_step[r];
     if (Lr.end_step[e] >= 0) {
@@ -647,11 +674,12 @@ static void take_rows(int all) {
 /* segvec_flush_envs with the observation copies it asks for; on NO_FREE_ROW nothing may have changed. */
 static int flush_envs(int32_t n, const int32_t *ids) {
     int64_t before[n], after[n], from[n], to[n], cur[n];
-    float tails[n];
+    float tails[n * G.H];
     int with_tails = chance(&Lr.rng, 0.5);
     OK(segvec_cursor_slots(Lr.core, n, ids, SEGVEC_OBS_SLOT, before));
     OK(segvec_gather_current(Lr.core, n, ids, G.obs, 8, cur));
-    for (int32_t i = 0; i < n; ++i) tails[i] = value_of(ids[i], obs_ctr(cur[i]));
+    for (int32_t i = 0; i < n; ++i)
+        for (int32_t h = 0; h < G.H; ++h) HEAD(tails, i, h) = head_value(h, value_of(ids[i], obs_ctr(cur[i])));
     int rc = segvec_flush_envs(Lr.core, n, ids, with_tails ? tails : NULL, from, to);
     OK(segvec_cursor_slots(Lr.core, n, ids, SEGVEC_OBS_SLOT, after));
     if (rc != SEGVEC_OK) {
@@ -851,9 +879,12 @@ static void receive(void) {
         CHECK(obs_env(cur[i]) == e && obs_ctr(cur[i]) > Lr.last_ctr[e],
               "popped env %d: current obs (env %d, ctr %lld), last acted on ctr %lld", e, obs_env(cur[i]),
               (long long)obs_ctr(cur[i]), (long long)Lr.last_ctr[e]);
-        double lr = G.env_last_reward[e];
+        double lr = HEAD(G.env_last_reward, e, 0);
         CHECK(lr == 0.0 || lr == reward_of(e, obs_ctr(cur[i])), "popped env %d: last reward %g, expected 0 or %g", e, lr,
               reward_of(e, obs_ctr(cur[i])));
+        for (int32_t h = 1; h < G.H; ++h)
+            CHECK(HEAD(G.env_last_reward, e, h) == lr, "popped env %d: last reward of head %d is %g, head 0's %g", e, h,
+                  HEAD(G.env_last_reward, e, h), lr);
         Lr.last_ctr[e] = obs_ctr(cur[i]);
         if (Lr.lstate[e] == L_OUT) {
             Lr.lstate[e] = L_HELD;
@@ -876,12 +907,12 @@ static void send(void) {
     }
     int64_t cur[MAX_ENVS], slots[MAX_ENVS], cursor[MAX_ENVS], slots2[MAX_ENVS];
     uint8_t row_start[MAX_ENVS], row_start2[MAX_ENVS];
-    float values[MAX_ENVS], logprobs[MAX_ENVS];
+    float values[MAX_ENVS * MAX_HEADS], logprobs[MAX_ENVS];
     int64_t version = Lr.it + 1;
     OK(segvec_gather_current(Lr.core, n, ids, G.obs, 8, cur));
     OK(segvec_cursor_slots(Lr.core, n, ids, SEGVEC_STEP_SLOT, cursor));
     for (int32_t i = 0; i < n; ++i) {
-        values[i] = value_of(ids[i], obs_ctr(cur[i]));
+        for (int32_t h = 0; h < G.H; ++h) HEAD(values, i, h) = head_value(h, value_of(ids[i], obs_ctr(cur[i])));
         logprobs[i] = -(float)i;
     }
     const float *lp = chance(&Lr.rng, 0.5) ? logprobs : NULL;
@@ -1166,8 +1197,9 @@ static long parse(const char *s, const char *name, long lo, long hi) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 7) {
-        fprintf(stderr, "usage: %s <seconds> <num_envs> <num_workers> <horizon> <num_segments> <seed>\n", argv[0]);
+    if (argc != 7 && argc != 8) {
+        fprintf(stderr, "usage: %s <seconds> <num_envs> <num_workers> <horizon> <num_segments> <seed> [value_heads]\n",
+                argv[0]);
         return 2;
     }
     int64_t seconds = parse(argv[1], "seconds", 0, 3600);
@@ -1176,7 +1208,8 @@ int main(int argc, char **argv) {
                            (int32_t)parse(argv[5], "num_segments", 2, 1 << 20),
                            (int32_t)parse(argv[4], "horizon", 1, 4096),
                            EPISODE_CAPACITY,
-                           0};
+                           0,
+                           argc == 8 ? (int32_t)parse(argv[7], "value_heads", 1, MAX_HEADS) : 1};
     G.seed = (uint64_t)parse(argv[6], "seed", 0, 0x7fffffffL);
     if (cfg.num_envs % cfg.num_workers || cfg.num_segments < 2 * cfg.num_envs) {
         fprintf(stderr, "driver: num_envs %% num_workers must be 0 and num_segments >= 2 * num_envs\n");
@@ -1191,6 +1224,7 @@ int main(int argc, char **argv) {
     G.W = cfg.num_workers;
     G.S = cfg.num_segments;
     G.T = cfg.horizon;
+    G.H = cfg.value_heads;
     G.k = G.E / G.W;
     G.L = layout;
     G.block_bytes = layout.total_bytes;
@@ -1237,7 +1271,7 @@ int main(int argc, char **argv) {
     Lr.end_step = calloc((size_t)G.E, sizeof(int64_t));
     Lr.end_ctr = calloc((size_t)G.E, sizeof(int64_t));
     Lr.pending = calloc((size_t)G.E, sizeof(int32_t));
-    Lr.nv = calloc((size_t)G.S * (size_t)G.T, sizeof(float));
+    Lr.nv = calloc((size_t)G.S * (size_t)G.T * (size_t)G.H, sizeof(float));
 
     pthread_t learner;
     if (pthread_create(&learner, NULL, learner_main, &seconds) != 0) return 2;
@@ -1253,11 +1287,11 @@ int main(int argc, char **argv) {
     CHECK(Lr.last.steps > 0 && Lr.rows_checked > 0, "no progress: %lld steps, %lld rows checked", (long long)Lr.last.steps,
           (long long)Lr.rows_checked);
     long violations = atomic_load(&g_violations);
-    printf("segvec stress %s: %llds envs=%d workers=%d horizon=%d segments=%d seed=%llu | iterations=%lld sends=%lld "
+    printf("segvec stress %s: %llds envs=%d workers=%d horizon=%d segments=%d heads=%d seed=%llu | iterations=%lld sends=%lld "
            "served=%lld steps=%lld episodes=%lld (read %lld, lost %lld) resets=%lld failures=%lld restarts=%lld "
            "deaths=%lld rolled_back=%lld flushes=%lld landed_flushes=%lld cancels=%lld no_free_row=%lld "
            "rows: completed=%lld taken=%lld recycled=%lld checked=%lld negative_checks=%lld violations=%ld\n",
-           violations ? "FAILED" : "ok", (long long)seconds, G.E, G.W, G.T, G.S, (unsigned long long)G.seed,
+           violations ? "FAILED" : "ok", (long long)seconds, G.E, G.W, G.T, G.S, G.H, (unsigned long long)G.seed,
            (long long)Lr.it, (long long)Lr.sends, (long long)served, (long long)Lr.last.steps,
            (long long)Lr.last.episodes, (long long)Lr.episodes_read, (long long)Lr.episodes_lost, (long long)Lr.resets,
            (long long)Lr.failures, (long long)Lr.last.restarts, (long long)Lr.deaths, (long long)Lr.last.rolled_back,

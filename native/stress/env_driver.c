@@ -104,7 +104,7 @@ typedef struct {
 /* One run of `seconds` with one class and one autoreset mode. */
 static void run(const segvec_env_class_t *cls, int32_t mode, int32_t E, int32_t T, double seconds, totals_t *tot) {
     segvec_config_t config = {.num_envs = E, .num_workers = 1, .num_segments = 4 * E, .horizon = T,
-                              .episode_capacity = 64, .poison = 1};
+                              .episode_capacity = 64, .poison = 1, .value_heads = 1};
     segvec_layout_t layout;
     int64_t bytes;
     OK(segvec_block_bytes(&config, &bytes));

@@ -53,6 +53,7 @@ fi
 
 # num_envs num_workers horizon num_segments
 configs=("8 4 2 16" "6 3 1 12" "16 2 5 64")
+heads=(1 3 2)  # value heads of each configuration (the driver's last argument)
 # What a sanitizer report starts with.
 report_pattern='^(WARNING: ThreadSanitizer|==[0-9]+==ERROR: (AddressSanitizer|LeakSanitizer)|.*: runtime error: |SUMMARY: UndefinedBehaviorSanitizer)'
 # ThreadSanitizer cannot start with some address-space layouts ("unexpected memory mapping" on newer
@@ -64,12 +65,13 @@ reports=0
 failed=0
 run_index=0
 for name in "${builds[@]}"; do
-    for config in "${configs[@]}"; do
+    for index in "${!configs[@]}"; do
+        config=${configs[$index]}
         run_seed=$((seed + run_index))
         run_index=$((run_index + 1))
         log="$tmp/run-$name-$run_index.log"
         # shellcheck disable=SC2086  # config is four numbers
-        cmd=("$tmp/driver-$name" "$seconds" $config "$run_seed")
+        cmd=("$tmp/driver-$name" "$seconds" $config "$run_seed" "${heads[$index]}")
         if command -v timeout >/dev/null; then cmd=(timeout "$limit" "${cmd[@]}"); fi
         if [ "$name" = tsan ] && [ ${#no_aslr[@]} -gt 0 ]; then cmd=("${no_aslr[@]}" "${cmd[@]}"); fi
         "${cmd[@]}" >"$log" 2>&1
@@ -86,7 +88,7 @@ for name in "${builds[@]}"; do
         summary=$(grep -E '^segvec stress ' "$log" | tail -n 1)
         if [ "$rc" -ne 0 ] || [ "$found" -ne 0 ] || [ -z "$summary" ]; then
             failed=1
-            echo "---- $name envs/workers/horizon/segments = $config, seed $run_seed: exit status $rc, $found sanitizer report(s)"
+            echo "---- $name envs/workers/horizon/segments = $config, value heads ${heads[$index]}, seed $run_seed: exit status $rc, $found sanitizer report(s)"
             if [ "$rc" -eq 124 ]; then echo "(killed after ${limit} s: the driver hung)"; fi
             head -c 20000 "$log"
             echo "----"

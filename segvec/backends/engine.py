@@ -37,6 +37,7 @@ from segvec import checks
 from segvec._core import EnvState, Geometry, Scatter, Storage
 from segvec.backends.base import Backend, call_env, env_metadata, set_env_attr
 from segvec.errors import EnvError, SegvecError, make_env_error, warn
+from segvec.runner import HEAD_REWARDS_KEY
 from segvec.spaces import SpaceLayout
 
 _READY = 1 << EnvState.READY
@@ -437,6 +438,7 @@ class EngineBackend(Backend):
         self._scatter = Scatter(None, storage.obs_by_slot)
         self._next_step = self.autoreset_mode == AutoresetMode.NEXT_STEP
         self._same_step = self.autoreset_mode == AutoresetMode.SAME_STEP
+        self._heads = geometry.value_shape  # (k,): rewards per value head, see _step_outputs
         self._owns_engine = True
         return storage
 
@@ -563,9 +565,9 @@ class EngineBackend(Backend):
                 self._batched.put(ids, landing.info, landing.info_rows, storage.env_has_info)
                 core.publish(ids)
                 return
-            reward, terminated, truncated = self._step_outputs(landing, n)
+            reward, terminated, truncated, heads = self._step_outputs(landing, n)
             if self.io.whole or (states == _IN_FLIGHT).all():  # the usual case: a batch of steps (the core checks)
-                self._commit_steps(ids, leaves, reward, terminated, truncated, landing.info, landing.info_rows)
+                self._commit_steps(ids, leaves, reward, terminated, truncated, landing.info, landing.info_rows, heads)
                 self._batched.put(ids, landing.info, landing.info_rows, storage.env_has_info)
                 core.publish(ids)
                 return
@@ -574,7 +576,8 @@ class EngineBackend(Backend):
             resets, steps = states == _RESETTING, states == _IN_FLIGHT
             if steps.any():
                 self._commit_steps(ids[steps], [np.ascontiguousarray(leaf[steps]) for leaf in leaves], reward[steps],
-                                   terminated[steps], truncated[steps], landing.info, info_rows[steps])
+                                   terminated[steps], truncated[steps], landing.info, info_rows[steps],
+                                   None if heads is None else heads[steps])
             if resets.any():
                 slots = core.commit_resets(ids[resets])
                 self._scatter.bind([np.ascontiguousarray(leaf[resets]) for leaf in leaves])(slots)
@@ -606,17 +609,31 @@ class EngineBackend(Backend):
             out.append(array)
         return out
 
-    @staticmethod
-    def _step_outputs(landing: Landing, n: int) -> tuple:
+    def _step_outputs(self, landing: Landing, n: int) -> tuple:
+        """``(reward, terminated, truncated, heads)`` of a batch of steps; `heads` None, or with value heads
+        the ``[n, k]`` rewards per head: the engine's rewards when they are ``[n, k]`` (head 0 becomes the
+        scalar reward), else its ``info["rewards"]`` when it has them."""
         reward = np.asarray(landing.reward)
         terminated = np.asarray(landing.terminated)
         truncated = np.asarray(landing.truncated)
+        heads = None
+        if self._heads:
+            if reward.ndim == 2:
+                heads, reward = reward, reward[:, 0]
+            elif isinstance(landing.info, dict) and HEAD_REWARDS_KEY in landing.info:
+                heads = np.asarray(landing.info[HEAD_REWARDS_KEY])
+                if landing.info_rows is not None and heads.ndim == 2:
+                    heads = heads[landing.info_rows]
+            if heads is not None and (heads.shape != (n,) + self._heads or heads.dtype.kind not in "biuf"):
+                raise EngineOutputError(f"rewards per value head of shape {heads.shape} and dtype {heads.dtype} "
+                                        f"for {n} envs and value_shape={self._heads}")
         for name, array in (("rewards", reward), ("terminations", terminated), ("truncations", truncated)):
             if array.shape != (n,) or array.dtype.kind not in "biuf":
                 raise EngineOutputError(f"{name} of shape {array.shape} and dtype {array.dtype} for {n} envs")
-        return reward, terminated.astype(bool, copy=False), truncated.astype(bool, copy=False)
+        return reward, terminated.astype(bool, copy=False), truncated.astype(bool, copy=False), heads
 
-    def _commit_steps(self, ids: np.ndarray, leaves: list, reward, terminated, truncated, info, info_rows) -> None:
+    def _commit_steps(self, ids: np.ndarray, leaves: list, reward, terminated, truncated, info, info_rows,
+                      heads=None) -> None:
         """One `commit_steps` (with the scatter) for a batch of steps, and SAME_STEP final observations."""
         storage, core = self.storage, self.storage.core
         n = len(ids)
@@ -642,6 +659,11 @@ class EngineBackend(Backend):
         else:
             out[:n, 3:] = (1.0, 0.0, 0.0)
         core.commit_steps(ids, self._scatter.bind(leaves))
+        if heads is not None:
+            heads = np.array(heads, np.float32)
+            if self._next_step:
+                heads[out[:n, 3] == 0.0] = 0.0  # the engine's reset steps: reward 0 in every head
+            storage.write_head_rewards(ids, heads)
         if final is not None:
             ended, values = final
             for staging, value in zip(storage.final_obs, values):

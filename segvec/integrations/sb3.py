@@ -94,6 +94,14 @@ def _same_step_mode(segvec_options: dict) -> None:
         raise ValueError(f"SB3 needs autoreset_mode=AutoresetMode.SAME_STEP, got {mode}")
 
 
+def _single_head(value_shape) -> None:
+    """SB3 trains one value per step: ValueError for value heads (``value_shape`` other than ``()``)."""
+    if tuple(value_shape) != ():
+        raise ValueError(f"SB3 trains one value head: SB3VecEnv needs value_shape=() (the default), got "
+                         f"value_shape={tuple(value_shape)}; train several heads on the segment face "
+                         "(take_segments and segvec.gae with one gamma and lam per head)")
+
+
 def _env_identity(env: gymnasium.Env) -> tuple[int, int]:
     """``(process id, id of the innermost env)``: equal for two envs only if they are one object."""
     return os.getpid(), id(getattr(env, "unwrapped", env))
@@ -162,8 +170,9 @@ class SB3VecEnv(VecEnv):
     Raises:
         TypeError: neither a list of callables nor a `SegmentVecEnv`; a `SegmentVecEnv` with other arguments;
             both `start_method` and ``context``; an unknown segvec option.
-        ValueError: the autoreset mode is not SAME_STEP; an unknown `start_method`; factories that returned
-            the same env object; an invalid segvec option.
+        ValueError: the autoreset mode is not SAME_STEP; value heads (``value_shape`` other than ``()``: SB3
+            trains one value); an unknown `start_method`; factories that returned the same env object; an
+            invalid segvec option.
         EnvError: an env raised while being built.
 
     Example:
@@ -205,6 +214,7 @@ class SB3VecEnv(VecEnv):
                     f"SB3 resets ended episodes within the same step; make the SegmentVecEnv with "
                     f"autoreset_mode=gymnasium.vector.AutoresetMode.SAME_STEP (it has {vec_env.autoreset_mode}), "
                     "or use segvec.integrations.sb3.make_sb3_vec_env")
+            _single_head(vec_env.value_shape)
             owned = False
         else:
             vec_env, owned = self._make(env_fns, start_method, segvec_options), True
@@ -223,6 +233,7 @@ class SB3VecEnv(VecEnv):
         """The SAME_STEP `SegmentVecEnv` of `env_fns` (see the constructor)."""
         if env_fns is None:
             raise TypeError("SB3VecEnv needs env_fns (one env factory per env) or a segvec.SegmentVecEnv")
+        _single_head(segvec_options.get("value_shape", ()))
         if isinstance(env_fns, (str, bytes, Mapping)):
             fns = None
         else:
