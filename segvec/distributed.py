@@ -36,6 +36,7 @@ This is the only module of segvec that imports ``ray`` (``pip install "segvec[ra
 from __future__ import annotations
 
 import collections
+import functools
 import re
 import sys
 import time
@@ -124,7 +125,8 @@ class _Runner:
         self.runner_id = runner_id
         self.life = uuid.uuid4().hex  # this process's life; a restarted actor gets a new one
         self.num_envs, self.num_runners, self.seed = num_envs, num_runners, seed
-        self.envs = segvec.make_vec(env, num_envs=num_envs, horizon=horizon, **vec_options)
+        self.make_envs = functools.partial(segvec.make_vec, env, num_envs=num_envs, horizon=horizon, **vec_options)
+        self.envs = self.make_envs()
         self.same_step = self.envs.autoreset_mode == AutoresetMode.SAME_STEP
         self.policy = policy()
         self.torch_module = self._is_torch_module(self.policy)
@@ -177,6 +179,9 @@ class _Runner:
             self._load(weights, version)
             envs.policy_version = self.version
             if incarnation != self.incarnation:
+                if self.incarnation is not None:  # (this life ran calls of an older one: start afresh)
+                    envs.close(terminate=True)
+                    envs = self.envs = self.make_envs()
                 self.incarnation = incarnation
                 seed = None
                 if self.seed is not None:

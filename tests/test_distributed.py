@@ -139,11 +139,32 @@ def test_gae_of_taken_rows_equals_the_reference(cluster):
         rollouts.close()
 
 
-def test_a_killed_runner_restarts_and_no_row_is_duplicated_or_partial(cluster):
+@pytest.mark.parametrize("when", ["busy", "idle"])
+def test_a_killed_runner_restarts_and_no_row_is_duplicated_or_partial(cluster, when):
     rollouts = make_rollouts(max_restarts=2)
     try:
         rows = take_all(rollouts, 3, 4)
-        ray.kill(rollouts.runners[0], no_restart=False)
+        deadline = time.monotonic() + 60
+        while {int(row["runner_id"]) for row in rows} != {0, 1}:  # (a runner killed before it shipped
+            assert time.monotonic() < deadline, "a runner never shipped rows"  # anything needs no new life)
+            rows += take_all(rollouts, 3, 1)
+        runner = rollouts.runners[0]
+        if when == "idle":  # every runner at its bound: no call in flight
+            deadline = time.monotonic() + 60
+            while rollouts.stats()["calls_in_flight"]:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            life = ray.get(runner.info.remote(), timeout=30)["life"]
+        ray.kill(runner, no_restart=False)
+        if when == "idle":  # the learner's next call (issued for the old incarnation) meets the new life
+            deadline = time.monotonic() + 60
+            while True:
+                assert time.monotonic() < deadline
+                try:
+                    if ray.get(runner.info.remote(), timeout=30)["life"] != life:
+                        break
+                except ray.exceptions.RayActorError:
+                    time.sleep(0.1)
         deadline = time.monotonic() + 120
         while not any(int(row["runner_id"]) == 0 and int(row["incarnation"]) == 1 for row in rows):
             assert time.monotonic() < deadline, "the killed runner never came back"
@@ -155,6 +176,8 @@ def test_a_killed_runner_restarts_and_no_row_is_duplicated_or_partial(cluster):
         check_against_reference(rows, "NextStep")  # each life's rows: whole, in order, its own seeds
         stats = rollouts.stats()
         assert stats["runner_restarts"] == 1
+        if when == "idle":  # its rows (the old incarnation's seeds, again) were dropped, not delivered
+            assert stats["rows_dropped_restart"] == 3
         assert stats["rows_taken"] == len(rows)
         assert stats["rows_received"] == (stats["rows_taken"] + stats["rows_queued"] + stats["rows_dropped_stale"]
                                           + stats["rows_dropped_restart"])
