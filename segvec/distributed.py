@@ -422,7 +422,6 @@ class RayRollouts:
         self.closed = False
         self.runners = [actor.remote(r, env, self.envs_per_runner, policy, self.horizon, seed, self.num_runners,
                                      vec_options) for r in range(self.num_runners)]
-        self._refill()
 
     # ---- issuing calls --------------------------------------------------------------------------------
     def _guard(self, method: str) -> None:
@@ -589,7 +588,10 @@ class RayRollouts:
 
     def update_policy(self, state_dict: Any, version: int) -> None:
         """Gives every runner new weights: one ``ray.put``, fetched by each runner (once per node's object
-        store) at its next call.  Steps acted on by them carry `version` in ``policy_version``.
+        store) at its next call.  Steps acted on by them carry `version` in ``policy_version``.  Calls already
+        in flight finish with the weights they were issued with.  The first calls go out at the first
+        `take_segments` (or `segments_ready`, `stats`, `episodes`): weights given before that, e.g. the
+        learner's initial ones, act from the very first step.
 
         Args:
             state_dict: what the policy's ``load_state_dict`` takes (None: only the version changes).

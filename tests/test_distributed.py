@@ -32,9 +32,15 @@ SMALL = {"num_cpus": 0.25}  # runner actors of the tests: many fit the 2-CPU tes
 @pytest.fixture(scope="module")
 def cluster():
     """A local Ray cluster on 127.0.0.1 with 2 CPUs; runner processes import the test envs from here."""
-    root = os.path.dirname(HERE)
-    os.environ["PYTHONPATH"] = os.pathsep.join([root, HERE, os.environ.get("PYTHONPATH", "")])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    root, before = os.path.dirname(HERE), os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([root, HERE, before or ""])  # (the cluster's processes inherit it)
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    finally:
+        if before is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = before
     assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
     yield
     ray.shutdown()
