@@ -209,14 +209,15 @@ class _Runner:
                 "stats": envs.stats(), "episodes": envs.episodes()}
 
     def info(self) -> dict:
-        """Where this runner runs: ``{"runner_id", "life", "pid", "host", "env_pids"}`` (``env_pids``: the
-        worker processes of a multiprocessing backend)."""
+        """Where this runner runs and how far it got: ``{"runner_id", "life", "pid", "host", "env_pids",
+        "stats"}`` (``env_pids``: the worker processes of a multiprocessing backend; ``stats``: its vector
+        env's ``stats()`` now)."""
         import multiprocessing
         import os
         import socket
 
         return {"runner_id": self.runner_id, "life": self.life, "pid": os.getpid(), "host": socket.gethostname(),
-                "env_pids": [child.pid for child in multiprocessing.active_children()]}
+                "env_pids": [child.pid for child in multiprocessing.active_children()], "stats": self.envs.stats()}
 
     def close(self) -> None:
         self.envs.close(terminate=True)

@@ -192,6 +192,46 @@ def test_a_killed_runner_restarts_and_no_row_is_duplicated_or_partial(cluster, w
         rollouts.close()
 
 
+def wait_until_bounded(rollouts: RayRollouts) -> None:
+    """Waits until no call is in flight: every runner has its `max_rows_ahead` rows at the learner."""
+    deadline = time.monotonic() + 60
+    while rollouts.stats()["calls_in_flight"]:
+        assert time.monotonic() < deadline, "runners never reached their bound"
+        time.sleep(0.05)
+
+
+def test_runners_stop_max_rows_ahead_of_the_learner(cluster):
+    rollouts = make_rollouts(max_rows_ahead=2 * ENVS)
+    try:
+        assert rollouts.take_segments(ENVS, timeout=60)
+        wait_until_bounded(rollouts)
+        time.sleep(0.5)  # a runner that ran ahead would complete rows meanwhile
+        completed = [ray.get(runner.info.remote(), timeout=30)["stats"]["segments_completed"]
+                     for runner in rollouts.runners]
+        stats = rollouts.stats()
+        assert stats["rows_queued"] == RUNNERS * 2 * ENVS  # each runner's bound, waiting at the learner
+        assert sum(completed) == stats["rows_received"] == stats["rows_taken"] + stats["rows_queued"]
+        assert max(completed) <= 3 * ENVS  # the rows taken (from one runner at most) plus its bound
+        rollouts.take_segments(ENVS, timeout=60)
+        wait_until_bounded(rollouts)
+        assert sum(ray.get(runner.info.remote(), timeout=30)["stats"]["segments_completed"]
+                   for runner in rollouts.runners) == sum(completed) + ENVS  # one call more, no further
+    finally:
+        rollouts.close()
+
+
+def test_a_runner_that_dies_more_than_max_restarts_is_an_error(cluster):
+    rollouts = make_rollouts(num_runners=1, max_restarts=0)
+    try:
+        rollouts.take_segments(ENVS, timeout=60)
+        ray.kill(rollouts.runners[0], no_restart=False)
+        with pytest.raises(RunnerError, match="runner 0 died 1 times, more than max_restarts=0"):
+            for _ in range(20):
+                rollouts.take_segments(ENVS, timeout=60)
+    finally:
+        rollouts.close()
+
+
 def test_rows_carry_the_version_that_acted_and_stale_rows_are_dropped(cluster):
     rollouts = make_rollouts(max_policy_lag=0)
     try:
