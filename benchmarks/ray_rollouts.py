@@ -58,7 +58,21 @@ def frame_policy():
     return policy
 
 
-class LocalMP:
+class Method:
+    """A way to produce rows: `take` steps until rows are complete and returns how many it took."""
+
+    def take(self) -> int:
+        raise NotImplementedError
+
+    def run(self, seconds: float) -> int:
+        """Takes rows for `seconds`; returns the env steps in the rows taken."""
+        rows, end = 0, time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            rows += self.take()
+        return rows * HORIZON
+
+
+class LocalMP(Method):
     """The local peer: one multiprocessing vector env, the policy in the learner's loop."""
 
     def __init__(self, envs: int, workers: int):
@@ -67,26 +81,21 @@ class LocalMP:
         self.policy = frame_policy()
         self.envs.async_reset(seed=0)
 
-    def run(self, seconds: float) -> int:
-        """Steps for `seconds`; returns the env steps in the rows taken."""
-        envs, policy, rows = self.envs, self.policy, 0
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end:
-            obs, _, _, _, info = envs.recv()
-            actions, values, logprobs = policy(obs)
-            envs.send(actions, info["env_id"], value=values, logprob=logprobs)
-            ready = envs.segments_ready
-            if ready:
-                batch = envs.take_segments(ready)
-                rows += len(batch)
-                batch.release()
-        return rows * HORIZON
+    def take(self) -> int:
+        envs = self.envs
+        obs, _, _, _, info = envs.recv()
+        actions, values, logprobs = self.policy(obs)
+        envs.send(actions, info["env_id"], value=values, logprob=logprobs)
+        ready = envs.segments_ready
+        if ready:
+            envs.take_segments(ready).release()
+        return ready
 
     def close(self) -> None:
         self.envs.close()
 
 
-class Ray:
+class Ray(Method):
     """RayRollouts with one serial runner per CPU."""
 
     def __init__(self, envs: int, workers: int):
@@ -94,14 +103,9 @@ class Ray:
         self.rollouts = RayRollouts(ENV, num_runners=workers, envs_per_runner=envs // workers, policy=frame_policy,
                                     horizon=HORIZON, backend="serial")
 
-    def run(self, seconds: float) -> int:
-        rows = 0
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end:
-            batch = self.rollouts.take_segments(self.per_call, timeout=120)
-            rows += len(batch)
-            batch.release()
-        return rows * HORIZON
+    def take(self) -> int:
+        self.rollouts.take_segments(self.per_call, timeout=120).release()
+        return self.per_call
 
     def close(self) -> None:
         self.rollouts.close()
