@@ -45,7 +45,6 @@ from typing import Any, Callable
 
 import numpy as np
 import ray
-from gymnasium.vector import AutoresetMode
 
 from segvec.errors import ClosedEnvironmentError, EnvError, SegvecError, WorkerDied, make_env_error
 
@@ -127,7 +126,6 @@ class _Runner:
         self.num_envs, self.num_runners, self.seed = num_envs, num_runners, seed
         self.make_envs = functools.partial(segvec.make_vec, env, num_envs=num_envs, horizon=horizon, **vec_options)
         self.envs = self.make_envs()
-        self.same_step = self.envs.autoreset_mode == AutoresetMode.SAME_STEP
         self.policy = policy()
         self.torch_module = self._is_torch_module(self.policy)
         self.version = 0
@@ -172,8 +170,6 @@ class _Runner:
 
         A first call with a new `incarnation` resets every env with the seeds of that incarnation.
         """
-        from segvec.errors import EnvError, WorkerDied
-
         envs = self.envs
         try:
             self._load(weights, version)
@@ -416,7 +412,7 @@ class RayRollouts:
         self._queue: collections.deque = collections.deque()  # chunks of fields, oldest first
         self._queued = [0] * self.num_runners  # rows waiting at the learner, by runner
         self._counts = dict.fromkeys(("rows_received", "rows_taken", "rows_dropped_stale", "rows_dropped_restart",
-                                      "runner_restarts", "calls_lost"), 0)
+                                      "runner_restarts", "calls_lost", "env_errors"), 0)
         resources = {"num_cpus": 1} if runner_resources is None else dict(runner_resources)
         actor = ray.remote(_Runner).options(max_restarts=self.max_restarts, max_task_retries=0, **resources)
         vec_options = {"backend": backend, **vec_options}
@@ -463,6 +459,9 @@ class RayRollouts:
             self._restarted(r, incarnation)
             return
         if isinstance(result, _Failure):
+            # The runner's next call starts a new incarnation: its envs rebuilt and reset with fresh seeds.
+            self._incarnation[r] += 1
+            self._counts["env_errors"] += 1
             raise self._env_error(result)
         rows = result["rows"]
         n = len(rows["length"])
@@ -615,8 +614,8 @@ class RayRollouts:
         ``steps, episodes, segments_completed, segments_recycled, segments_taken, nan_rewards, restarts``.
         The learner's: ``rows_received`` (rows that reached it) ``= rows_taken + rows_queued +
         rows_dropped_stale + rows_dropped_restart``; ``runner_restarts`` (runner lives lost), ``calls_lost``
-        (calls that died with their runner: their rows never left it), ``calls_in_flight``,
-        ``policy_version``.
+        (calls that died with their runner: their rows never left it), ``env_errors`` (errors raised from
+        runners' envs), ``calls_in_flight``, ``policy_version``.
         """
         self._guard("stats")
         self._poll(0)

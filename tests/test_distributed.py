@@ -282,6 +282,7 @@ def test_an_env_error_names_runner_and_env_with_its_traceback(cluster):
         assert error.env_index == 1
         assert "runner 0, env 1 raised in step" in str(error)
         assert "EnvBoom" in error.worker_traceback and "fails at step 5" in error.worker_traceback
+        assert rollouts.stats()["env_errors"] == 1
     finally:
         rollouts.close()
 
