@@ -405,7 +405,8 @@ class RayRollouts:
         self._weights: list | None = None  # [ObjectRef] of the latest state dict
         self._inflight: dict = {}  # ObjectRef -> (runner id, incarnation it was issued for)
         self._calls = [0] * self.num_runners  # calls in flight, by runner
-        self._incarnation = [0] * self.num_runners
+        self._incarnation = [0] * self.num_runners  # bumped by every death and every env error
+        self._deaths = [0] * self.num_runners
         self._lives: list[dict] = [{} for _ in range(self.num_runners)]  # incarnation -> life that shipped it
         self._runner_stats: dict = {}  # (runner id, life) -> the last stats() it shipped
         self._episodes: list[dict] = []
@@ -440,9 +441,10 @@ class RayRollouts:
         if incarnation != self._incarnation[r]:
             return  # (already counted)
         self._incarnation[r] += 1
+        self._deaths[r] += 1
         self._counts["runner_restarts"] += 1
-        if self._incarnation[r] > self.max_restarts:
-            raise RunnerError(f"runner {r} died {self._incarnation[r]} times, more than max_restarts="
+        if self._deaths[r] > self.max_restarts:
+            raise RunnerError(f"runner {r} died {self._deaths[r]} times, more than max_restarts="
                               f"{self.max_restarts}", runner_id=r)
 
     # ---- receiving rows -------------------------------------------------------------------------------
