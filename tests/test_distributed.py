@@ -141,6 +141,11 @@ def test_gae_of_taken_rows_equals_the_reference(cluster):
             ref_adv, ref_ret = test_envs.reference_gae(batch, 0.9, 0.8)
             np.testing.assert_allclose(advantages, ref_adv, rtol=1e-5, atol=1e-5)
             np.testing.assert_allclose(returns, ref_ret, rtol=1e-5, atol=1e-5)
+            tensors = batch.to_torch()
+            for name in ("obs", "reward", "next_value", "runner_id"):
+                np.testing.assert_array_equal(getattr(tensors, name).numpy(), getattr(batch, name))
+        with pytest.raises(RuntimeError, match="after release"):
+            batch.reward
     finally:
         rollouts.close()
 
@@ -212,6 +217,9 @@ def test_runners_stop_max_rows_ahead_of_the_learner(cluster):
         assert stats["rows_queued"] == RUNNERS * 2 * ENVS  # each runner's bound, waiting at the learner
         assert sum(completed) == stats["rows_received"] == stats["rows_taken"] + stats["rows_queued"]
         assert max(completed) <= 3 * ENVS  # the rows taken (from one runner at most) plus its bound
+        episodes = rollouts.episodes()  # every runner's finished episodes, as their rows reported them
+        assert len(episodes["return"]) == stats["episodes"] > 0 and set(episodes["runner_id"]) == {0, 1}
+        assert rollouts.segments_ready == stats["rows_queued"]
         rollouts.take_segments(ENVS, timeout=60)
         wait_until_bounded(rollouts)
         assert sum(ray.get(runner.info.remote(), timeout=30)["stats"]["segments_completed"]
