@@ -207,13 +207,13 @@ class _Runner:
     def info(self) -> dict:
         """Where this runner runs and how far it got: ``{"runner_id", "life", "pid", "host", "env_pids",
         "stats"}`` (``env_pids``: the worker processes of a multiprocessing backend; ``stats``: its vector
-        env's ``stats()`` now)."""
+        env's ``stats()`` now, None once closed)."""
         import multiprocessing
         import os
         import socket
 
         return {"runner_id": self.runner_id, "life": self.life, "pid": os.getpid(), "host": socket.gethostname(),
-                "env_pids": [child.pid for child in multiprocessing.active_children()], "stats": self.envs.stats()}
+                "env_pids": [child.pid for child in multiprocessing.active_children()], "stats": None if self.envs.closed else self.envs.stats()}
 
     def close(self) -> None:
         self.envs.close(terminate=True)
@@ -643,7 +643,8 @@ class RayRollouts:
         return out
 
     def close(self, timeout: float = 30.0) -> None:
-        """Closes every runner's envs and kills the runner actors (no restart); idempotent."""
+        """Closes every runner's envs (their workers and shared memory), kills the runner actors (no restart) and
+        waits up to `timeout` seconds for them to be gone; idempotent."""
         if self.closed:
             return
         self.closed = True
@@ -665,6 +666,14 @@ class RayRollouts:
                 ray.kill(runner, no_restart=True)
             except Exception:  # noqa: BLE001 - already gone
                 pass
+        deadline = time.monotonic() + timeout
+        for runner in self.runners:  # ray.kill is asynchronous: return once every actor is gone
+            while time.monotonic() < deadline:
+                try:
+                    ray.get(runner.info.remote(), timeout=max(0.1, deadline - time.monotonic()))
+                except Exception:  # noqa: BLE001 - RayActorError: gone (or unreachable until the deadline)
+                    break
+                time.sleep(0.05)
 
     def __enter__(self) -> "RayRollouts":
         return self
