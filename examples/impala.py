@@ -14,11 +14,13 @@ The network and env helpers are those of ``examples/ppo.py``.  The run stops onc
 last ``--solved-window`` episodes reaches ``--solved-return`` (CartPole-v1: 475).
 
     python examples/impala.py                              # a new local Ray cluster, CartPole-v1
-    python examples/impala.py --address auto               # the cluster `ray start --head` runs on this host
-    python examples/impala.py --address HEAD_IP:6379 --num-runners 20   # a multi-node cluster
+    RAY_AUTH_MODE=token python examples/impala.py --address auto   # the cluster `ray start --head` runs here
+    RAY_AUTH_MODE=token python examples/impala.py --address HEAD_IP:6379 --num-runners 20   # a multi-node one
 
 Against a cluster (``--address``) this directory travels to every node as the job's working directory
-(``ppo.py`` and ``common.py`` are imported by the runners); segvec and torch must be installed on each node.
+(``ppo.py`` and ``common.py`` are imported by the runners); segvec and torch must be installed on each node,
+and the learner presents the cluster's token (``RAY_AUTH_MODE=token``, with the head's token file or
+``RAY_AUTH_TOKEN``).
 """
 from __future__ import annotations
 
