@@ -181,7 +181,7 @@ def main() -> None:
     print(f"date: {datetime.date.today()}  machine: {platform.machine()}, {os.cpu_count()} CPUs, "
           f"python {platform.python_version()}, ray {ray.__version__} (a shared, noisy machine: compare "
           "ratios of one run, not absolute numbers across runs)")
-    ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
     methods = {"local-mp": LocalMP(args.envs, args.workers), "ray": Ray(args.envs, args.workers)}
     rates: dict[str, list[float]] = {name: [] for name in methods}
     try:

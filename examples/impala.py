@@ -145,7 +145,7 @@ if __name__ == "__main__":
     if args.address:
         ray.init(address=args.address, runtime_env={"working_dir": here})
     else:
-        ray.init(num_cpus=args.num_cpus or None, include_dashboard=False)
+        ray.init(address="local", num_cpus=args.num_cpus or None, include_dashboard=False)  # a new one
     probe = make_env(args.env_id)()
     obs_dim, action_space = int(np.prod(probe.observation_space.shape)), probe.action_space
     probe.close()

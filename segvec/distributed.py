@@ -213,7 +213,8 @@ class _Runner:
         import socket
 
         return {"runner_id": self.runner_id, "life": self.life, "pid": os.getpid(), "host": socket.gethostname(),
-                "env_pids": [child.pid for child in multiprocessing.active_children()], "stats": None if self.envs.closed else self.envs.stats()}
+                "env_pids": [child.pid for child in multiprocessing.active_children()],
+                "stats": None if self.envs.closed else self.envs.stats()}
 
     def close(self) -> None:
         self.envs.close(terminate=True)
@@ -356,7 +357,7 @@ class RayRollouts:
 
     Example:
         >>> import ray
-        >>> ray.init(num_cpus=1, include_dashboard=False)  # doctest: +SKIP
+        >>> ray.init(address="local", num_cpus=1, include_dashboard=False)  # doctest: +SKIP
         >>> def make_policy():
         ...     return lambda obs: (np.zeros(len(obs), np.int64), np.zeros(len(obs)), np.zeros(len(obs)))
         >>> rollouts = RayRollouts("CartPole-v1", num_runners=1, envs_per_runner=2, policy=make_policy,

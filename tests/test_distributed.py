@@ -35,7 +35,7 @@ def cluster():
     root, before = os.path.dirname(HERE), os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join([root, HERE, before or ""])  # (the cluster's processes inherit it)
     try:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # a new cluster
     finally:
         if before is None:
             del os.environ["PYTHONPATH"]
