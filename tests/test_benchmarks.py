@@ -61,3 +61,24 @@ def test_handoff_quick_prints_every_line():
             for line in ("take ", "take + to_torch()", "take + minibatch epoch"):
                 assert any(row.startswith(case) and f" {kind} " in row and f"segvec {line}" in row
                            and re.search(r"ratio\s+[\d.]+x$", row) for row in lines), (case, kind, line)
+
+
+def test_ray_rollouts_quick_prints_the_table_transport_and_model():
+    if importlib.util.find_spec("ray") is None:
+        import pytest
+
+        pytest.skip("ray is not installed (pip install -e .[ray])")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "ray_rollouts.py"), "--envs", "2", "--seconds", "0.5",
+         "--warmup", "0.5", "--repeats", "1", "--transport-rows", "1", "--transport-calls", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    out = result.stdout
+    for label in ("local-mp", "ray"):
+        row = next(line for line in out.splitlines() if line.startswith(label + " "))
+        assert re.search(r"[\d,]+\s+\d+%\s+[\d.]+x$", row), row
+    assert re.search(r"target: ray >= 0.8x local-mp: (PASS|MISS)", out)
+    for line in ("copy out of the segment block", "ship (actor -> store -> learner)", "fetch (learner's ray.get)"):
+        assert re.search(re.escape(line) + r"\s+[\d.]+ ms/row", out), out
+    assert re.search(r"expected: [\d,]+ steps/s", out)

@@ -166,3 +166,15 @@ def test_ppo_atari_num_minibatches_error(tmp_path):
 
 def test_ppo_on_the_c_cartpole_runs(tmp_path):
     run_ppo(tmp_path, "--env-id", "segvec/CartPole-c")
+
+
+def test_impala_on_a_local_ray_cluster_runs(tmp_path, monkeypatch):
+    """examples/impala.py: a few V-trace updates over rows of one runner, on a 127.0.0.1 cluster of its own."""
+    pytest.importorskip("ray")
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # the node address: 127.0.0.1
+    out = run_example(tmp_path, ROOT / "examples" / "impala.py", "--total-timesteps", "1280", "--num-runners", "1",
+                      "--envs-per-runner", "2", "--horizon", "16", "--rows-per-update", "2", "--num-cpus", "1")
+    assert "not solved" in out.stdout and "40 updates" in out.stdout, out.stdout  # 1280 / (2 rows x 16 steps)
+    metrics = printed_metrics(out.stdout)
+    for name in ("losses/value_loss", "losses/policy_loss", "losses/entropy", "charts/SPS"):
+        assert math.isfinite(metrics[name]), out.stdout
