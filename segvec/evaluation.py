@@ -46,28 +46,30 @@ class Evaluator:
         return self._envs
 
     def run(self, policy: Callable, num_episodes: int, num_envs: int, seed: int | None,
-            max_steps: int | None) -> dict:
+            max_steps: int | None, episode_start: bool = False) -> dict:
         """Runs `num_episodes` whole episodes (see `SegmentVecEnv.evaluate` for the arguments and result)."""
         envs = self._build(num_envs)
         obs_space, action_space = envs[0].observation_space, envs[0].action_space
         batched_actions = batch_space(action_space, num_envs)
         owed = np.array([(num_episodes + i) // num_envs for i in range(num_envs)], np.int64)
         obs = [self._call(i, "reset", seed=None if seed is None else seed + i)[0] for i in range(num_envs)]
-        obs_batch = create_empty_array(obs_space, n=num_envs)
         returns: list[list[float]] = [[] for _ in range(num_envs)]
         lengths: list[list[int]] = [[] for _ in range(num_envs)]
         episode_return, episode_length = np.zeros(num_envs), np.zeros(num_envs, np.int64)
+        starts = np.ones(num_envs, bool)  # obs[i] is the first observation of an episode
         steps = 0
         while (owed > 0).any():
             if max_steps is not None and steps >= max_steps:
                 raise RuntimeError(f"evaluate: {steps} steps (max_steps) and {int(owed.sum())} of the "
                                    f"{num_episodes} episodes still running: raise max_steps, or make sure the "
                                    "env's episodes end (a TimeLimit)")
-            actions = policy(concatenate(obs_space, obs, obs_batch))
+            batch = concatenate(obs_space, obs, create_empty_array(obs_space, n=num_envs))  # the policy's own
+            actions = policy(batch, starts.copy()) if episode_start else policy(batch)
             if isinstance(actions, tuple):  # (actions, values, logprobs, ...): the actions come first
                 actions = actions[0]
             if type(actions).__module__.startswith("torch"):
                 actions = actions.detach().cpu().numpy()
+            starts[:] = False
             for i, action in enumerate(iterate(batched_actions, np.asarray(actions))):
                 if not owed[i]:
                     continue  # this env's episodes are done: it waits (its observation stays in the batch)
@@ -82,6 +84,7 @@ class Evaluator:
                     owed[i] -= 1
                     if owed[i]:
                         next_obs = self._call(i, "reset")[0]
+                        starts[i] = True
                 obs[i] = next_obs
         env_index = np.concatenate([np.full(len(r), i, np.int64) for i, r in enumerate(returns)])
         return {"return": np.array(sum(returns, []), np.float64), "length": np.array(sum(lengths, []), np.int64),

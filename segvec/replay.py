@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from segvec.segments import minibatch_indices
+
 _ROW_META = ("row_ids", "weights", "replayed")  # what a sampled batch adds to the fields of its rows
 
 
@@ -117,13 +119,35 @@ class ReplayBatch:
         """Names of the rows' fields (those of the batches added), without ``row_ids/weights/replayed``."""
         return list(self._names)
 
-    def to_torch(self, device=None):
-        """The fields and ``row_ids/weights/replayed`` as torch tensors on `device` (`segvec.TorchSegments`)."""
+    def rows_view(self, indices) -> "ReplayBatch":
+        """The rows at `indices` (ints, a bool mask or a slice), in that order, as a `ReplayBatch` (copies)
+        whose ``indices`` attribute holds their positions in this one."""
+        positions = np.arange(len(self))[indices]
+        if positions.ndim != 1:
+            raise ValueError(f"indices must select rows (a 1-D index), got shape {positions.shape}")
+        fields = {name: _rebuild(getattr(self, name), [leaf[positions] for leaf in _leaves(getattr(self, name))])
+                  for name in self._names}
+        view = ReplayBatch(fields, self.row_ids[positions], self.weights[positions], self.replayed[positions])
+        view.indices = positions
+        return view
+
+    def minibatches(self, num_minibatches: int, generator=None, shuffle: bool = True):
+        """One epoch of `num_minibatches` minibatches of whole rows, as `SegmentBatch.minibatches` makes them
+        (same arguments, same shuffle for the same generator): `rows_view` of each, ``indices`` ascending.
+
+        Raises:
+            ValueError: `num_minibatches` out of range.
+        """
+        return (self.rows_view(part) for part in minibatch_indices(len(self), num_minibatches, generator, shuffle))
+
+    def to_torch(self, device=None, fields=None):
+        """The fields and ``row_ids/weights/replayed`` (or only `fields`) as torch tensors on `device`
+        (`segvec.TorchSegments`)."""
         import torch
 
         from segvec.torch_utils import TorchSegments, _map
 
-        names = self._names + _ROW_META
+        names = self._names + _ROW_META if fields is None else tuple(fields)
         return TorchSegments({name: _map(getattr(self, name), lambda a: torch.as_tensor(a, device=device))
                               for name in names})
 

@@ -945,7 +945,7 @@ class SegmentVecEnv(VectorEnv):
     # ---- evaluation -----------------------------------------------------------------------------
     def evaluate(self, policy: Callable, num_episodes: int = 10, num_envs: int | None = None,
                  seed: int | None = None, env_fn: Callable[[], gymnasium.Env] | None = None,
-                 max_steps: int | None = None) -> dict:
+                 max_steps: int | None = None, episode_start: bool = False) -> dict:
         """Runs `num_episodes` whole episodes of `policy` on evaluation envs of their own.
 
         The evaluation envs are separate instances built in this process from the training envs'
@@ -970,7 +970,8 @@ class SegmentVecEnv(VectorEnv):
                 ``single_observation_space``); it returns ``num_envs`` actions (numpy or torch), or a tuple whose
                 first item they are (``(actions, values, logprobs)`` policies fit).  Evaluation is the policy's
                 business: make it deterministic (e.g. the argmax) if that is what you measure.  It is called
-                with the whole batch every step, also for envs already done (their actions are ignored).
+                with the whole batch every step, also for envs already done (their actions are ignored), so
+                row i of every call is evaluation env i: a recurrent policy keeps its state per row.
             num_episodes: episodes to run, >= 1.
             num_envs: evaluation envs; default ``min(num_episodes, self.num_envs)``.
             seed: seeds of the evaluation envs' first resets (``seed + i``); the same seed, policy and envs
@@ -978,6 +979,9 @@ class SegmentVecEnv(VectorEnv):
             env_fn: a zero-argument constructor of one evaluation env, instead of the training envs'.
             max_steps: raise RuntimeError after this many env steps (all envs together) if episodes are still
                 running; None: no limit.
+            episode_start: True: `policy` is called as ``policy(obs, episode_start)``, ``episode_start``
+                ``[num_envs]`` bool True where ``obs[i]`` is the first observation of an episode (where a
+                recurrent policy resets its state of env i).
 
         Returns:
             ``{"return": float64 [num_episodes], "length": int64 [num_episodes], "env_index": int64
@@ -1017,7 +1021,7 @@ class SegmentVecEnv(VectorEnv):
                 self._evaluator.close()
             self._evaluator = Evaluator(fns)
         count = int(num_envs) if num_envs is not None else min(int(num_episodes), self.num_envs)
-        return self._evaluator.run(policy, int(num_episodes), count, seed, max_steps)
+        return self._evaluator.run(policy, int(num_episodes), count, seed, max_steps, bool(episode_start))
 
     # ---- shutdown -------------------------------------------------------------------------------
     def close(self, terminate: bool = False, **kwargs) -> None:

@@ -260,3 +260,18 @@ def test_an_evaluation_env_that_raises_is_named(make_envs):
     assert "evaluation env 0 raised in step" in str(caught.value) and "fails at step" in str(caught.value)
     obs, _ = envs.reset(seed=0)  # training is not hurt
     envs.step(np.zeros(2, np.int64))
+
+
+def test_episode_start_tells_a_recurrent_policy_where_episodes_begin(make_envs):
+    calls = []
+
+    def recurrent_policy(obs, episode_start):
+        assert episode_start.shape == (3,) and episode_start.dtype == bool
+        np.testing.assert_array_equal(episode_start, obs[:, 2] == 0)  # CounterEnv: obs[2] is the step in episode
+        calls.append(episode_start)
+        return policy(obs)
+
+    envs = make_envs(counter_fns(E), E, "serial", horizon=HORIZON)
+    result = envs.evaluate(recurrent_policy, num_episodes=8, num_envs=3, seed=5, episode_start=True)
+    np.testing.assert_allclose(result["return"], reference_episodes(8, 3, 5)["return"], rtol=1e-12)
+    assert calls[0].all() and sum(int(c.sum()) for c in calls) == 8  # each episode's first step, once
