@@ -55,6 +55,8 @@ class Args:
     """train on CUDA when it is available"""
     plot_path: str = "ppo_learning_curve.png"
     """where to write the learning-curve PNG ("" for none)"""
+    curve_path: str = ""
+    """also write every episode's (env step, wall seconds, return) as CSV here ("" for none)"""
 
     # Environments
     env_id: str = "CartPole-v1"
@@ -604,7 +606,7 @@ if __name__ == "__main__":
     state = tuple(s.to(device) for s in agent.initial_state(args.num_envs))
     episode_start = torch.ones(args.num_envs, dtype=torch.bool, device=device)
     needs_reset = np.zeros(args.num_envs, dtype=bool)  # NEXT_STEP autoreset: the next step resets the env
-    episode_steps, episode_returns = [], []
+    episode_steps, episode_times, episode_returns = [], [], []
     recent = collections.deque(maxlen=args.solved_window)
     metrics: dict = {}
     solved = False
@@ -640,6 +642,7 @@ if __name__ == "__main__":
         finished = envs.episodes()
         episode_returns.extend(finished["return"].tolist())
         episode_steps.extend([global_step] * len(finished["return"]))
+        episode_times.extend([time.time() - start_time] * len(finished["return"]))
         recent.extend(finished["return"].tolist())
 
         # ---- Advantages: GAE within each row, on the bootstraps segvec attached --------------------
@@ -700,6 +703,9 @@ if __name__ == "__main__":
     print(f"{'solved' if solved else 'not solved'}: mean return of the last {len(recent)} episodes "
           f"{np.mean(recent) if recent else float('nan'):.1f} after {global_step} steps, {len(episode_returns)} "
           f"episodes, {elapsed:.1f} s ({global_step / elapsed:.0f} steps/s)")
+    if args.curve_path:
+        np.savetxt(args.curve_path, np.column_stack([episode_steps, episode_times, episode_returns]), delimiter=",",
+                   header="step,seconds,return", comments="", fmt=["%d", "%.3f", "%.6g"])
     if args.plot_path:
         title = f"{args.exp_name}{' (LSTM)' if args.lstm else ''} on {args.env_id} (segvec, {args.num_envs} envs)"
         plot_learning_curve(args.plot_path, episode_steps, episode_returns, args.solved_window, title)
