@@ -465,8 +465,9 @@ class Rows(NamedTuple):
 
 class BatchRows:
     """A segvec batch (`SegmentBatch`, or the `ReplayBatch` of a replay mix) and its per-row training targets,
-    ``[n, T]`` numpy arrays: each minibatch is the batch's own (``batch.minibatches``), its rows gathered from
-    the segment block at minibatch size and copied to the device as `Rows`.
+    ``[n, T]`` numpy arrays: each minibatch is a selection of the batch's own rows (``batch.rows_view``, as
+    ``batch.minibatches`` makes them), gathered from the segment block at minibatch size and copied to the
+    device as `Rows`; a batch's rows are never gathered whole.
 
     `logprob` replaces the batch's log-probabilities as PPO's reference (those of the policy at the update's
     start, for replayed rows); default the batch's own.
@@ -485,11 +486,13 @@ class BatchRows:
         self.num_rows = len(batch)
 
     def minibatches(self, num_minibatches: int):
-        # torch's default generator shuffles, as `Rows.minibatches` does: the same seed, the same minibatches
-        for mb in self.batch.minibatches(num_minibatches, generator=torch.default_generator):
+        # The shuffle of `Rows.minibatches` (torch's default generator), rows in its order: the same seed gives
+        # the same minibatches, row for row, so the update is the same to the bit.
+        order = torch.randperm(self.num_rows).numpy()
+        for part in np.array_split(order, num_minibatches):
+            mb = self.batch.rows_view(part)
             seg = mb.to_torch(self.device, fields=self.fields)
-            targets = {name: torch.as_tensor(value[mb.indices], device=self.device)
-                       for name, value in self.targets.items()}
+            targets = {name: torch.as_tensor(value[part], device=self.device) for name, value in self.targets.items()}
             yield Rows(obs=seg.obs[:, :-1],  # obs[:, T] is the observation after the row (the next row's first)
                        action=seg.action, logprob=targets.get("logprob", getattr(seg, "logprob", None)),
                        value=seg.value, advantages=targets["advantages"], returns=targets["returns"],
