@@ -22,6 +22,15 @@ without one runs all ``total_timesteps``.
     python examples/ppo.py --env-id LunarLander-v3          # stops at 200 (Box2D: pip install -e ".[box2d]")
     python examples/ppo.py --env-id Pendulum-v1             # Box actions; no reward_threshold: 500k steps
     python examples/ppo.py --lstm                           # recurrent (slower: minibatches replay rows step by step)
+    python examples/ppo.py --lstm --mask-velocity --norm-obs   # CartPole without velocities: needs the memory
+    python examples/ppo.py --replay-ratio 0.25              # a quarter of each update's rows replayed, by priority
+    python examples/ppo.py --eval-episodes 20               # then 20 greedy episodes on separate envs
+
+Each update trains on minibatches of whole rows that the batch gathers itself (``batch.rows_view``): a batch is
+never copied whole.  With ``--replay-ratio`` each update's fresh rows are joined by rows of older updates from a
+prioritized `segvec.SegmentReplay` (priority: a row's mean |advantage|); GAE is V-trace-clipped against the
+policy at the update's start, which is also PPO's reference policy, and a replayed row's policy loss is
+weighed by its importance weight.
 """
 from __future__ import annotations
 
@@ -710,6 +719,7 @@ if __name__ == "__main__":
         np.savetxt(args.curve_path, np.column_stack([episode_steps, episode_times, episode_returns]), delimiter=",",
                    header="step,seconds,return", comments="", fmt=["%d", "%.3f", "%.6g"])
     if args.plot_path:
-        title = f"{args.exp_name}{' (LSTM)' if args.lstm else ''} on {args.env_id} (segvec, {args.num_envs} envs)"
+        title = (f"{args.exp_name}{' (LSTM)' if args.lstm else ''} on {args.env_id}"
+                 f"{' without velocities' if args.mask_velocity else ''} (segvec, {args.num_envs} envs)")
         plot_learning_curve(args.plot_path, episode_steps, episode_returns, args.solved_window, title)
         print(f"learning curve: {os.path.abspath(args.plot_path)}")

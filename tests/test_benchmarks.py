@@ -1,5 +1,5 @@
-"""Smoke tests of benchmarks/throughput.py and benchmarks/handoff.py: tiny runs print their tables (no timing
-asserts)."""
+"""Smoke tests of benchmarks/throughput.py, benchmarks/handoff.py and benchmarks/memory.py: tiny runs print
+their tables (no timing asserts)."""
 import importlib.util
 import pathlib
 import re
@@ -61,3 +61,18 @@ def test_handoff_quick_prints_every_line():
             for line in ("take ", "take + to_torch()", "take + minibatch epoch"):
                 assert any(row.startswith(case) and f" {kind} " in row and f"segvec {line}" in row
                            and re.search(r"ratio\s+[\d.]+x$", row) for row in lines), (case, kind, line)
+
+
+def test_memory_prints_both_policies_and_draws_the_figure(tmp_path):
+    figure = tmp_path / "memory.png"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "memory.py"), "--total-timesteps", "512", "--eval-episodes", "2",
+         "--plot-path", str(figure)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    for policy in ("LSTM", "feed-forward"):  # 2 updates of 8 envs x 32 steps, + 1 step: 520 steps
+        row = next(line for line in result.stdout.splitlines() if line.startswith(policy + " "))
+        assert re.search(r"\s520\s+[\d.]+\s+\d+\s+[\d.]+\s+[\d.]+$", row), row
+    assert re.search(r"LSTM / feed-forward: eval return [\d.]+x", result.stdout), result.stdout
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
