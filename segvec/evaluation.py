@@ -69,8 +69,13 @@ class Evaluator:
                 actions = actions[0]
             if type(actions).__module__.startswith("torch"):
                 actions = actions.detach().cpu().numpy()
+            if not isinstance(actions, (dict, tuple)):
+                actions = np.asarray(actions)
+                if actions.shape[:1] != (num_envs,):
+                    raise ValueError(f"evaluate: the policy returned actions of shape {actions.shape} for "
+                                     f"{num_envs} observations; it must return one action per observation")
             starts[:] = False
-            for i, action in enumerate(iterate(batched_actions, np.asarray(actions))):
+            for i, action in enumerate(iterate(batched_actions, actions)):
                 if not owed[i]:
                     continue  # this env's episodes are done: it waits (its observation stays in the batch)
                 next_obs, reward, terminated, truncated, _ = self._call(i, "step", action)

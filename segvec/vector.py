@@ -988,7 +988,9 @@ class SegmentVecEnv(VectorEnv):
             [num_episodes]}``: the episodes of evaluation env 0 in the order they ended, then env 1's, ...
 
         Raises:
-            ValueError: `num_episodes` or `num_envs` < 1, or no `env_fn` for a vector env over a batched engine.
+            ValueError: `num_episodes`, `num_envs` or `max_steps` not an int >= 1, no `env_fn` for a vector env over
+                a batched engine, or a policy that returns other than ``num_envs`` actions.
+            RuntimeError: more than `max_steps` steps.
             EnvError: an evaluation env raised (``env_index`` is its index among the evaluation envs).
             ClosedEnvironmentError: after `close`.
 

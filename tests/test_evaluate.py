@@ -243,6 +243,8 @@ def test_bad_input_errors_and_close(make_envs, backend):
         envs.evaluate(policy, num_envs=0)
     with pytest.raises(TypeError, match="env_fn"):
         envs.evaluate(policy, env_fn=CounterEnv())
+    with pytest.raises(ValueError, match="one action per observation"):
+        envs.evaluate(lambda obs: policy(obs)[:1], num_episodes=4, num_envs=2)
     with pytest.raises(RuntimeError, match="max_steps"):
         envs.evaluate(policy, num_episodes=50, max_steps=10)
     envs.close()
