@@ -70,7 +70,7 @@ def plot(path: str, results: dict, options) -> None:
             ax.plot(steps[window - 1:], rolling, color=line.get_color(),
                     label=f"{name} ({result['seconds']:.0f} s)")
     ax.set_xlabel("env steps")
-    ax.set_ylabel(f"episode return (mean of last {window})")
+    ax.set_ylabel(f"episode return (dots; lines: mean of the last {window})")
     ax.set_title(f"PPO on CartPole-v1 without velocities, seed {options.seed}, 8 envs (segvec, 2-core CPU)")
     ax.legend()
     fig.tight_layout()

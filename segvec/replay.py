@@ -197,7 +197,7 @@ class SegmentReplay:
         self.alpha, self.beta, self.eps = float(alpha), float(beta), float(eps)
         self.rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
         self.added = 0  # rows ever added: the next row's id
-        self._template: dict | None = None  # field name -> an example value (its structure), set by the first add
+        self._template: dict | None = None  # field name -> its structure (None leaves), set by the first add
         self._storage: dict[str, list[np.ndarray]] = {}  # field name -> its leaves, [capacity, ...] each
         self._tree = SumTree(self.capacity) if self.prioritized else None
         self._max_priority = 1.0
@@ -263,7 +263,8 @@ class SegmentReplay:
         names = [name for name in batch.fields() if name not in _ROW_META]
         fields = {name: getattr(batch, name) for name in names}
         if self._template is None:
-            self._template = {name: value for name, value in fields.items()}
+            # (the structure only: a reference to the batch's arrays would keep views of the segment block alive)
+            self._template = {name: _rebuild(value, [None] * len(_leaves(value))) for name, value in fields.items()}
             self._storage = {name: [np.empty((self.capacity,) + np.shape(leaf)[1:], np.asarray(leaf).dtype)
                                     for leaf in _leaves(value)] for name, value in fields.items()}
             return fields
