@@ -86,12 +86,13 @@ def parse_args(args_class: type[ArgsT], argv: list[str] | None = None,
     return args
 
 
-def gae_with_rewards(batch, rewards: np.ndarray, gamma: float, lam: float):
+def gae_with_rewards(batch, rewards: np.ndarray, gamma: float, lam: float, **vtrace):
     """``segvec.gae`` of `batch` with its rewards replaced by `rewards` (scaled or clipped for training);
-    the batch itself, and the episode returns segvec counted, keep the env's own rewards."""
+    the batch itself, and the episode returns segvec counted, keep the env's own rewards.  `vtrace`:
+    ``rho_clip, c_clip, target_logprob`` of ``segvec.gae`` (the behaviour policy's are the batch's)."""
     fields = {name: getattr(batch, name) for name in ("value", "next_value", "terminated", "truncated", "mask",
-                                                      "length")}
-    return segvec.gae(types.SimpleNamespace(reward=rewards, **fields), gamma, lam)
+                                                      "length", "logprob")}
+    return segvec.gae(types.SimpleNamespace(reward=rewards, **fields), gamma, lam, **vtrace)
 
 
 def plot_learning_curve(path: str, steps, returns, window: int, title: str) -> None:

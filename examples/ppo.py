@@ -22,6 +22,15 @@ without one runs all ``total_timesteps``.
     python examples/ppo.py --env-id LunarLander-v3          # stops at 200 (Box2D: pip install -e ".[box2d]")
     python examples/ppo.py --env-id Pendulum-v1             # Box actions; no reward_threshold: 500k steps
     python examples/ppo.py --lstm                           # recurrent (slower: minibatches replay rows step by step)
+    python examples/ppo.py --lstm --mask-velocity --norm-obs   # CartPole without velocities: needs the memory
+    python examples/ppo.py --replay-ratio 0.25              # a quarter of each update's rows replayed, by priority
+    python examples/ppo.py --eval-episodes 20               # then 20 greedy episodes on separate envs
+
+Each update trains on minibatches of whole rows that the batch gathers itself (``batch.rows_view``): a batch is
+never copied whole.  With ``--replay-ratio`` each update's fresh rows are joined by rows of older updates from a
+prioritized `segvec.SegmentReplay` (priority: a row's mean |advantage|); GAE is V-trace-clipped against the
+policy at the update's start, which is also PPO's reference policy, and a replayed row's policy loss is
+weighed by its importance weight.
 """
 from __future__ import annotations
 
@@ -55,6 +64,8 @@ class Args:
     """train on CUDA when it is available"""
     plot_path: str = "ppo_learning_curve.png"
     """where to write the learning-curve PNG ("" for none)"""
+    curve_path: str = ""
+    """also write every episode's (env step, wall seconds, return) as CSV here ("" for none)"""
 
     # Environments
     env_id: str = "CartPole-v1"
@@ -115,6 +126,16 @@ class Args:
     """recurrent policy (LSTM state carried by segment fields)"""
     lstm_hidden: int = 64
     """LSTM state size"""
+    mask_velocity: bool = False
+    """CartPole: drop the cart's and the pole's velocities from the observation, so that only a policy with
+    memory can tell where the pole is going"""
+    replay_ratio: float = 0.0
+    """fraction of each update's rows replayed from older updates (segvec.SegmentReplay, prioritized by mean
+    |advantage|, corrected by V-trace-clipped GAE); 0: on-policy PPO"""
+    replay_capacity: int = 64
+    """rows the replay keeps (the newest; older ones are evicted first)"""
+    eval_episodes: int = 0
+    """at the end, evaluate the greedy policy on this many episodes of separate envs (envs.evaluate)"""
 
 
 CONTINUOUS = dict(horizon=256, learning_rate=1e-3, num_minibatches=8, update_epochs=10, norm_obs=True,
@@ -131,7 +152,7 @@ ENV_DEFAULTS = {
 def env_defaults(args: Args) -> dict:
     """The defaults that depend on the env (`parse_args` lets flags given on the command line win): the
     stop threshold from its spec, `CONTINUOUS` for a Box action space, and the env's `ENV_DEFAULTS`."""
-    env = make_env(args.env_id)()
+    env = make_env(args.env_id, args.mask_velocity)()
     threshold = env.spec.reward_threshold if env.spec is not None else None
     continuous = isinstance(env.action_space, gym.spaces.Box)
     env.close()
@@ -144,23 +165,44 @@ def check_args(args: Args) -> str | None:
     if args.num_envs < 1 or args.num_minibatches < 1 or args.num_envs % args.num_minibatches:
         return (f"--num-minibatches {args.num_minibatches} must divide --num-envs {args.num_envs}: each minibatch "
                 f"holds whole rows (num_envs / num_minibatches of them, {args.horizon} steps each)")
+    replay_ratio = getattr(args, "replay_ratio", 0.0)  # (ppo_atari.py's Args have none)
+    if not 0.0 <= replay_ratio < 1.0:
+        return f"--replay-ratio {replay_ratio} must be in [0, 1)"
     if args.total_timesteps < args.num_envs * args.horizon:
         return (f"--total-timesteps {args.total_timesteps} is less than one update's "
                 f"--num-envs {args.num_envs} x --horizon {args.horizon} steps")
     return None
 
 
-def make_env(env_id: str):
+class MaskVelocity(gym.ObservationWrapper):
+    """CartPole without velocities: the observation is ``[cart position, pole angle]`` (of the four), so the
+    current observation alone does not say where the pole is going: a policy needs memory."""
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        box = env.observation_space
+        if not isinstance(box, gym.spaces.Box) or box.shape != (4,):
+            raise ValueError(f"--mask-velocity is for CartPole's 4-number observation, not {box}")
+        self.observation_space = gym.spaces.Box(box.low[[0, 2]], box.high[[0, 2]], dtype=box.dtype)
+
+    def observation(self, observation):
+        return observation[[0, 2]]
+
+
+def make_env(env_id: str, mask_velocity: bool = False):
     """A zero-argument env constructor (segvec counts episode returns itself: no statistics wrapper needed).
 
     A Box action space gets gymnasium's ClipAction: the policy's Gaussian sample is sent and stored in the
     row as it is (the log-probability stored is that sample's), and the env clips it to the space's bounds.
+    `mask_velocity` wraps it in `MaskVelocity`.
     """
 
     def thunk():
         env = gym.make(env_id)
         if isinstance(env.action_space, gym.spaces.Box):
             env = gym.wrappers.ClipAction(env)
+        if mask_velocity:
+            env = MaskVelocity(env)
         return env
 
     return thunk
@@ -354,9 +396,26 @@ class LSTMAgent(nn.Module):
         return torch.stack([o[0] for o in outputs], 1), torch.stack([o[1] for o in outputs], 1)
 
 
+class GreedyPolicy:
+    """The agent's most likely action (categorical: the argmax; Gaussian: the mean), for `envs.evaluate`
+    with ``episode_start=True``: row i of every call is one evaluation env, whose recurrent state it keeps."""
+
+    def __init__(self, agent: nn.Module, device: torch.device):
+        self.agent, self.device, self.state = agent, device, None
+
+    @torch.no_grad()
+    def __call__(self, obs, episode_start):
+        if self.state is None:
+            self.state = tuple(s.to(self.device) for s in self.agent.initial_state(len(obs)))
+        start = torch.as_tensor(episode_start, device=self.device)
+        out, _, self.state = self.agent(torch.as_tensor(obs, device=self.device), self.state, start)
+        action = out.argmax(-1) if isinstance(self.agent.head, CategoricalHead) else out
+        return action.cpu().numpy()
+
+
 def make_agent(args: Args, device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer]:
     """The agent `args` asks for, sized by one probe env, on `device`, and its Adam optimizer."""
-    probe = make_env(args.env_id)()
+    probe = make_env(args.env_id, args.mask_velocity)()
     obs_dim = int(np.prod(probe.observation_space.shape))
     action_space = probe.action_space
     probe.close()
@@ -379,7 +438,7 @@ class Rows(NamedTuple):
     action: torch.Tensor
     """``[n, T]`` (``[n, T, D]`` for Box actions): the action it took"""
     logprob: torch.Tensor
-    """``[n, T]``: that action's log-probability under the policy that took it"""
+    """``[n, T]``: that action's log-probability under the policy PPO's ratio is taken against"""
     value: torch.Tensor
     """``[n, T]``: the critic's value of the step's observation then"""
     advantages: torch.Tensor
@@ -392,49 +451,114 @@ class Rows(NamedTuple):
     """``[n, T]`` bool: the recurrent state resets before this step"""
     state: tuple = ()
     """the recurrent state at each row's first step, ``[n, ...]`` tensors (``()`` for a stateless agent)"""
+    weights: torch.Tensor | None = None
+    """``[n]`` importance weights of prioritized replay on each row's policy loss (None: all 1)"""
+
+    @property
+    def num_rows(self) -> int:
+        return self.obs.shape[0]
+
+    def minibatches(self, num_minibatches: int):
+        """One epoch: the rows in `num_minibatches` random minibatches of whole rows, by torch indexing (for
+        rows already in torch memory; segvec batches gather their own minibatches: `BatchRows`)."""
+        if self.num_rows % num_minibatches:
+            raise ValueError(f"num_minibatches={num_minibatches} does not divide the batch's {self.num_rows} rows "
+                             "(these minibatches hold equally many whole rows)")
+        order = torch.randperm(self.num_rows, device=self.obs.device)
+        size = self.num_rows // num_minibatches
+        for start in range(0, self.num_rows, size):
+            mb = order[start:start + size]
+            yield Rows(*(field[mb] for field in self[:8]), state=tuple(s[mb] for s in self.state),
+                       weights=None if self.weights is None else self.weights[mb])
 
 
-def ppo_update(agent: nn.Module, optimizer: torch.optim.Optimizer, rows: Rows, args: Args) -> dict[str, float]:
+class BatchRows:
+    """A segvec batch (`SegmentBatch`, or the `ReplayBatch` of a replay mix) and its per-row training targets,
+    ``[n, T]`` numpy arrays: each minibatch is a selection of the batch's own rows (``batch.rows_view``, as
+    ``batch.minibatches`` makes them), gathered from the segment block at minibatch size and copied to the
+    device as `Rows`; a batch's rows are never gathered whole.
+
+    `logprob` replaces the batch's log-probabilities as PPO's reference (those of the policy at the update's
+    start, for replayed rows); default the batch's own.
+    """
+
+    def __init__(self, batch, advantages: np.ndarray, returns: np.ndarray, device: torch.device,
+                 logprob: np.ndarray | None = None):
+        self.batch, self.device = batch, device
+        self.targets = {"advantages": advantages, "returns": returns}
+        if logprob is not None:
+            self.targets["logprob"] = logprob
+        self.recurrent = "h" in batch.fields()
+        self.weighted = hasattr(batch, "weights")
+        self.fields = ["obs", "action", "value", "mask", "episode_start"] + ["logprob"] * (logprob is None) \
+            + ["h", "c"] * self.recurrent + ["weights"] * self.weighted
+        self.num_rows = len(batch)
+
+    def minibatches(self, num_minibatches: int):
+        # The shuffle of `Rows.minibatches` (torch's default generator), rows in its order: the same seed gives
+        # the same minibatches, row for row, so the update is the same to the bit.
+        order = torch.randperm(self.num_rows).numpy()
+        for part in np.array_split(order, num_minibatches):
+            mb = self.batch.rows_view(part)
+            seg = mb.to_torch(self.device, fields=self.fields)
+            targets = {name: torch.as_tensor(value[part], device=self.device) for name, value in self.targets.items()}
+            yield Rows(obs=seg.obs[:, :-1],  # obs[:, T] is the observation after the row (the next row's first)
+                       action=seg.action, logprob=targets.get("logprob", getattr(seg, "logprob", None)),
+                       value=seg.value, advantages=targets["advantages"], returns=targets["returns"],
+                       mask=seg.mask, episode_start=seg.episode_start,
+                       state=(seg.h, seg.c) if self.recurrent else (),
+                       weights=seg.weights if self.weighted else None)
+
+
+@torch.no_grad()
+def logprob_of(agent: nn.Module, batch, device: torch.device) -> np.ndarray:
+    """``[n, T]`` the log-probabilities the agent now gives the actions of the rows of `batch` (replayed
+    whole from each row's stored first-step state)."""
+    recurrent = "h" in batch.fields()
+    seg = batch.to_torch(device, fields=["obs", "action", "episode_start"] + ["h", "c"] * recurrent)
+    out, _ = agent.unroll(seg.obs[:, :-1].float(), (seg.h, seg.c) if recurrent else (), seg.episode_start)
+    return agent.head.logprob_entropy(out, seg.action)[0].cpu().numpy()
+
+
+def ppo_update(agent: nn.Module, optimizer: torch.optim.Optimizer, rows, args: Args) -> dict[str, float]:
     """PPO epochs over minibatches of whole rows; returns the losses of the last minibatch (``losses/...``).
 
-    Clipped surrogate and (with `args.clip_vloss`) clipped value loss, means over real transitions only.
-    Reads the algorithm's fields of `args` (``update_epochs``, ``num_minibatches``, ``clip_coef``, ...).
+    `rows` makes each epoch's minibatches (``rows.minibatches(num_minibatches)``, `Rows` each): `BatchRows`
+    over a segvec batch (minibatches of ``n // num_minibatches`` or one more rows), or `Rows` already in torch
+    memory (`num_minibatches` must divide its rows: ValueError).  Clipped surrogate (each row's policy loss times
+    its importance weight, when it has one) and (with `args.clip_vloss`) clipped value loss, means over real
+    transitions only.  Reads the algorithm's fields of `args` (``update_epochs``, ``num_minibatches``,
+    ``clip_coef``, ...).
     """
-    num_rows = rows.obs.shape[0]
-    if num_rows % args.num_minibatches:
-        raise ValueError(f"num_minibatches={args.num_minibatches} does not divide the batch's {num_rows} rows "
-                         "(minibatches hold whole rows)")
-    rows_per_minibatch = num_rows // args.num_minibatches
-    mask = rows.mask.float()
     clipfracs = []
     for epoch in range(args.update_epochs):
-        order = torch.randperm(num_rows, device=rows.obs.device)
-        for start in range(0, num_rows, rows_per_minibatch):
-            mb = order[start:start + rows_per_minibatch]
-            mb_mask = mask[mb]
-            mb_state = tuple(s[mb] for s in rows.state)
-            out, new_value = agent.unroll(rows.obs[mb].float(), mb_state, rows.episode_start[mb])
-            new_logprob, entropy = agent.head.logprob_entropy(out, rows.action[mb])
-            logratio = torch.where(mb_mask.bool(), new_logprob - rows.logprob[mb], 0.0)
+        for mb in rows.minibatches(args.num_minibatches):
+            mb_mask = mb.mask.float()
+            out, new_value = agent.unroll(mb.obs.float(), mb.state, mb.episode_start)
+            new_logprob, entropy = agent.head.logprob_entropy(out, mb.action)
+            logratio = torch.where(mb.mask, new_logprob - mb.logprob, 0.0)
             ratio = logratio.exp()
 
             with torch.no_grad():
                 approx_kl = masked_mean((ratio - 1) - logratio, mb_mask)
                 clipfracs.append(masked_mean(((ratio - 1.0).abs() > args.clip_coef).float(), mb_mask).item())
 
-            mb_advantages = rows.advantages[mb]
+            mb_advantages = mb.advantages
             if args.norm_adv:
                 mean = masked_mean(mb_advantages, mb_mask)
                 std = masked_mean((mb_advantages - mean) ** 2, mb_mask).sqrt()
                 mb_advantages = (mb_advantages - mean) / (std + 1e-8)
 
-            # Policy loss
+            # Policy loss (rows drawn by priority weigh by their importance weight)
             pg_loss1 = -mb_advantages * ratio
             pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
-            pg_loss = masked_mean(torch.max(pg_loss1, pg_loss2), mb_mask)
+            pg_loss = torch.max(pg_loss1, pg_loss2)
+            if mb.weights is not None:
+                pg_loss = pg_loss * mb.weights[:, None]
+            pg_loss = masked_mean(pg_loss, mb_mask)
 
             # Value loss
-            mb_returns, mb_values = rows.returns[mb], rows.value[mb]
+            mb_returns, mb_values = mb.returns, mb.value
             if args.clip_vloss:
                 v_loss_unclipped = (new_value - mb_returns) ** 2
                 v_clipped = mb_values + torch.clamp(new_value - mb_values, -args.clip_coef, args.clip_coef)
@@ -482,9 +606,11 @@ if __name__ == "__main__":
     if args.lstm:
         segment_fields = {"h": ((args.lstm_hidden,), np.float32), "c": ((args.lstm_hidden,), np.float32)}
     envs = segvec.make_vec(
-        make_env(args.env_id), num_envs=args.num_envs, backend=args.backend,
+        make_env(args.env_id, args.mask_velocity), num_envs=args.num_envs, backend=args.backend,
         num_workers=args.num_workers or None, horizon=args.horizon, segment_fields=segment_fields,
     )
+
+    replay = segvec.SegmentReplay(args.replay_capacity, prioritized=True, seed=args.seed) if args.replay_ratio else None
 
     # ---- Start the game -------------------------------------------------------------------------
     global_step = 0
@@ -492,7 +618,7 @@ if __name__ == "__main__":
     state = tuple(s.to(device) for s in agent.initial_state(args.num_envs))
     episode_start = torch.ones(args.num_envs, dtype=torch.bool, device=device)
     needs_reset = np.zeros(args.num_envs, dtype=bool)  # NEXT_STEP autoreset: the next step resets the env
-    episode_steps, episode_returns = [], []
+    episode_steps, episode_times, episode_returns = [], [], []
     recent = collections.deque(maxlen=args.solved_window)
     metrics: dict = {}
     solved = False
@@ -528,32 +654,37 @@ if __name__ == "__main__":
         finished = envs.episodes()
         episode_returns.extend(finished["return"].tolist())
         episode_steps.extend([global_step] * len(finished["return"]))
+        episode_times.extend([time.time() - start_time] * len(finished["return"]))
         recent.extend(finished["return"].tolist())
 
         # ---- Advantages: GAE within each row, on the bootstraps segvec attached --------------------
         with envs.take_segments(args.num_envs) as batch:  # the rows go back to the envs at the block's end
+            rows, now_logprob, vtrace = batch, None, {}
+            if replay is not None:  # the fresh rows, then rows of older updates drawn by priority (copies)
+                rows = replay.mix(batch, args.replay_ratio)
+                # PPO's ratio is taken against the policy at the update's start, and V-trace corrects the
+                # GAE of rows an older policy played (for fresh rows it is the same policy: weights 1).
+                now_logprob = logprob_of(agent, rows, device)
+                vtrace = dict(rho_clip=1.0, c_clip=1.0, target_logprob=now_logprob)
             if return_scale is None:
-                advantages, returns = segvec.gae(batch, args.gamma, args.gae_lambda)
+                advantages, returns = segvec.gae(rows, args.gamma, args.gae_lambda, **vtrace)
             else:  # the same GAE on rewards / the return's std: the critic learns returns of that scale
-                advantages, returns = gae_with_rewards(batch, batch.reward / np.float32(return_scale.scale),
-                                                       args.gamma, args.gae_lambda)
-            seg = batch.to_torch(device)
-            rows = Rows(
-                obs=seg.obs[:, :args.horizon],  # obs[:, horizon] is the next row's first observation
-                action=seg.action, logprob=seg.logprob, value=seg.value,
-                advantages=torch.as_tensor(advantages, device=device),
-                returns=torch.as_tensor(returns, device=device),
-                mask=seg.mask, episode_start=seg.episode_start, state=(seg.h, seg.c) if args.lstm else (),
-            )
+                advantages, returns = gae_with_rewards(rows, rows.reward / np.float32(return_scale.scale),
+                                                       args.gamma, args.gae_lambda, **vtrace)
+            if replay is not None:  # priority: a row's mean |advantage| over its real steps
+                priority = np.abs(advantages).sum(1) / np.maximum(rows.mask.sum(1), 1)
+                replay.update_priorities(rows.row_ids[rows.replayed], priority[rows.replayed])
+                replay.add(batch, priority=priority[~rows.replayed])
 
-            # ---- Update: PPO epochs over minibatches of whole rows -------------------------------
-            losses = ppo_update(agent, optimizer, rows, args)
+            # ---- Update: PPO epochs over minibatches of whole rows, gathered by the batch itself ---
+            losses = ppo_update(agent, optimizer, BatchRows(rows, advantages, returns, device, now_logprob), args)
             # The observation statistics move after the update, with the weights: the next rollout's policy.
-            agent.obs_norm.update(rows.obs[rows.mask].float())
+            if agent.obs_norm.enabled:
+                agent.obs_norm.update(torch.as_tensor(batch.obs[:, :-1][batch.mask], device=device).float())
 
             # ---- Bookkeeping -----------------------------------------------------------------------
-            real = batch.mask
-            values_np, returns_np = batch.value[real], returns[real]
+            real = rows.mask
+            values_np, returns_np = rows.value[real], returns[real]
             var_y = np.var(returns_np)
             explained_var = np.nan if var_y == 0 else 1 - np.var(returns_np - values_np) / var_y
         sps = int(global_step / (time.time() - start_time))
@@ -570,16 +701,25 @@ if __name__ == "__main__":
             solved = True
             break
 
-    # ---- Done: final numbers and the learning curve --------------------------------------------------
+    # ---- Done: final numbers, an evaluation, and the learning curve --------------------------------
     progress.close()
     elapsed = time.time() - start_time
+    if args.eval_episodes:  # whole episodes on envs of their own: the training rows are not touched
+        result = envs.evaluate(GreedyPolicy(agent, device), num_episodes=args.eval_episodes, seed=args.seed + 10_000,
+                               episode_start=True)
+        metrics["eval/mean_return"] = float(result["return"].mean())
+        metrics["eval/mean_length"] = float(result["length"].mean())
     envs.close()
     for name, value in metrics.items():
         print(f"{name:32s} {value:.6g}")
     print(f"{'solved' if solved else 'not solved'}: mean return of the last {len(recent)} episodes "
           f"{np.mean(recent) if recent else float('nan'):.1f} after {global_step} steps, {len(episode_returns)} "
           f"episodes, {elapsed:.1f} s ({global_step / elapsed:.0f} steps/s)")
+    if args.curve_path:
+        np.savetxt(args.curve_path, np.column_stack([episode_steps, episode_times, episode_returns]), delimiter=",",
+                   header="step,seconds,return", comments="", fmt=["%d", "%.3f", "%.6g"])
     if args.plot_path:
-        title = f"{args.exp_name}{' (LSTM)' if args.lstm else ''} on {args.env_id} (segvec, {args.num_envs} envs)"
+        title = (f"{args.exp_name}{' (LSTM)' if args.lstm else ''} on {args.env_id}"
+                 f"{' without velocities' if args.mask_velocity else ''} (segvec, {args.num_envs} envs)")
         plot_learning_curve(args.plot_path, episode_steps, episode_returns, args.solved_window, title)
         print(f"learning curve: {os.path.abspath(args.plot_path)}")

@@ -33,7 +33,7 @@ from tqdm import tqdm
 import segvec
 
 from common import gae_with_rewards, parse_args, plot_learning_curve  # examples/common.py
-from ppo import CategoricalHead, Rows, check_args, layer_init, ppo_update  # examples/ppo.py: the same update
+from ppo import BatchRows, CategoricalHead, check_args, layer_init, ppo_update  # examples/ppo.py: the same update
 
 gym.register_envs(ale_py)
 
@@ -288,14 +288,9 @@ if __name__ == "__main__":
         # ---- Advantages: GAE on the sign of the rewards, within each row --------------------------
         with envs.take_segments(args.num_envs) as batch:
             advantages, returns = gae_with_rewards(batch, np.sign(batch.reward), args.gamma, args.gae_lambda)
-            seg = batch.to_torch(device)
-            rows = Rows(obs=seg.obs[:, :args.horizon], action=seg.action, logprob=seg.logprob, value=seg.value,
-                        advantages=torch.as_tensor(advantages, device=device),
-                        returns=torch.as_tensor(returns, device=device), mask=seg.mask,
-                        episode_start=seg.episode_start)
 
-            # ---- Update: PPO epochs over minibatches of whole rows -------------------------------
-            losses = ppo_update(agent, optimizer, rows, args)
+            # ---- Update: PPO epochs over minibatches of whole rows, each gathered from the block ---
+            losses = ppo_update(agent, optimizer, BatchRows(batch, advantages, returns, device), args)
 
             real = batch.mask
             values_np, returns_np = batch.value[real], returns[real]

@@ -20,6 +20,7 @@ from segvec.errors import (
     SpaceMismatchError,
     WorkerDied,
 )
+from segvec.replay import ReplayBatch, SegmentReplay
 from segvec.segments import SegmentBatch, gae
 from segvec.vector import SegmentVecEnv, make_vec, wrap_vector_env
 from segvec import native  # noqa: E402 - envs written in C; registers segvec/CartPole-c, segvec/SyntheticAtari-c
@@ -36,8 +37,10 @@ __all__ = [
     "NoAsyncCallError",
     "NotEnoughSegmentsError",
     "NotReceivedError",
+    "ReplayBatch",
     "SegmentBatch",
     "SegmentBufferExhausted",
+    "SegmentReplay",
     "SegmentVecEnv",
     "SegvecError",
     "SegvecWarning",

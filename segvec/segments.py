@@ -141,6 +141,20 @@ def _permutation(n: int, generator) -> np.ndarray:
                     f"got {type(generator).__name__}")
 
 
+def minibatch_indices(n: int, num_minibatches: int, generator=None, shuffle: bool = True) -> list[np.ndarray]:
+    """`num_minibatches` sorted index arrays that split ``range(n)`` (after a shuffle by `generator`, see
+    `SegmentRows.minibatches`), of ``n // num_minibatches`` or one more each.
+
+    Raises:
+        ValueError: `num_minibatches` is not an int in ``[1, max(n, 1)]``.
+    """
+    if (isinstance(num_minibatches, bool) or not isinstance(num_minibatches, (int, np.integer))
+            or not 1 <= num_minibatches <= max(n, 1)):
+        raise ValueError(f"num_minibatches must be an int in [1, {max(n, 1)}], got {num_minibatches!r}")
+    order = _permutation(n, generator) if shuffle else np.arange(n)
+    return [np.sort(part) for part in np.array_split(order, int(num_minibatches))]
+
+
 class SegmentRows:
     """Segment rows of a taken batch, read from the block's own arrays (`SegmentBatch` is one; a selection
     of a batch's rows, from `rows_view` or `minibatches`, is another).
@@ -297,13 +311,7 @@ class SegmentRows:
             ValueError: `num_minibatches` out of range.  RuntimeError: the batch was released.
         """
         self._check_live()
-        n = len(self)
-        if (isinstance(num_minibatches, bool) or not isinstance(num_minibatches, (int, np.integer))
-                or not 1 <= num_minibatches <= max(n, 1)):
-            raise ValueError(f"num_minibatches must be an int in [1, {max(n, 1)}], got {num_minibatches!r}")
-        order = _permutation(n, generator) if shuffle else np.arange(n)
-        parts = np.array_split(order, int(num_minibatches))
-        return (self.rows_view(np.sort(part)) for part in parts)
+        return (self.rows_view(part) for part in minibatch_indices(len(self), num_minibatches, generator, shuffle))
 
     # ---- hand-off -------------------------------------------------------------------------------
     def to_torch(self, device=None, non_blocking: bool = True, copy: bool = False, fields=None) -> "TorchSegments":

@@ -37,6 +37,7 @@ from segvec.errors import (
     SpaceMismatchError,
     warn,
 )
+from segvec.evaluation import Evaluator
 from segvec.infos import collect_infos, spread_infos
 from segvec.objects import AsGiven, ObjectStore
 from segvec.segments import SegmentBatch
@@ -274,6 +275,8 @@ class SegmentVecEnv(VectorEnv):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {tuple(BACKENDS)}, got {backend!r}")
         env_fns, num_envs = BACKENDS[backend].source(env_fns)
+        self._evaluator = None
+        self._eval_fns = env_fns if backend != "engine" else None  # evaluate() builds its envs from these
         if worker is not None:
             raise ValueError("a custom `worker` function is not supported: segvec's workers write observations "
                              "into shared segment memory themselves. Wrap the env instead (gymnasium.Wrapper) to "
@@ -954,6 +957,89 @@ class SegmentVecEnv(VectorEnv):
                  "larger episode_capacity; the 'lost' entry counts them on every call. This warning comes once.")
         return episodes
 
+    # ---- evaluation -----------------------------------------------------------------------------
+    def evaluate(self, policy: Callable, num_episodes: int = 10, num_envs: int | None = None,
+                 seed: int | None = None, env_fn: Callable[[], gymnasium.Env] | None = None,
+                 max_steps: int | None = None, episode_start: bool = False) -> dict:
+        """Runs `num_episodes` whole episodes of `policy` on evaluation envs of their own.
+
+        The evaluation envs are separate instances built in this process from the training envs'
+        constructors (env ``i`` from the constructor of training env ``i % self.num_envs``), or from
+        `env_fn`; they are built on the first call and kept until `close`.  Training is untouched: no
+        evaluation step is written into a segment row, no training env is stepped, reset or reseeded, and
+        rows in progress stay in progress (nothing is flushed).  So evaluation may come at any point, also
+        while actions sent by ``send``/``step_async`` are in flight: training goes on afterwards exactly where
+        it was, and a run with evaluations takes the same rows as one without.
+
+        Every call starts fresh episodes: evaluation env ``i`` is reset (with ``seed + i`` when `seed` is an
+        int, else unseeded) and then owes ``(num_episodes + i) // num_envs`` whole episodes; only those
+        count, so long episodes are not crowded out by short ones.  An env whose episodes are done waits
+        (it is not stepped) while the others finish.
+
+        Envs written in C (``segvec/CartPole-c``, `segvec.native`) are evaluated through their gymnasium
+        face.  A vector env over a batched engine (`wrap_vector_env`) has no constructor of one env: pass
+        `env_fn`.
+
+        Args:
+            policy: ``obs -> actions``: `obs` is a batch of ``num_envs`` observations (the batched structure of
+                ``single_observation_space``); it returns ``num_envs`` actions (numpy or torch), or a tuple whose
+                first item they are (``(actions, values, logprobs)`` policies fit).  Evaluation is the policy's
+                business: make it deterministic (e.g. the argmax) if that is what you measure.  It is called
+                with the whole batch every step, also for envs already done (their actions are ignored), so
+                row i of every call is evaluation env i: a recurrent policy keeps its state per row.
+            num_episodes: episodes to run, >= 1.
+            num_envs: evaluation envs; default ``min(num_episodes, self.num_envs)``.
+            seed: seeds of the evaluation envs' first resets (``seed + i``); the same seed, policy and envs
+                give the same episodes.  None: unseeded (the envs' generators go on from where they were).
+            env_fn: a zero-argument constructor of one evaluation env, instead of the training envs'.
+            max_steps: raise RuntimeError after this many env steps (all envs together) if episodes are still
+                running; None: no limit.
+            episode_start: True: `policy` is called as ``policy(obs, episode_start)``, ``episode_start``
+                ``[num_envs]`` bool True where ``obs[i]`` is the first observation of an episode (where a
+                recurrent policy resets its state of env i).
+
+        Returns:
+            ``{"return": float64 [num_episodes], "length": int64 [num_episodes], "env_index": int64
+            [num_episodes]}``: the episodes of evaluation env 0 in the order they ended, then env 1's, ...
+
+        Raises:
+            ValueError: `num_episodes`, `num_envs` or `max_steps` not an int >= 1, no `env_fn` for a vector env over
+                a batched engine, or a policy that returns other than ``num_envs`` actions.
+            RuntimeError: more than `max_steps` steps.
+            EnvError: an evaluation env raised (``env_index`` is its index among the evaluation envs).
+            ClosedEnvironmentError: after `close`.
+
+        Example:
+            >>> import numpy as np, segvec
+            >>> envs = segvec.make_vec("CartPole-v1", num_envs=2, backend="serial", horizon=8)
+            >>> result = envs.evaluate(lambda obs: np.zeros(len(obs), np.int64), num_episodes=4, seed=0)
+            >>> result["return"].shape, bool((result["return"] == result["length"]).all())
+            ((4,), True)
+            >>> envs.close()
+        """
+        self._guard("evaluate", any_state=True)
+        for name, number in (("num_episodes", num_episodes), ("num_envs", num_envs), ("max_steps", max_steps)):
+            if number is None and name != "num_episodes":
+                continue
+            if isinstance(number, bool) or not isinstance(number, (int, np.integer)) or number < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {number!r}")
+        if env_fn is not None:
+            if not callable(env_fn) or isinstance(env_fn, gymnasium.Env):
+                raise TypeError(f"env_fn must be a zero-argument callable returning an env, got {env_fn!r}")
+            fns = [env_fn]
+        elif self._eval_fns is None:
+            raise ValueError("evaluate() on a vector env over a batched engine (wrap_vector_env) needs "
+                             "env_fn=, a zero-argument constructor of one evaluation env: the engine's sub-envs "
+                             "are training envs, and segvec cannot build more of them")
+        else:
+            fns = self._eval_fns
+        if self._evaluator is None or self._evaluator.env_fns != fns:
+            if self._evaluator is not None:
+                self._evaluator.close()
+            self._evaluator = Evaluator(fns)
+        count = int(num_envs) if num_envs is not None else min(int(num_episodes), self.num_envs)
+        return self._evaluator.run(policy, int(num_episodes), count, seed, max_steps, bool(episode_start))
+
     # ---- shutdown -------------------------------------------------------------------------------
     def close(self, terminate: bool = False, **kwargs) -> None:
         """Closes every env, stops workers and frees shared memory.  Idempotent; safe after errors.
@@ -968,6 +1054,9 @@ class SegmentVecEnv(VectorEnv):
             warnings.warn(f"Calling `close` while waiting for a pending call to `{state.value}` to complete.",
                           UserWarning, stacklevel=2)
         self.closed = True
+        evaluator, self._evaluator = getattr(self, "_evaluator", None), None
+        if evaluator is not None:
+            evaluator.close()
         backend, self._backend = self._backend, None
         if backend is not None:
             backend.close(terminate=terminate)

@@ -1,5 +1,5 @@
-"""Smoke tests of benchmarks/throughput.py and benchmarks/handoff.py: tiny runs print their tables (no timing
-asserts)."""
+"""Smoke tests of benchmarks/throughput.py, benchmarks/handoff.py and benchmarks/memory.py: tiny runs print
+their tables (no timing asserts)."""
 import importlib.util
 import pathlib
 import re
@@ -82,3 +82,18 @@ def test_ray_rollouts_quick_prints_the_table_transport_and_model():
     for line in ("copy out of the segment block", "ship (actor -> store -> learner)", "fetch (learner's ray.get)"):
         assert re.search(re.escape(line) + r"\s+[\d.]+ ms/row", out), out
     assert re.search(r"expected: [\d,]+ steps/s", out)
+
+
+def test_memory_prints_both_policies_and_draws_the_figure(tmp_path):
+    figure = tmp_path / "memory.png"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "memory.py"), "--total-timesteps", "512", "--eval-episodes", "2",
+         "--plot-path", str(figure)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    for policy in ("LSTM", "feed-forward"):  # 2 updates of 8 envs x 32 steps, + 1 step: 520 steps
+        row = next(line for line in result.stdout.splitlines() if line.startswith(policy + " "))
+        assert re.search(r"\s520\s+[\d.]+\s+\d+\s+[\d.]+\s+[\d.]+$", row), row
+    assert re.search(r"LSTM / feed-forward: eval return [\d.]+x", result.stdout), result.stdout
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

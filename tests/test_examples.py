@@ -122,6 +122,68 @@ def test_ppo_update_names_the_numbers_when_minibatches_do_not_divide_the_rows(mo
         ppo.ppo_update(agent, optimizer, rows, args)
 
 
+def test_ppo_replay_runs(tmp_path):
+    out = run_ppo(tmp_path, "--replay-ratio", "0.25", "--replay-capacity", "16", "--eval-episodes", "3")
+    metrics = printed_metrics(out)
+    assert all(math.isfinite(metrics[name]) for name in LOSSES), out
+    assert metrics["eval/mean_return"] == metrics["eval/mean_length"] >= 8  # CartPole: 1 a step, >= 8 steps
+
+
+def test_ppo_lstm_on_cartpole_without_velocities_runs(tmp_path):
+    out = run_ppo(tmp_path, "--lstm", "--lstm-hidden", "16", "--mask-velocity", "--replay-ratio", "0.5",
+                  "--eval-episodes", "2")
+    assert math.isfinite(printed_metrics(out)["eval/mean_return"]), out
+
+
+def test_ppo_replay_ratio_must_be_a_fraction(tmp_path):
+    out = run_example(tmp_path, PPO, "--replay-ratio", "1.0", expect_rc=2)
+    assert "error: --replay-ratio 1.0 must be in [0, 1)" in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("lstm", [False, True])
+def test_batch_minibatches_are_the_torch_indexed_ones(monkeypatch, lstm):
+    """The trainer's minibatches gathered by the batch (BatchRows) hold the rows, and the values, that torch
+    indexing of the whole batch (Rows.minibatches) gives from the same seed: the update is the same."""
+    import numpy as np
+    import torch
+
+    import segvec
+
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    import ppo
+
+    fields = {"h": ((3,), np.float32), "c": ((3,), np.float32)} if lstm else None
+    envs = segvec.make_vec("CartPole-v1", num_envs=6, backend="serial", horizon=5, num_segments=24,
+                           segment_fields=fields)
+    try:
+        obs, _ = envs.reset(seed=0)
+        rng = np.random.default_rng(0)
+        for _ in range(16):  # three rows per env: taken rows are not one run of adjacent buffer rows
+            extra = {"h": rng.random((6, 3), np.float32), "c": rng.random((6, 3), np.float32)} if lstm else {}
+            envs.step(rng.integers(0, 2, 6), value=rng.random(6, np.float32), logprob=rng.random(6, np.float32),
+                      **extra)
+        batch = envs.take_segments(12)
+        batch = batch.rows_view(rng.permutation(12)[:8])  # (a selection: the rows are scattered)
+        advantages, returns = rng.random((8, 5), np.float32), rng.random((8, 5), np.float32)
+        seg = batch.to_torch()
+        whole = ppo.Rows(obs=seg.obs[:, :5], action=seg.action, logprob=seg.logprob, value=seg.value,
+                         advantages=torch.as_tensor(advantages), returns=torch.as_tensor(returns), mask=seg.mask,
+                         episode_start=seg.episode_start, state=(seg.h, seg.c) if lstm else ())
+        torch.manual_seed(3)
+        expected = list(whole.minibatches(4))
+        torch.manual_seed(3)
+        got = list(ppo.BatchRows(batch, advantages, returns, torch.device("cpu")).minibatches(4))
+        assert len(got) == len(expected) == 4
+        for a, b in zip(got, expected):  # the same rows in the same order: the same update, to the bit
+            for name in ("obs", "action", "logprob", "value", "advantages", "returns", "mask", "episode_start"):
+                assert torch.equal(getattr(a, name), getattr(b, name)), name
+            for x, y in zip(a.state, b.state):
+                assert torch.equal(x, y)
+            assert len(a.state) == (2 if lstm else 0) and a.weights is None
+    finally:
+        envs.close()
+
+
 def test_ppo_unknown_env_is_a_command_line_error(tmp_path):
     out = run_example(tmp_path, PPO, "--env-id", "NoSuchEnv-v0", expect_rc=2)
     assert "error:" in out.stderr and "NoSuchEnv" in out.stderr and "Traceback" not in out.stderr
