@@ -22,6 +22,7 @@ from segvec.errors import (
 )
 from segvec.segments import SegmentBatch, gae
 from segvec.vector import SegmentVecEnv, make_vec, wrap_vector_env
+from segvec.multiagent import MultiAgentVecEnv, make_multiagent
 from segvec import native  # noqa: E402 - envs written in C; registers segvec/CartPole-c, segvec/SyntheticAtari-c
 
 native.register_envs()
@@ -33,6 +34,7 @@ __all__ = [
     "AutoresetMode",
     "ClosedEnvironmentError",
     "EnvError",
+    "MultiAgentVecEnv",
     "NoAsyncCallError",
     "NotEnoughSegmentsError",
     "NotReceivedError",
@@ -45,6 +47,7 @@ __all__ = [
     "SpaceMismatchError",
     "WorkerDied",
     "gae",
+    "make_multiagent",
     "make_vec",
     "native",
     "wrap_vector_env",

@@ -507,6 +507,12 @@ class Core:
         ids = _i32(env_ids)
         check(lib.segvec_return_envs(self._core, len(ids), ffi.from_buffer("int32_t[]", ids)), "return")
 
+    def skip_steps(self, env_ids) -> None:
+        """Envs that sit this step out (see segvec_skip_steps): no row changes; publish them next."""
+        ids = _i32(env_ids)
+        if len(ids):
+            check(lib.segvec_skip_steps(self._core, len(ids), ffi.from_buffer("int32_t[]", ids)), "skip")
+
     def publish(self, env_ids: np.ndarray) -> None:
         """Hands `env_ids` (a contiguous int32 array) to the learner."""
         if len(env_ids):
