@@ -803,6 +803,7 @@ class Storage:
         segment fields        # [S, *shape]
         final_obs leaves      # [E, *leaf_shape]  SAME_STEP final observation of each env's last step
         env_has_info          # [E] uint8         1: the env's last step produced a non-empty info
+        env_sits_out          # [E] uint8         1: an agent slot that sat out its last step (segvec_skip_steps)
         the core's arrays     # each an attribute of its name: reward, terminated, ..., env_state, ...
                               # (SEGVEC_ARRAYS in native/segvec.h lists them with their shapes)
     """
@@ -843,6 +844,7 @@ class Storage:
         for i, leaf in enumerate(obs_layout.leaves):
             place("final_obs", i, (E,) + leaf.shape, leaf.dtype)
         place("misc", "env_has_info", (E,), np.uint8)
+        place("misc", "env_sits_out", (E,), np.uint8)
         return plan, _align(offset)
 
     def __init__(self, geometry: Geometry, block: MemoryBlock | None = None, shared: bool = False,
@@ -882,8 +884,8 @@ class Storage:
                 self.step_fields[name] = array
             elif group == "segment_field":
                 self.segment_fields[name] = array
-            else:
-                self.env_has_info = array
+            else:  # "misc": env_has_info, env_sits_out
+                setattr(self, name, array)
         # Flat views: one item per slot, for gathers and scatters by slot index.
         self.obs_by_slot = [a.reshape((S * (T + 1),) + a.shape[2:]) for a in self.obs]
         self.action_by_slot = [a.reshape((S * T,) + a.shape[2:]) for a in self.action]

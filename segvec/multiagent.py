@@ -189,6 +189,7 @@ class MultiAgentRunner(EnvRunner):
             self._scatter(self.core.commit_resets(ids))
             self._mark_infos(infos)
         self._fail(failures)
+        self.storage.env_sits_out[self._own] = ~self._alive
         return BatchResult(ids, infos, {}, failures)
 
     def _stage_group(self, group: int, obs: dict, infos: dict, observations: list, out_infos: dict) -> None:
@@ -260,6 +261,7 @@ class MultiAgentRunner(EnvRunner):
         if infos or final_infos:
             self._mark_infos(infos, final_infos)
         self._fail(failures)
+        self.storage.env_sits_out[self._own] = ~self._alive
         finished = np.concatenate([finished, np.asarray(skipped, np.int32), np.asarray(restarted, np.int32)])
         return BatchResult(np.sort(finished).astype(np.int32), infos, final_infos, failures)
 
@@ -415,13 +417,13 @@ class MultiAgentVecEnv(SegmentVecEnv):
     possible_agents: list
     num_multiagent_envs: int
 
-    def __init__(self, env_fn: Callable, num_envs: int, possible_agents: list, **options):
+    def __init__(self, env_fns: list, possible_agents: list, **options):
         self.num_agents = len(possible_agents)
         self.possible_agents = list(possible_agents)
-        self.num_multiagent_envs = num_envs
+        self.num_multiagent_envs = num_envs = len(env_fns)
         self._agent_index = {agent: k for k, agent in enumerate(self.possible_agents)}
         fns = []
-        for env_index in range(num_envs):
+        for env_index, env_fn in enumerate(env_fns):
             factory = EnvFactory(env_fn, env_index)
             fns.extend(SlotFactory(factory, k) for k in range(self.num_agents))
         super().__init__(fns, **options)
@@ -493,6 +495,21 @@ class MultiAgentVecEnv(SegmentVecEnv):
         self._undelivered = np.concatenate([self._undelivered, env_ids[~keep]])
         return env_ids[keep]
 
+    def _results(self, env_ids: np.ndarray, size: int, deadline: float | None = None):
+        obs, rewards, terminated, truncated, infos = super()._results(env_ids, size, deadline)
+        self._add_active(infos, env_ids)
+        return obs, rewards, terminated, truncated, infos
+
+    def reset_wait(self, timeout: float | None = None):
+        obs, infos = super().reset_wait(timeout)
+        self._add_active(infos, self._all_ids)
+        return obs, infos
+
+    def _add_active(self, infos: dict, env_ids: np.ndarray) -> None:
+        """``infos["active"]``: the slot's agent is in its env now (its next action is used)."""
+        infos["active"] = self._storage.env_sits_out[env_ids] == 0
+        infos["_active"] = np.ones(len(env_ids), bool)
+
     def episodes(self, max_n: int | None = None) -> dict:
         """`SegmentVecEnv.episodes` per agent slot (``env_id`` holds slot ids), with ``env_index`` and
         ``agent_index`` arrays beside it."""
@@ -511,8 +528,8 @@ def make_multiagent(env, num_envs: int = 8, **options) -> MultiAgentVecEnv:
 
     Args:
         env: a zero-argument callable returning a PettingZoo ``ParallelEnv`` (e.g.
-            ``knights_archers_zombies_v11.parallel_env``), or an ``AECEnv`` (converted with
-            ``aec_to_parallel``).  Every agent of ``possible_agents`` must have the same observation space
+            ``knights_archers_zombies_v11.parallel_env``) or an ``AECEnv`` (converted with
+            ``aec_to_parallel``); or a list of such callables, one per env.  Every agent of ``possible_agents`` must have the same observation space
             and the same action space (else `SpaceMismatchError`: pad them first, e.g. with SuperSuit's
             ``pad_observations_v0`` / ``pad_action_space_v0``).
         num_envs: PettingZoo envs; the vector env has ``num_envs * num_agents`` agent slots.
@@ -536,10 +553,15 @@ def make_multiagent(env, num_envs: int = 8, **options) -> MultiAgentVecEnv:
         (8, 27, 5)
         >>> envs.close()
     """
-    if not callable(env):
-        raise TypeError(f"env must be a zero-argument callable returning a PettingZoo ParallelEnv, got "
-                        f"{type(env).__name__}")
-    probe = SharedEnv(env(), 0)
+    if not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
+        raise ValueError(f"num_envs must be an int >= 1, got {num_envs!r}")
+    env_fns = [env] * num_envs if callable(env) else list(env) if isinstance(env, (list, tuple)) else None
+    if env_fns is None or not all(callable(fn) for fn in env_fns):
+        raise TypeError("env must be a zero-argument callable returning a PettingZoo ParallelEnv (or AECEnv), or "
+                        f"a list of such callables (one per env), got {type(env).__name__}")
+    if len(env_fns) != num_envs:
+        raise ValueError(f"got {len(env_fns)} env callables for num_envs={num_envs}")
+    probe = SharedEnv(env_fns[0](), 0)
     try:
         agents = probe.agents
         observation_spaces = [probe.env.observation_space(agent) for agent in agents]
@@ -556,8 +578,6 @@ def make_multiagent(env, num_envs: int = 8, **options) -> MultiAgentVecEnv:
                 "slots of all agents in one buffer, so every agent must have the same spaces. Pad them to one "
                 "shape first (SuperSuit's pad_observations_v0 and pad_action_space_v0 wrap a ParallelEnv so), "
                 "or wrap the env so that each agent group you train apart is an env of its own.")
-    if not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
-        raise ValueError(f"num_envs must be an int >= 1, got {num_envs!r}")
     A = len(agents)
     batch_size = options.get("batch_size")
     if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size % A):
@@ -575,4 +595,4 @@ def make_multiagent(env, num_envs: int = 8, **options) -> MultiAgentVecEnv:
                              f"worker), got {workers!r}")
     elif options.get("backend") == "engine":
         raise ValueError("make_multiagent runs PettingZoo envs on the 'serial' or 'multiprocessing' backend")
-    return MultiAgentVecEnv(env, num_envs, agents, **options)
+    return MultiAgentVecEnv(env_fns, agents, **options)
