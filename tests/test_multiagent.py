@@ -170,3 +170,256 @@ def test_agent_slots_match_the_sequential_reference_serial(cfg):
 @given(cfg=config_strategy("multiprocessing", 30))
 def test_agent_slots_match_the_sequential_reference_multiprocessing(cfg):
     check(cfg, *drive(cfg))
+
+
+# ---- real PettingZoo envs ------------------------------------------------------------------------------
+def kaz():
+    from pettingzoo.butterfly import knights_archers_zombies_v11
+
+    return knights_archers_zombies_v11.parallel_env(max_cycles=300, spawn_delay=5)
+
+
+def kaz_aec():
+    from pettingzoo.butterfly import knights_archers_zombies_v11
+
+    return knights_archers_zombies_v11.env(max_cycles=120)
+
+
+@pytest.mark.parametrize("backend", ["serial", "multiprocessing"])
+def test_knights_archers_zombies_agents_that_die_sit_out(backend):
+    """Killed agents report terminated once, then write nothing until their env resets; every row holds one
+    agent; to_torch and gae work on the slots."""
+    torch = pytest.importorskip("torch")
+    envs = segvec.make_multiagent(kaz, num_envs=2, backend=backend, horizon=32, num_segments=160,
+                                  **({"num_workers": 2} if backend == "multiprocessing" else {}))
+    try:
+        assert (envs.num_agents, envs.num_envs) == (4, 8)
+        assert envs.agent_slot(1, "knight_0") == 6 and envs.slot_agent(6) == (1, "knight_0")
+        obs, info = envs.reset(seed=3)
+        assert obs.shape == (8, 27, 5) and info["active"].all()
+        rng = np.random.default_rng(0)
+        active, sat_out = info["active"], 0
+        for _ in range(400):
+            obs, reward, term, trunc, info = envs.step(rng.integers(0, 6, 8), value=np.zeros(8, np.float32))
+            sitting = ~active & ~info["active"]  # out before and after the step: not a reset step
+            assert not (term | trunc)[sitting].any(), "an agent that sat out reported its end again"
+            assert (reward[sitting] == 0).all()
+            sat_out += int(sitting.sum())
+            active = info["active"]
+        envs.flush()
+        batch = envs.take_segments()
+        assert sat_out > 0, "no agent died alone in 400 steps of Knights-Archers-Zombies"
+        assert set(batch.env_id.tolist()) == set(range(8))
+        episodes = envs.episodes()
+        assert len(episodes["env_id"]) > 0 and set(episodes["agent_index"].tolist()) <= set(range(4))
+        mask = batch.mask.copy()
+        # a slot that sat out wrote nothing: the rows hold every send but those
+        assert envs.stats()["segments_recycled"] == 0
+        assert int(batch.length.sum()) == 400 * 8 - sat_out
+        assert envs.stats()["steps"] == int(mask.sum())
+        tensors = batch.to_torch()
+        assert tuple(tensors.obs.shape) == (len(batch.env_id), 33, 27, 5)
+        assert torch.equal(tensors.mask, torch.from_numpy(mask))
+        advantages, _ = segvec.gae(batch, 0.99, 0.95)
+        assert advantages.shape == mask.shape and (advantages[~mask] == 0).all()
+        batch.release()
+    finally:
+        envs.close()
+    envs.close()  # idempotent
+
+
+def test_an_aec_factory_is_converted_to_parallel():
+    envs = segvec.make_multiagent(kaz_aec, num_envs=1, backend="serial", horizon=8)
+    try:
+        obs, info = envs.reset(seed=0)
+        assert envs.possible_agents == ["archer_0", "archer_1", "knight_0", "knight_1"]
+        envs.step(np.zeros(4, np.int64))
+    finally:
+        envs.close()
+
+
+class ParallelView:
+    """One segvec env of a `MultiAgentVecEnv` (of one PettingZoo env) seen as a PettingZoo ParallelEnv:
+    what the learner gets from segvec's gymnasium face, turned back into per-agent dicts."""
+
+    metadata = {"name": "segvec_view"}
+
+    def __init__(self, envs):
+        self.envs = envs
+        self.possible_agents = list(envs.possible_agents)
+        self.agents = []
+        self._spaces = (envs.single_observation_space, envs.single_action_space)
+
+    @property
+    def unwrapped(self):
+        return self
+
+    def observation_space(self, agent):
+        return self._spaces[0]
+
+    def action_space(self, agent):
+        return self._spaces[1]
+
+    def reset(self, seed=None, options=None):
+        obs, info = self.envs.reset(seed=seed)
+        self.agents = [a for k, a in enumerate(self.possible_agents) if info["active"][k]]
+        return {a: obs[k] for k, a in enumerate(self.possible_agents) if a in self.agents}, {a: {} for a in self.agents}
+
+    def step(self, actions):
+        live = list(self.agents)
+        batch = np.array([actions.get(a, 0) for a in self.possible_agents])
+        obs, reward, term, trunc, info = self.envs.step(batch)
+        active = info["active"]
+        present = [a for k, a in enumerate(self.possible_agents) if a in live or active[k]]
+        self.agents = [a for k, a in enumerate(self.possible_agents) if active[k]]
+        index = {a: k for k, a in enumerate(self.possible_agents)}
+        return ({a: obs[index[a]] for a in present}, {a: float(reward[index[a]]) for a in present},
+                {a: bool(term[index[a]]) for a in present}, {a: bool(trunc[index[a]]) for a in present},
+                {a: {} for a in present})
+
+    def close(self):
+        self.envs.close()
+
+
+@pytest.mark.parametrize("factory", [kaz, counter_fns(1, 6)[0]], ids=["knights_archers_zombies", "counter"])
+def test_pettingzoo_parallel_api_test_through_segvec(factory):
+    from pettingzoo.test import parallel_api_test
+
+    view = ParallelView(segvec.make_multiagent(factory, num_envs=1, backend="serial", horizon=16))
+    try:
+        parallel_api_test(view, num_cycles=200)
+    finally:
+        view.close()
+
+
+# ---- faults -----------------------------------------------------------------------------------------
+def failing_fns(num_envs: int, bad: int, fail_at=(0, 1)):
+    from tests.multiagent_envs import CounterParallelEnv
+    import functools
+
+    return [functools.partial(CounterParallelEnv, i, 50, False, fail_at if i == bad else None)
+            for i in range(num_envs)]
+
+
+@pytest.mark.parametrize("backend", ["serial", "multiprocessing"])
+def test_an_env_that_raises_names_its_env_and_slots(backend):
+    envs = segvec.make_multiagent(failing_fns(2, bad=1), num_envs=2, backend=backend, horizon=8)
+    try:
+        obs, _ = envs.reset(seed=0)
+        envs.step(policy(obs))
+        with pytest.raises(segvec.EnvError, match=r"multi-agent env 1 \(agent slots 3\.\.5\)") as caught:
+            envs.step(policy(obs))
+        assert isinstance(caught.value, RuntimeError)
+        assert "env 1 fails at step 1" in caught.value.worker_traceback
+        assert caught.value.env_index in (3, 4, 5)
+        obs, _ = envs.reset(seed=1)  # the step raised the error of each of the env's slots, the last one last
+        envs.step(policy(obs))
+    finally:
+        envs.close()
+
+
+@pytest.mark.parametrize("backend", ["serial", "multiprocessing"])
+def test_restart_failed_envs_restarts_every_slot_of_the_env(backend):
+    envs = segvec.make_multiagent(failing_fns(2, bad=0, fail_at=(0, 2)), num_envs=2, backend=backend,
+                                  horizon=16, restart_failed_envs=True)
+    try:
+        obs, _ = envs.reset(seed=0)
+        restarted = 0
+        for _ in range(6):
+            obs, reward, term, trunc, info = envs.step(policy(obs), value=value_of(obs))
+            if info.get("env_restarted") is not None and info["_env_restarted"].any():
+                assert info["_env_restarted"].tolist() == [True] * A + [False] * A
+                assert trunc[:A].all() and not trunc[A:].any()
+                assert (obs[:A, 1] == 0).all(), "the rebuilt env starts at its episode 0 again"
+                restarted += 1
+        assert restarted >= 1
+        assert envs.stats()["restarts"] == restarted * A
+        envs.flush()
+        batch = envs.take_segments()
+        for slot in range(A):  # the transition cut by the restart is truncated, bootstrapped by V(obs it failed on)
+            rows = np.flatnonzero(batch.env_id == slot)
+            t = np.flatnonzero(batch.truncated[rows[0]])
+            assert len(t) >= 1 and np.isfinite(batch.next_value[rows[0], t]).all()
+        batch.release()
+    finally:
+        envs.close()
+
+
+def test_a_killed_worker_is_replaced_and_its_envs_restart():
+    import os
+    import signal
+
+    envs = segvec.make_multiagent(counter_fns(2, 50, late_joins=False), num_envs=2, backend="multiprocessing",
+                                  num_workers=2, horizon=8, restart_failed_envs=True)
+    try:
+        obs, _ = envs.reset(seed=0)
+        obs, *_ = envs.step(policy(obs))
+        os.kill(envs._backend.processes[1].pid, signal.SIGKILL)
+        seen = False
+        for _ in range(20):
+            obs, reward, term, trunc, info = envs.step(policy(obs))
+            if "_env_restarted" in info and info["_env_restarted"].any():
+                assert info["_env_restarted"][A:].all() and not info["_env_restarted"][:A].any()
+                seen = True
+        assert seen
+    finally:
+        envs.close()
+
+
+# ---- bad input --------------------------------------------------------------------------------------
+class Uneven(CounterParallelEnv):
+    def observation_space(self, agent):
+        return super().observation_space(agent) if agent != "a1" else __import__("gymnasium").spaces.Discrete(3)
+
+
+def test_bad_input_gets_clear_errors():
+    with pytest.raises(segvec.SpaceMismatchError, match="pad_observations_v0"):
+        segvec.make_multiagent(Uneven, num_envs=2, backend="serial")
+    with pytest.raises(ValueError, match="multiple of num_agents=3"):
+        segvec.make_multiagent(counter_fns(2)[0], num_envs=2, backend="serial", batch_size=4)
+    with pytest.raises(ValueError, match="num_workers must divide num_envs=3"):
+        segvec.make_multiagent(counter_fns(3)[0], num_envs=3, backend="multiprocessing", num_workers=2)
+    with pytest.raises(TypeError, match="zero-argument callable"):
+        segvec.make_multiagent(CounterParallelEnv(), num_envs=2)
+    envs = segvec.make_multiagent(counter_fns(2), num_envs=2, backend="serial", horizon=4)
+    try:
+        with pytest.raises(ValueError, match="env_index must be in"):
+            envs.agent_slot(2, "a0")
+        with pytest.raises(ValueError, match="unknown agent"):
+            envs.agent_slot(0, "b0")
+        with pytest.raises(ValueError, match="slot must be in"):
+            envs.slot_agent(6)
+        envs.async_reset(seed=0)
+        obs, *_, info = envs.recv()
+        with pytest.raises(ValueError, match=r"envs \[1\] are named in part"):
+            envs.send(policy(obs[:4]), info["env_id"][:4])
+        envs.send(policy(obs), info["env_id"])  # nothing was sent by the refused call
+        envs.recv()
+        with pytest.raises(ValueError, match="reset_mask"):
+            envs.reset(options={"reset_mask": np.array([1, 1, 0, 0, 0, 0], bool)})
+    finally:
+        envs.close()
+    with pytest.raises(segvec.ClosedEnvironmentError):
+        envs.step(np.zeros(6, np.int64))
+
+
+def test_sb3_adapter_presents_agent_slots_as_envs():
+    pytest.importorskip("stable_baselines3")
+    from segvec.integrations.sb3 import SB3VecEnv
+
+    envs = segvec.make_multiagent(counter_fns(2, 6), num_envs=2, backend="serial", horizon=8,
+                                  autoreset_mode="same_step")
+    venv = SB3VecEnv(envs)
+    try:
+        assert venv.num_envs == 6
+        obs = venv.reset()
+        assert obs.shape == (6, 4)
+        ends = 0
+        for _ in range(30):
+            venv.step_async(policy(obs))
+            obs, rewards, dones, infos = venv.step_wait()
+            ends += int(dones.sum())
+            assert all("terminal_observation" in infos[i] for i in np.flatnonzero(dones))
+        assert ends > 0
+    finally:
+        venv.close()
