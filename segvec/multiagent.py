@@ -41,6 +41,8 @@ from segvec.runner import BatchResult, EnvFailure, EnvRunner, ObservationMismatc
 from segvec.spaces import spaces_equal
 from segvec.vector import SegmentVecEnv
 
+ENV_EPISODE_KEY = "env_episode"  # info of an env's first slot at its episode's end: {"return", "length"}
+
 
 def _as_parallel(env):
     """A PettingZoo ParallelEnv from what a factory returned (an AEC env is converted)."""
@@ -149,6 +151,7 @@ class MultiAgentRunner(EnvRunner):
         self._arrived = np.zeros(len(envs), bool)  # actions in, waiting for the rest of the env's slots
         self._alive = np.zeros(len(envs), bool)    # the agent is in its env now
         self._ended = [False] * self.num_groups    # NEXT_STEP: every agent is done, reset at the next step
+        self._totals = [[0.0, 0] for _ in range(self.num_groups)]  # the env episode's return (all agents), steps
         self._zeros = [np.zeros(leaf.shape, leaf.dtype) for leaf in self.obs_layout.leaves]
 
     def _shared(self, group: int) -> SharedEnv:
@@ -197,6 +200,7 @@ class MultiAgentRunner(EnvRunner):
         local = group * self.num_agents
         present = set(self._shared(group).env.agents)
         self._ended[group] = False
+        self._totals[group] = [0.0, 0]
         self._arrived[local:local + self.num_agents] = False
         for k, agent in enumerate(self._shared(group).agents):
             self._alive[local + k] = agent in present and agent in obs
@@ -282,6 +286,12 @@ class MultiAgentRunner(EnvRunner):
         obs, rewards, terms, truncs, step_infos = env.step(
             {agent: actions[k] for k, agent in enumerate(agents) if alive[k]})
         all_done = not env.agents
+        totals = self._totals[group]
+        totals[0] += float(sum(rewards.values()))
+        totals[1] += 1
+        if all_done:  # the env's episode: in the info of its first slot's last step
+            infos[first + local] = {ENV_EPISODE_KEY: {"return": totals[0], "length": totals[1]}}
+            self._totals[group] = [0.0, 0]
         reset_obs = reset_infos = None
         if all_done and mode == AutoresetMode.SAME_STEP:
             reset_obs, reset_infos = env.reset()
@@ -303,7 +313,7 @@ class MultiAgentRunner(EnvRunner):
                     commits.append((slot, next_obs, (reward, term, trunc, 1.0, 1.0, 0.0)))
                     continue
                 if info:
-                    infos[slot] = dict(info)
+                    infos[slot] = {**infos.get(slot, {}), **info}
                 needs_reset = 1.0 if all_done and mode == AutoresetMode.NEXT_STEP else 0.0
                 commits.append((slot, final, (reward, term, trunc, 1.0, 0.0, needs_reset)))
                 self._alive[local + k] = not ended
@@ -422,6 +432,7 @@ class MultiAgentVecEnv(SegmentVecEnv):
         self.possible_agents = list(possible_agents)
         self.num_multiagent_envs = num_envs = len(env_fns)
         self._agent_index = {agent: k for k, agent in enumerate(self.possible_agents)}
+        self._env_episodes: list[tuple] = []  # (env index, return, length) of env episodes received
         fns = []
         for env_index, env_fn in enumerate(env_fns):
             factory = EnvFactory(env_fn, env_index)
@@ -498,6 +509,11 @@ class MultiAgentVecEnv(SegmentVecEnv):
     def _results(self, env_ids: np.ndarray, size: int, deadline: float | None = None):
         obs, rewards, terminated, truncated, infos = super()._results(env_ids, size, deadline)
         self._add_active(infos, env_ids)
+        ended = infos.get("_" + ENV_EPISODE_KEY)
+        if ended is not None and ended.any():
+            record = infos[ENV_EPISODE_KEY]
+            self._env_episodes.extend(zip((env_ids[ended] // self.num_agents).tolist(),
+                                          record["return"][ended].tolist(), record["length"][ended].tolist()))
         return obs, rewards, terminated, truncated, infos
 
     def reset_wait(self, timeout: float | None = None):
@@ -512,10 +528,17 @@ class MultiAgentVecEnv(SegmentVecEnv):
 
     def episodes(self, max_n: int | None = None) -> dict:
         """`SegmentVecEnv.episodes` per agent slot (``env_id`` holds slot ids), with ``env_index`` and
-        ``agent_index`` arrays beside it."""
+        ``agent_index`` arrays beside it, and ``env_episodes``: the episodes of whole envs received since the
+        last call, ``{"env_index", "return", "length"}`` arrays (return: every agent's rewards summed;
+        length: env steps), in the order the learner received their last step."""
         episodes = super().episodes(max_n)
         episodes["env_index"] = episodes["env_id"] // self.num_agents
         episodes["agent_index"] = episodes["env_id"] % self.num_agents
+        whole, self._env_episodes = self._env_episodes, []
+        episodes["env_episodes"] = {
+            "env_index": np.asarray([e for e, _, _ in whole], np.int64),
+            "return": np.asarray([r for _, r, _ in whole], np.float64),
+            "length": np.asarray([n for _, _, n in whole], np.int64)}
         return episodes
 
     def __repr__(self) -> str:

@@ -110,7 +110,8 @@ class Stream:
 
 def reference_streams(index: int, seed: int, sends: int, mode: str, max_length: int, late_joins: bool = True) -> dict:
     """The plain loop over one `CounterParallelEnv`: reset with `seed`, then `sends` steps of the env with
-    `policy` for every agent in it; returns ``{agent: Stream}``.  `mode` is ``"NextStep"`` or ``"SameStep"``.
+    `policy` for every agent in it; returns ``({agent: Stream}, [(return, length) of each env episode])``
+    (return: the rewards of every agent summed, length: env steps).  `mode` is ``"NextStep"`` or ``"SameStep"``.
 
     Per agent: a step it takes part in is a real slot; an agent that is not in the env stores nothing; when
     the env resets, NEXT_STEP stores a slot with mask False for every agent (the reset step), SAME_STEP
@@ -128,6 +129,7 @@ def reference_streams(index: int, seed: int, sends: int, mode: str, max_length: 
             getattr(s, name).append(value)
 
     pending_reset = False
+    totals, env_episodes = [0.0, 0], []
     for _ in range(sends):
         if pending_reset:
             obs, _ = env.reset()
@@ -140,6 +142,10 @@ def reference_streams(index: int, seed: int, sends: int, mode: str, max_length: 
         actions = {a: int(policy(current[a])) for a in alive}
         obs, rewards, terms, truncs, _ = env.step(actions)
         done = not env.agents
+        totals = [totals[0] + sum(rewards.values()), totals[1] + 1]
+        if done:
+            env_episodes.append(tuple(totals))
+            totals = [0.0, 0]
         fresh = env.reset()[0] if done and mode == "SameStep" else None
         for a in AGENTS:
             if a in alive:
@@ -154,7 +160,7 @@ def reference_streams(index: int, seed: int, sends: int, mode: str, max_length: 
                 current[a] = obs[a]
         if done and mode == "NextStep":
             pending_reset = True
-    return streams
+    return streams, env_episodes
 
 
 __all__ = ["AGENTS", "CounterParallelEnv", "Stream", "counter_fns", "reference_streams", "value_of"]

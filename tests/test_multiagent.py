@@ -93,8 +93,14 @@ def check(cfg: Config, rows, reported_ends, stats, episodes):
         np.add.at(episode_count, record["env_id"], 1)
         np.testing.assert_array_equal(record["env_index"], record["env_id"] // A)
     for e in range(cfg.num_envs):
-        streams = reference_streams(e, cfg.seed + e * A, cfg.sends, "NextStep" if cfg.mode == "next_step" else "SameStep",
-                                    cfg.max_length, cfg.late_joins)
+        streams, env_episodes = reference_streams(e, cfg.seed + e * A, cfg.sends,
+                                                  "NextStep" if cfg.mode == "next_step" else "SameStep",
+                                                  cfg.max_length, cfg.late_joins)
+        whole = [(r, n) for record in episodes for i, r, n in zip(*(record["env_episodes"][k] for k in (
+            "env_index", "return", "length"))) if i == e]
+        assert [n for _, n in whole] == [n for _, n in env_episodes], f"env {e}: env episode lengths"
+        np.testing.assert_allclose([r for r, _ in whole], [r for r, _ in env_episodes], rtol=1e-12,
+                                   err_msg=f"env {e}: env episode returns")
         for k, agent in enumerate(AGENTS):
             slot = e * A + k
             ref = streams[agent]
