@@ -29,7 +29,9 @@ import segvec
 
 from common import parse_args, plot_learning_curve  # examples/common.py
 from ppo import Agent as MLPAgent  # examples/ppo.py: the same agent and update
-from ppo import Rows, check_args, ppo_update
+from ppo import Rows, ppo_update
+
+AGENTS_PER_ENV = 4  # Knights-Archers-Zombies' default: 2 archers, 2 knights
 
 
 @dataclasses.dataclass
@@ -59,8 +61,8 @@ class Args:
     """Knights-Archers-Zombies' episode limit, in env steps"""
     spawn_delay: int = 20
     """env steps between zombie spawns"""
-    return_window: int = 40
-    """agent episodes in the mean return reported"""
+    return_window: int = 20
+    """games (episodes of whole envs) in the mean return reported"""
 
     # Algorithm
     learning_rate: float = 1e-3
@@ -91,18 +93,32 @@ class Args:
     """stop an update's epochs early past this approximate KL (0: off)"""
 
 
+def check_args(args: Args) -> str | None:
+    """What is wrong with `args`, said as a command-line error (None when nothing is)."""
+    rows = AGENTS_PER_ENV * args.num_envs
+    if args.num_envs < 1 or args.num_minibatches < 1 or rows % args.num_minibatches:
+        return (f"--num-minibatches {args.num_minibatches} must divide the {rows} rows of an update "
+                f"({AGENTS_PER_ENV} agents x --num-envs {args.num_envs}): each minibatch holds whole rows")
+    if args.total_timesteps < rows * args.horizon:
+        return (f"--total-timesteps {args.total_timesteps} is less than one update's {rows} rows x --horizon "
+                f"{args.horizon} agent steps")
+    return None
+
+
 class KnightsArchersZombies:
-    """A picklable zero-argument constructor of Knights-Archers-Zombies with vector observations."""
+    """A picklable zero-argument constructor of Knights-Archers-Zombies with vector observations whose rows
+    start with a type mask (``obs_method="vector-masked"``), so that the shared policy tells an archer from a
+    knight."""
 
     def __init__(self, args: Args):
         self.kwargs = {"max_cycles": args.max_cycles, "spawn_delay": args.spawn_delay}
 
     def __call__(self):
-        return knights_archers_zombies_v11.parallel_env(obs_method="vector", **self.kwargs)
+        return knights_archers_zombies_v11.parallel_env(obs_method="vector-masked", **self.kwargs)
 
 
 class Agent(MLPAgent):
-    """examples/ppo.py's MLP actor-critic on the flattened ``[entities, 5]`` vector observation."""
+    """examples/ppo.py's MLP actor-critic on the flattened ``[entities, 11]`` vector observation."""
 
     def forward(self, obs, state, episode_start):
         return super().forward(obs.flatten(-2).float(), state, episode_start)
@@ -112,12 +128,9 @@ class Agent(MLPAgent):
 
 
 if __name__ == "__main__":
-    args = parse_args(Args)
-    num_agents = len(KnightsArchersZombies(args)().possible_agents)
+    args = parse_args(Args, check=check_args)
+    num_agents = AGENTS_PER_ENV
     rows_per_update = args.num_envs * num_agents
-    message = check_args(dataclasses.replace(args, num_envs=rows_per_update))  # (the checks count rows)
-    if message:
-        raise SystemExit(f"ppo_multiagent.py: error: {message}")
     num_iterations = args.total_timesteps // (rows_per_update * args.horizon)
 
     # ---- Seeding ----------------------------------------------------------------------------------
@@ -130,6 +143,7 @@ if __name__ == "__main__":
     start_time = time.time()
     envs = segvec.make_multiagent(KnightsArchersZombies(args), num_envs=args.num_envs, backend=args.backend,
                                   num_workers=args.num_workers or None, horizon=args.horizon)
+    assert envs.num_agents == AGENTS_PER_ENV
     obs_dim = int(np.prod(envs.single_observation_space.shape))
     agent = Agent(obs_dim, envs.single_action_space)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
@@ -157,7 +171,7 @@ if __name__ == "__main__":
             global_step += envs.num_envs
         progress.update(min(global_step, args.total_timesteps) - progress.n)
 
-        finished = envs.episodes()  # one entry per agent episode (env_id: the slot)
+        finished = envs.episodes()["env_episodes"]  # whole games: every agent's rewards summed
         episode_returns.extend(finished["return"].tolist())
         episode_steps.extend([global_step] * len(finished["return"]))
         recent.extend(finished["return"].tolist())
@@ -186,7 +200,7 @@ if __name__ == "__main__":
             **losses,
             "losses/explained_variance": float(explained_var),
         }
-        progress.set_postfix(ret=f"{metrics['charts/episodic_return']:.2f}", sps=sps, refresh=False)
+        progress.set_postfix(ret=f"{metrics['charts/episodic_return']:.1f}", sps=sps, refresh=False)
 
     # ---- Done: final numbers and the learning curve --------------------------------------------------
     progress.close()
@@ -195,10 +209,10 @@ if __name__ == "__main__":
     for name, value in metrics.items():
         print(f"{name:32s} {value:.6g}")
     first = episode_returns[:args.return_window]
-    print(f"knights_archers_zombies_v11: mean agent return of the first {len(first)} agent episodes "
+    print(f"knights_archers_zombies_v11: mean game return (4 agents) of the first {len(first)} games "
           f"{np.mean(first) if first else float('nan'):.2f}, of the last {len(recent)} "
           f"{np.mean(recent) if recent else float('nan'):.2f}; {global_step} agent steps, "
-          f"{len(episode_returns)} agent episodes, {elapsed:.1f} s ({global_step / elapsed:.0f} agent steps/s)")
+          f"{len(episode_returns)} games, {elapsed:.1f} s ({global_step / elapsed:.0f} agent steps/s)")
     if args.plot_path:
         title = f"{args.exp_name} on knights_archers_zombies_v11 (segvec, {args.num_envs} envs x {num_agents} agents)"
         plot_learning_curve(args.plot_path, episode_steps, episode_returns, args.return_window, title)
