@@ -324,7 +324,7 @@ class MultiAgentRunner(EnvRunner):
                 commits.append((slot, obs[agent], (0.0, 0.0, 0.0, 0.0, 1.0, 0.0)))
                 self._alive[local + k] = True
                 if info:
-                    infos[slot] = dict(info)
+                    infos[slot] = {**infos.get(slot, {}), **info}
             else:
                 skipped.append(slot)
         if all_done and mode == AutoresetMode.NEXT_STEP:
@@ -561,8 +561,11 @@ def make_multiagent(env, num_envs: int = 8, **options) -> MultiAgentVecEnv:
             slots of an env live in one worker; default ``min(num_envs, cpu count)`` rounded down to a
             divisor.
 
+    One env is built in this process first, to read its agents and their spaces, and closed.
+
     Raises:
         ValueError: sizes that split an env's slots, or agents whose spaces differ (`SpaceMismatchError`).
+        TypeError: `env` is not a callable (or a list of them).
 
     Example:
         >>> import segvec
