@@ -65,7 +65,7 @@ class Args:
     """games (episodes of whole envs) in the mean return reported"""
 
     # Algorithm
-    learning_rate: float = 1e-3
+    learning_rate: float = 3e-4
     """Adam learning rate"""
     anneal_lr: bool = True
     """decay the learning rate linearly to 0 over `total_timesteps`"""
@@ -214,6 +214,7 @@ if __name__ == "__main__":
           f"{np.mean(recent) if recent else float('nan'):.2f}; {global_step} agent steps, "
           f"{len(episode_returns)} games, {elapsed:.1f} s ({global_step / elapsed:.0f} agent steps/s)")
     if args.plot_path:
-        title = f"{args.exp_name} on knights_archers_zombies_v11 (segvec, {args.num_envs} envs x {num_agents} agents)"
-        plot_learning_curve(args.plot_path, episode_steps, episode_returns, args.return_window, title)
+        title = f"{args.exp_name} on KAZ v11 (segvec, {args.num_envs} envs x {num_agents} agents): game returns"
+        plot_learning_curve(args.plot_path, episode_steps, episode_returns, args.return_window, title,
+                            xlabel="agent steps")
         print(f"learning curve: {os.path.abspath(args.plot_path)}")

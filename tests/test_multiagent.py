@@ -178,6 +178,35 @@ def test_agent_slots_match_the_sequential_reference_multiprocessing(cfg):
     check(cfg, *drive(cfg))
 
 
+@pytest.mark.parametrize("backend", ["serial", "multiprocessing"])
+def test_disabled_autoreset_leaves_the_reset_to_the_learner(backend):
+    """DISABLED: an env whose agents are all done waits for a reset_mask reset over its slots; rows then hold
+    only real transitions, each agent's episodes start where the learner reset."""
+    envs = segvec.make_multiagent(counter_fns(2, 6, late_joins=False), num_envs=2, backend=backend, horizon=8,
+                                  autoreset_mode="disabled", num_segments=256)
+    try:
+        obs, info = envs.reset(seed=5)
+        ends = resets = 0
+        for _ in range(40):
+            obs, reward, term, trunc, info = envs.step(policy(obs), value=value_of(obs))
+            ends += int((term | trunc).sum())
+            done = ~info["active"].reshape(2, A).any(axis=1)
+            if done.any():
+                obs, info = envs.reset(options={"reset_mask": np.repeat(done, A)})
+                assert info["active"][np.repeat(done, A)].all() and (obs[np.repeat(done, A), 2] == 0).all()
+                resets += int(done.sum())
+        envs.flush()
+        batch = envs.take_segments()
+        real = batch.mask & (np.arange(8) < batch.length[:, None])
+        assert resets > 0 and (batch.mask == (np.arange(8) < batch.length[:, None])).all(), "no mask-False slot"
+        stats = envs.stats()
+        assert stats["segments_recycled"] == 0
+        assert stats["steps"] == int(real.sum()) and stats["episodes"] == ends
+        batch.release()
+    finally:
+        envs.close()
+
+
 # ---- real PettingZoo envs ------------------------------------------------------------------------------
 def kaz():
     from pettingzoo.butterfly import knights_archers_zombies_v11
