@@ -38,7 +38,7 @@ def drive(cfg: Config):
     envs = segvec.make_multiagent(counter_fns(cfg.num_envs, cfg.max_length, late_joins=cfg.late_joins),
                                   num_envs=cfg.num_envs, backend=cfg.backend, horizon=cfg.horizon,
                                   autoreset_mode=cfg.mode, value_fn=value_of, batch_size=cfg.batch_envs * A,
-                                  **({"num_workers": 1} if cfg.backend == "multiprocessing" else {}))
+                                  **({"num_workers": cfg.num_envs} if cfg.backend == "multiprocessing" else {}))
     rows, reported_ends = [], np.zeros(envs.num_envs, np.int64)
     episodes = []
 
@@ -203,6 +203,23 @@ def test_disabled_autoreset_leaves_the_reset_to_the_learner(backend):
         assert stats["segments_recycled"] == 0
         assert stats["steps"] == int(real.sum()) and stats["episodes"] == ends
         batch.release()
+    finally:
+        envs.close()
+
+
+def test_a_receive_that_ends_inside_an_env_completes_it():
+    """Slots of one env published in one call can still be popped in two (another worker's slots between
+    them in the ready order): recv completes the env, and whole envs past batch_size wait for the next recv."""
+    envs = segvec.make_multiagent(counter_fns(3), num_envs=3, backend="serial", horizon=4, batch_size=A)
+    try:
+        envs.async_reset(seed=0)
+        first = envs._core.pop_ready(A + 1)  # env 0 and one slot of env 1, as a pop between publications could
+        got = envs._received(first, A, None)
+        assert got.tolist() == [0, 1, 2] and envs._undelivered.tolist() == [3, 4, 5]
+        obs, *_, info = envs.recv()
+        assert info["env_id"].tolist() == [3, 4, 5], "the env held back comes first"
+        obs, *_, info = envs.recv()
+        assert info["env_id"].tolist() == [6, 7, 8]
     finally:
         envs.close()
 
