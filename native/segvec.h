@@ -48,6 +48,8 @@
  *
  * An env's life:  NEW -> RESETTING -> READY -> HELD -> SENDING -> IN_FLIGHT -> READY -> HELD ...
  *   - an env whose reset or step raises becomes FAILED (its cursor untouched); only a reset revives it;
+ *   - an agent slot whose agent is gone from its multi-agent env sits its steps out (segvec_skip_steps):
+ *     IN_FLIGHT -> READY with nothing written to its rows, until its env resets;
  *   - a step the serial backend could not run (Ctrl-C) returns the env to HELD, its action unapplied.
  *
  * Waiting: a short spin, then up to 50 us of checks that yield the core between them (a hand-over that

@@ -1,6 +1,7 @@
 """segvec: vectorized gymnasium environments whose workers write straight into shared segment memory.
 
-Start with `make_vec`, or `wrap_vector_env` over a batched engine; the design of the core is in
+Start with `make_vec`, `wrap_vector_env` over a batched engine, or `make_multiagent` over PettingZoo envs
+(one row stream per agent slot); the design of the core is in
 ``native/segvec.h``, envs written in C are `segvec.native` (their ABI: ``native/segvec_env.h``).  torch is
 optional: ``segvec.TorchSegments`` (from `segvec.torch_utils`) is imported on first use.
 """

@@ -166,13 +166,13 @@ def config_strategy(backend: str, max_sends: int):
     return build()
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(cfg=config_strategy("serial", 40))
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cfg=config_strategy("serial", 60))
 def test_agent_slots_match_the_sequential_reference_serial(cfg):
     check(cfg, *drive(cfg))
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cfg=config_strategy("multiprocessing", 30))
 def test_agent_slots_match_the_sequential_reference_multiprocessing(cfg):
     check(cfg, *drive(cfg))
