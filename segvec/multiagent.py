@@ -462,7 +462,11 @@ class MultiAgentVecEnv(SegmentVecEnv):
         return int(slot) // self.num_agents, self.possible_agents[int(slot) % self.num_agents]
 
     def _whole_envs(self, slots: np.ndarray, what: str) -> None:
-        counts = np.bincount(np.asarray(slots, np.int64) // self.num_agents, minlength=self.num_multiagent_envs)
+        """Raises ValueError when `slots` name some but not all slots of an env (ids out of range are left to
+        the checks of `SegmentVecEnv`)."""
+        slots = np.asarray(slots, np.int64)
+        slots = slots[(slots >= 0) & (slots < self.num_envs)]
+        counts = np.bincount(slots // self.num_agents, minlength=self.num_multiagent_envs)
         partial = np.flatnonzero((counts > 0) & (counts != self.num_agents))
         if len(partial):
             raise ValueError(f"{what} must name every agent slot of an env or none (the slots of env e are "
