@@ -9,8 +9,8 @@ actions for slots, ``step`` takes one action per slot, and ``take_segments`` ret
 
 The env source is one seam: to the backends a slot is an env (`AgentSlot`), the factories of one env's slots
 share the PettingZoo env they build (so all slots of an env live in the same worker), and `make_runner`
-picks `MultiAgentRunner` for them.  The runner steps a PettingZoo env once the actions of all its slots are
-in, and writes each agent's outcome through the C core:
+picks `MultiAgentRunner` for them (an `AgentSlot` names it: ``segvec_runner``). The runner steps a
+PettingZoo env once the actions of all its slots are in, and writes each agent's outcome through the C core:
 
 - an agent that ends before its env (terminated or truncated, e.g. killed in Knights-Archers-Zombies)
   records that transition once; from then on its slot *sits out* (``segvec_skip_steps``): it comes back to
@@ -411,6 +411,9 @@ class MultiAgentRunner(EnvRunner):
                 self._shared(group).close()
             except Exception:  # noqa: BLE001 - closing must go on for the other envs
                 pass
+
+
+AgentSlot.segvec_runner = MultiAgentRunner  # how make_runner knows the slots' runner
 
 
 class MultiAgentVecEnv(SegmentVecEnv):

@@ -462,13 +462,13 @@ class EnvRunner:
 
 def make_runner(envs: list, first_env: int, storage: Storage, autoreset_mode: AutoresetMode,
                 env_fns: list | None = None) -> EnvRunner:
-    """The runner for `envs`: a `MultiAgentRunner` when they are the agent slots of PettingZoo envs
-    (``segvec.multiagent``), a `NativeEnvRunner` when they are all bare `NativeEnv`s of one class whose
-    spaces are the block's, else an `EnvRunner`.  All have the same interface."""
-    from segvec.multiagent import AgentSlot, MultiAgentRunner  # (it builds on this module)
-
-    if envs and isinstance(envs[0], AgentSlot):
-        return MultiAgentRunner(envs, first_env, storage, autoreset_mode, env_fns)
+    """The runner for `envs`: the class their ``segvec_runner`` attribute names, for env sources that bring
+    their own (the agent slots of ``segvec.multiagent``: `MultiAgentRunner`); a `NativeEnvRunner` when they
+    are all bare `NativeEnv`s of one class whose spaces are the block's; else an `EnvRunner`.  All have the
+    same interface."""
+    runner_class = getattr(envs[0], "segvec_runner", None) if envs else None
+    if runner_class is not None:  # an env source that brings its own runner (segvec.multiagent's agent slots)
+        return runner_class(envs, first_env, storage, autoreset_mode, env_fns)
     env_class = native_class_of(envs, storage)
     if env_class is None:
         return EnvRunner(envs, first_env, storage, autoreset_mode, env_fns)
