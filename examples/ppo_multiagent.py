@@ -6,8 +6,10 @@ update takes ``num_envs * num_agents`` complete rows (``horizon`` steps of one a
 bootstraps), computes GAE with ``segvec.gae`` and trains on minibatches of whole rows.  An agent killed
 by a zombie reports ``terminated`` once and then sits out: its slot writes nothing (its actions are
 dropped) until its env resets, so no fake transition reaches the rows.  The policy sees which agent it
-acts for through the observation (Knights-Archers-Zombies' vector observation starts with the agent's own
-row) and archers and knights share it, as in SuperSuit's ``pettingzoo_env_to_vec_env_v1`` recipes.
+acts for through the observation (the ``vector-masked`` observation starts with the agent's own row, and
+each row's type mask tells an archer from a knight), and archers and knights share it, as in SuperSuit's
+``pettingzoo_env_to_vec_env_v1`` recipes.  Reported returns are whole games' (every agent's rewards
+summed, from ``episodes()["env_episodes"]``).
 
     pip install "segvec[pettingzoo,examples]"             # pettingzoo[butterfly], torch, matplotlib
     python examples/ppo_multiagent.py                     # 8 envs x 4 agents, 400k agent steps
