@@ -40,8 +40,21 @@ second and in steps per CPU second of the process (what segvec costs, whatever e
     envpool-async  EnvPool ``Pong-v5`` in its async mode (``batch_size = num_envs / 2``), ``recv``/``send`` loop
     segvec-envpool-async  segvec's async face over it, ``recv``/``send`` loop
 
+Multi-agent (``--multiagent``, default 8: numbers of PettingZoo envs; 0 skips it): Knights-Archers-Zombies
+(``pettingzoo[butterfly]``, vector observations, 4 agents per env) in agent steps per second (one per agent
+slot and env step, agents that died included), each ratio against the plain loop, same number of envs:
+    ma-raw           one ParallelEnv, ``env.step`` in a loop (ratio 1)
+    supersuit        SuperSuit ``concat_vec_envs_v1`` over ``pettingzoo_env_to_vec_env_v1(black_death_v3(env))``,
+                     ``--workers`` processes (only if installed)
+    puffer-ma        PufferLib's PettingZoo emulation on ``pufferlib.vector.Multiprocessing``, ``--workers``
+                     workers (only if installed)
+    segvec-ma-sync   ``segvec.make_multiagent``, multiprocessing backend, ``--workers`` workers, ``step`` loop
+    segvec-ma-async  the same, ``batch_size`` = half the slots, ``recv``/``send`` loop
+Targets: segvec-ma-sync and segvec-ma-async >= 2x SuperSuit and >= 1x PufferLib.
+
 Usage:
     python benchmarks/throughput.py                      # full run (about 20 minutes on 2 cores)
+    python benchmarks/throughput.py --envs none --c-envs 0 --engines none --multiagent 8   # multi-agent only
     python benchmarks/throughput.py --quick --envs cartpole --num-envs 8 --c-envs 0 --engines none
     python benchmarks/throughput.py --envs light,heavy --num-envs 8,32 --seconds 3 --repeats 5
     python benchmarks/throughput.py --envs none --c-envs 4096 --engines none  # the C envs' table only
@@ -332,6 +345,100 @@ ENGINES = {  # --engines name: (engine alone, segvec over it) pairs of ENGINE_ME
     "ale": [("ale", "segvec-ale")],
     "envpool": [("envpool", "segvec-envpool"), ("envpool-async", "segvec-envpool-async")],
 }
+
+
+# ---- multi-agent: agent slots of PettingZoo envs (Knights-Archers-Zombies) ------------------------------
+MA_ENV = "knights_archers_zombies_v11"
+
+
+def _kaz():
+    from pettingzoo.butterfly import knights_archers_zombies_v11
+
+    return knights_archers_zombies_v11.parallel_env(obs_method="vector")
+
+
+def setup_ma_raw(env_id: str, n: int, workers: int):
+    """One env in a plain loop; counts one agent step per possible agent and env step, as the others do."""
+    env = _kaz()
+    env.reset(seed=0)
+    space = env.action_space(env.possible_agents[0])
+    actions = [int(a) for a in _action_bank(space)]
+    agents = len(env.possible_agents)
+    state = {"i": 0}
+
+    def step() -> int:
+        if not env.agents:
+            env.reset()
+        env.step({agent: actions[(state["i"] + k) % ACTION_BANK] for k, agent in enumerate(env.agents)})
+        state["i"] += 1
+        return agents
+
+    return step, env.close
+
+
+def setup_supersuit(env_id: str, n: int, workers: int):
+    import supersuit
+
+    venv = supersuit.pettingzoo_env_to_vec_env_v1(supersuit.black_death_v3(_kaz()))
+    venv = supersuit.concat_vec_envs_v1(venv, n, num_cpus=workers, base_class="gymnasium")
+    venv.reset(seed=0)
+    return _cycling_steps(venv, _batched(venv.action_space, venv.num_envs), venv.num_envs)
+
+
+def setup_puffer_ma(env_id: str, n: int, workers: int):
+    import pufferlib.emulation
+    import pufferlib.vector
+
+    make = functools.partial(pufferlib.emulation.PettingZooPufferEnv, env_creator=_kaz)
+    envs = pufferlib.vector.make(make, backend=pufferlib.vector.Multiprocessing, num_envs=n, num_workers=workers)
+    envs.reset(seed=0)
+    return _cycling_steps(envs, _batched(envs.single_action_space, envs.num_agents), envs.num_agents)
+
+
+def setup_segvec_ma_sync(env_id: str, n: int, workers: int):
+    envs = segvec.make_multiagent(_kaz, num_envs=n, backend="multiprocessing", num_workers=workers)
+    return _gym_vector(envs, envs.num_envs)
+
+
+def setup_segvec_ma_async(env_id: str, n: int, workers: int):
+    envs = segvec.make_multiagent(_kaz, num_envs=n, backend="multiprocessing", num_workers=workers,
+                                  batch_size=(n // 2) * 4)
+    return _recv_send_loop(envs, envs.batch_size), envs.close
+
+
+MA_METHODS: dict[str, tuple[str, Callable, str | None]] = {
+    "ma-raw": ("raw single ParallelEnv (ratio 1)", setup_ma_raw, "pettingzoo"),
+    "supersuit": ("SuperSuit concat_vec_envs_v1 (procs)", setup_supersuit, "supersuit"),
+    "puffer-ma": ("PufferLib PettingZoo Multiprocessing", setup_puffer_ma, "pufferlib"),
+    "segvec-ma-sync": ("segvec make_multiagent sync", setup_segvec_ma_sync, "pettingzoo"),
+    "segvec-ma-async": ("segvec make_multiagent async (n/2)", setup_segvec_ma_async, "pettingzoo"),
+}
+
+
+def run_multiagent(counts: list[int], args) -> list[str]:
+    """The multi-agent table (agent steps/s, ratios to the plain loop); returns the target lines."""
+    methods = list(MA_METHODS)
+    results = {n: run_group(MA_ENV, n, methods, args, MA_METHODS) for n in counts}
+
+    def median(n, key):
+        rates = results[n][key][0]
+        return statistics.median(rates) if rates else None
+
+    raws = {n: median(n, "ma-raw") for n in counts}
+    print(f"\n{MA_ENV} (4 agents per env; agent steps/s)   raw single env (measured within each group): "
+          + ", ".join(f"{fmt_rate(raws[n])} agent steps/s" if raws[n] else "unavailable" for n in counts), flush=True)
+    print(f"  {'method':<40}" + "".join(f"{'n=' + str(n) + ' envs':>27}" for n in counts))
+    print(f"  {'':<40}" + "".join(f"{'steps/s spread  x raw':>27}" for _ in counts))
+    for key in methods:
+        print(f"  {MA_METHODS[key][0]:<40}" + "".join(cell(*results[n][key], raws[n]) for n in counts), flush=True)
+    lines = []
+    for n in counts:
+        for key in ("segvec-ma-sync", "segvec-ma-async"):
+            got = median(n, key)
+            supersuit, puffer = median(n, "supersuit"), median(n, "puffer-ma")
+            lines.append(check(f"{MA_ENV} n={n}: {key}", got, supersuit and 2 * supersuit, ">= 2 x SuperSuit"))
+            lines.append(check(f"{MA_ENV} n={n}: {key}", got, puffer, ">= 1 x PufferLib"))
+    return lines
 
 
 METHODS: dict[str, tuple[str, Callable, str | None]] = {
@@ -759,6 +866,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma list among {', '.join(ENGINES)}, or none: Pong on batched engines, alone and "
                              "under segvec (default: both)")
     parser.add_argument("--num-envs", default="8,32", help="comma list of env counts (default: 8,32)")
+    parser.add_argument("--multiagent", default="8",
+                        help="comma list of PettingZoo env counts for the multi-agent table (default 8; 0: skip it)")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help=f"comma list among {', '.join(METHODS)} (default: all)")
     parser.add_argument("--seconds", type=float, default=None, help="length of one timed window (default 2)")
@@ -786,6 +895,10 @@ def main(argv: list[str] | None = None) -> int:
     for n in c_counts:
         if n < 2 or n % 2 or n % args.workers:
             parser.error(f"--c-envs {n}: needs an even n that is a multiple of --workers")
+    ma_counts = [int(c) for c in args.multiagent.split(",") if c.strip() and int(c)]
+    for n in ma_counts:
+        if n < 2 or n % 2 or n % args.workers:
+            parser.error(f"--multiagent {n}: needs an even n that is a multiple of --workers")
     engines = [name.strip() for name in args.engines.split(",") if name.strip() and name.strip() != "none"]
     unknown_engines = [name for name in engines if name not in ENGINES]
     if unknown_engines:
@@ -831,6 +944,7 @@ def main(argv: list[str] | None = None) -> int:
         print_c_table(c_counts, c_methods, args)
 
     engine_lines = run_engines(engines, counts, args, results, median)
+    multiagent_lines = run_multiagent(ma_counts, args) if ma_counts else []
 
     print("\ntargets (got / target steps/s)")
     lines = []
@@ -858,7 +972,7 @@ def main(argv: list[str] | None = None) -> int:
             if "segvec-serial" in methods and "gym-sync" in methods:
                 lines.append(check(f"{where}: segvec-serial", median(env_id, n, "segvec-serial"),
                                    median(env_id, n, "gym-sync"), ">= 1.0 x gymnasium Sync"))
-    lines += engine_lines
+    lines += engine_lines + multiagent_lines
     print("\n".join(lines))
     passed = sum(line.endswith("PASS") for line in lines)
     missed = sum(line.endswith("MISS") for line in lines)

@@ -95,8 +95,8 @@ def gae_with_rewards(batch, rewards: np.ndarray, gamma: float, lam: float, **vtr
     return segvec.gae(types.SimpleNamespace(reward=rewards, **fields), gamma, lam, **vtrace)
 
 
-def plot_learning_curve(path: str, steps, returns, window: int, title: str) -> None:
-    """Writes a PNG of every episode's return against the env step it ended at, and its running mean."""
+def plot_learning_curve(path: str, steps, returns, window: int, title: str, xlabel: str = "env steps") -> None:
+    """Writes a PNG of every episode's return against the step (`xlabel`) it ended at, and its running mean."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -108,7 +108,7 @@ def plot_learning_curve(path: str, steps, returns, window: int, title: str) -> N
     if len(returns) >= window:
         rolling = np.convolve(returns, np.ones(window) / window, mode="valid")
         ax.plot(steps[window - 1:], rolling, label=f"mean of last {window}")
-    ax.set_xlabel("env steps")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("return")
     ax.set_title(title)
     ax.legend()

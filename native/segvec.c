@@ -1160,6 +1160,21 @@ int segvec_fail_envs(segvec_core_t *c, int32_t n, const int32_t *env_ids) {
     return SEGVEC_OK;
 }
 
+int segvec_skip_steps(segvec_core_t *c, int32_t n, const int32_t *env_ids) {
+    for (int32_t i = 0; i < n; ++i)
+        if (!valid_env(c, env_ids[i]) ||
+            atomic_load_explicit(&c->env_state[env_ids[i]], memory_order_relaxed) != SEGVEC_ENV_IN_FLIGHT)
+            return SEGVEC_ERR_NOT_HELD;
+    for (int32_t i = 0; i < n; ++i) {
+        int32_t e = env_ids[i];
+        c->env_last_reward[e] = 0.0;
+        c->env_last_terminated[e] = 0;
+        c->env_last_truncated[e] = 0;
+        c->env_last_slot[e] = -1;
+    }
+    return SEGVEC_OK;
+}
+
 int segvec_return_envs(segvec_core_t *c, int32_t n, const int32_t *env_ids) {
     for (int32_t i = 0; i < n; ++i)
         if (!valid_env(c, env_ids[i]) ||

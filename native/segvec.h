@@ -56,6 +56,8 @@
  *
  * An env's life:  NEW -> RESETTING -> READY -> HELD -> SENDING -> IN_FLIGHT -> READY -> HELD ...
  *   - an env whose reset or step raises becomes FAILED (its cursor untouched); only a reset revives it;
+ *   - an agent slot whose agent is gone from its multi-agent env sits its steps out (segvec_skip_steps):
+ *     IN_FLIGHT -> READY with nothing written to its rows, until its env resets;
  *   - a step the serial backend could not run (Ctrl-C) returns the env to HELD, its action unapplied.
  *
  * Waiting: a short spin, then up to 50 us of checks that yield the core between them (a hand-over that
@@ -302,6 +304,12 @@ int segvec_fail_envs(segvec_core_t *core, int32_t n, const int32_t *env_ids);
 /* Envs the caller will not step after all (the serial backend interrupted by Ctrl-C): IN_FLIGHT -> HELD,
  * their actions unapplied.  In the learner's process only. */
 int segvec_return_envs(segvec_core_t *core, int32_t n, const int32_t *env_ids);
+/* IN_FLIGHT envs that sit this step out (an agent slot whose agent is gone from its multi-agent env until
+ * that env resets): their actions are dropped and nothing is written to any row; the cursor stays (its
+ * observation is the last one the env had), and the outcome of the previous action reads 0 / not ended,
+ * so the learner sees an ended episode once.  The caller publishes them with the env's other slots.
+ * State stays IN_FLIGHT until that publish. */
+int segvec_skip_steps(segvec_core_t *core, int32_t n, const int32_t *env_ids);
 /* Publish envs to the learner (-> READY) after their observations are written; wakes it if it waits. */
 int segvec_publish(segvec_core_t *core, int32_t n, const int32_t *env_ids);
 

@@ -1,6 +1,7 @@
 """segvec: vectorized gymnasium environments whose workers write straight into shared segment memory.
 
-Start with `make_vec`, or `wrap_vector_env` over a batched engine; the design of the core is in
+Start with `make_vec`, `wrap_vector_env` over a batched engine, or `make_multiagent` over PettingZoo envs
+(one row stream per agent slot); the design of the core is in
 ``native/segvec.h``, envs written in C are `segvec.native` (their ABI: ``native/segvec_env.h``).  torch is
 optional: ``segvec.TorchSegments`` (from `segvec.torch_utils`) is imported on first use.
 """
@@ -23,6 +24,7 @@ from segvec.errors import (
 from segvec.replay import ReplayBatch, SegmentReplay
 from segvec.segments import SegmentBatch, gae
 from segvec.vector import SegmentVecEnv, make_vec, wrap_vector_env
+from segvec.multiagent import MultiAgentVecEnv, make_multiagent
 from segvec import native  # noqa: E402 - envs written in C; registers segvec/CartPole-c, segvec/SyntheticAtari-c
 
 native.register_envs()
@@ -34,6 +36,7 @@ __all__ = [
     "AutoresetMode",
     "ClosedEnvironmentError",
     "EnvError",
+    "MultiAgentVecEnv",
     "NoAsyncCallError",
     "NotEnoughSegmentsError",
     "NotReceivedError",
@@ -48,6 +51,7 @@ __all__ = [
     "SpaceMismatchError",
     "WorkerDied",
     "gae",
+    "make_multiagent",
     "make_vec",
     "native",
     "wrap_vector_env",

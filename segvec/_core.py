@@ -535,6 +535,12 @@ class Core:
         ids = _i32(env_ids)
         check(lib.segvec_return_envs(self._core, len(ids), ffi.from_buffer("int32_t[]", ids)), "return")
 
+    def skip_steps(self, env_ids) -> None:
+        """Envs that sit this step out (see segvec_skip_steps): no row changes; publish them next."""
+        ids = _i32(env_ids)
+        if len(ids):
+            check(lib.segvec_skip_steps(self._core, len(ids), ffi.from_buffer("int32_t[]", ids)), "skip")
+
     def publish(self, env_ids: np.ndarray) -> None:
         """Hands `env_ids` (a contiguous int32 array) to the learner."""
         if len(env_ids):
@@ -830,6 +836,7 @@ class Storage:
         segment fields        # [S, *shape]
         final_obs leaves      # [E, *leaf_shape]  SAME_STEP final observation of each env's last step
         env_has_info          # [E] uint8         1: the env's last step produced a non-empty info
+        env_sits_out          # [E] uint8         1: an agent slot that sat out its last step (segvec_skip_steps)
         the core's arrays     # each an attribute of its name: reward, terminated, ..., env_state, ...
                               # reward, value, truncation_value, next_value [S, T, *value_shape],
                               # tail_value [S, *value_shape], env_last_reward [E, *value_shape]
@@ -874,6 +881,7 @@ class Storage:
         for i, leaf in enumerate(obs_layout.leaves):
             place("final_obs", i, (E,) + leaf.shape, leaf.dtype)
         place("misc", "env_has_info", (E,), np.uint8)
+        place("misc", "env_sits_out", (E,), np.uint8)
         return plan, _align(offset)
 
     def __init__(self, geometry: Geometry, block: MemoryBlock | None = None, shared: bool = False,
@@ -913,8 +921,8 @@ class Storage:
                 self.step_fields[name] = array
             elif group == "segment_field":
                 self.segment_fields[name] = array
-            else:
-                self.env_has_info = array
+            else:  # "misc": env_has_info, env_sits_out
+                setattr(self, name, array)
         # Flat views: one item per slot, for gathers and scatters by slot index.
         self.obs_by_slot = [a.reshape((S * (T + 1),) + a.shape[2:]) for a in self.obs]
         self.action_by_slot = [a.reshape((S * T,) + a.shape[2:]) for a in self.action]

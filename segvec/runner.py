@@ -210,6 +210,27 @@ class EnvRunner:
         return BatchResult(ids, infos, {}, failures)
 
     # ---- step -------------------------------------------------------------------------------------
+    def _actions(self, env_ids: np.ndarray):
+        """The actions the learner stored at the current slots of `env_ids` (IN_FLIGHT), one per env: an
+        array for flat spaces, else a list of structured actions."""
+        slots = self.core.cursor_slots(env_ids)
+        leaves = [by_slot[slots].astype(np.float64) if widen else by_slot[slots]
+                  for by_slot, widen in zip(self.storage.action_by_slot, self._widen)]
+        if self._flat_action:
+            actions = leaves[0]
+            if self._object_actions:  # actions the user gave in another form than the slot's (AsGiven)
+                actions = list(actions)
+                for i, e in enumerate(env_ids.tolist()):
+                    given = self._object_actions.pop(e, None)
+                    if isinstance(given, AsGiven):
+                        actions[i] = given.action
+            return actions
+        if self.action_layout.has_objects:
+            pending = self._object_actions
+            return [self.action_layout.structure([leaf[i] for leaf in leaves], pending.pop(int(e)))
+                    for i, e in enumerate(env_ids.tolist())]
+        return [self.action_layout.structure([leaf[i] for leaf in leaves]) for i in range(len(env_ids))]
+
     def step(self, env_ids: np.ndarray) -> BatchResult:
         """Steps `env_ids` (IN_FLIGHT) with the actions stored at their current slots, and records the results.
 
@@ -222,23 +243,7 @@ class EnvRunner:
         """
         storage = self.storage
         count = len(env_ids)
-        slots = self.core.cursor_slots(env_ids)
-        leaves = [by_slot[slots].astype(np.float64) if widen else by_slot[slots]
-                  for by_slot, widen in zip(storage.action_by_slot, self._widen)]
-        if self._flat_action:
-            actions = leaves[0]
-            if self._object_actions:  # actions the user gave in another form than the slot's (AsGiven)
-                actions = list(actions)
-                for i, e in enumerate(env_ids.tolist()):
-                    given = self._object_actions.pop(e, None)
-                    if isinstance(given, AsGiven):
-                        actions[i] = given.action
-        elif self.action_layout.has_objects:
-            pending = self._object_actions
-            actions = [self.action_layout.structure([leaf[i] for leaf in leaves], pending.pop(int(e)))
-                       for i, e in enumerate(env_ids.tolist())]
-        else:
-            actions = [self.action_layout.structure([leaf[i] for leaf in leaves]) for i in range(count)]
+        actions = self._actions(env_ids)
         same_step = self.autoreset_mode == AutoresetMode.SAME_STEP
         next_step = self.autoreset_mode == AutoresetMode.NEXT_STEP
         needs_reset = storage.env_needs_reset[self._own].tolist() if next_step else None  # by local index
@@ -481,8 +486,13 @@ class EnvRunner:
 
 def make_runner(envs: list, first_env: int, storage: Storage, autoreset_mode: AutoresetMode,
                 env_fns: list | None = None) -> EnvRunner:
-    """The runner for `envs`: a `NativeEnvRunner` when they are all bare `NativeEnv`s of one class whose
-    spaces are the block's, else an `EnvRunner`.  Both have the same interface."""
+    """The runner for `envs`: the class their ``segvec_runner`` attribute names, for env sources that bring
+    their own (the agent slots of ``segvec.multiagent``: `MultiAgentRunner`); a `NativeEnvRunner` when they
+    are all bare `NativeEnv`s of one class whose spaces are the block's; else an `EnvRunner`.  All have the
+    same interface."""
+    runner_class = getattr(envs[0], "segvec_runner", None) if envs else None
+    if runner_class is not None:  # an env source that brings its own runner (segvec.multiagent's agent slots)
+        return runner_class(envs, first_env, storage, autoreset_mode, env_fns)
     env_class = native_class_of(envs, storage)
     if env_class is None:
         return EnvRunner(envs, first_env, storage, autoreset_mode, env_fns)

@@ -491,6 +491,11 @@ class SegmentVecEnv(VectorEnv):
             if not wait:
                 return
 
+    def _received(self, env_ids: np.ndarray, wanted: int, deadline: float | None) -> np.ndarray:
+        """The envs `recv` returns of those it received (`wanted` asked for): all of them here; a vector
+        env whose envs come in groups (agent slots) completes the groups."""
+        return env_ids
+
     # ---- sending --------------------------------------------------------------------------------
     def _send(self, actions, env_ids: np.ndarray, value=None, logprob=None, fields: dict | None = None) -> None:
         """Checks everything, then writes the send into the core and dispatches it; raises before the core
@@ -789,6 +794,7 @@ class SegmentVecEnv(VectorEnv):
             env_ids = np.concatenate([env_ids, self._core.pop_ready(wanted - len(env_ids))])
         else:
             env_ids = self._pop(wanted, deadline)
+        env_ids = self._received(env_ids, wanted, deadline)
         if wanted == outstanding:  # every env outstanding: env order, not the order the workers finished in
             env_ids = np.sort(env_ids)
         obs, rewards, terminated, truncated, infos = self._results(env_ids, len(env_ids), deadline)

@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -14,7 +16,7 @@ def test_throughput_quick_prints_a_table():
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--quick", "--envs", "cartpole,light",
          "--num-envs", "2", "--methods", "raw,gym-sync,segvec-serial,segvec-sync,segvec-async",
-         "--seconds", "0.1", "--warmup", "0.05", "--c-envs", "0", "--engines", "ale" if ale else "none"],
+         "--seconds", "0.1", "--warmup", "0.05", "--c-envs", "0", "--engines", "ale" if ale else "none", "--multiagent", "0"],
         cwd=ROOT, capture_output=True, text=True, timeout=180,
     )
     assert result.returncode == 0, result.stderr
@@ -35,7 +37,8 @@ def test_throughput_quick_prints_a_table():
 def test_throughput_c_envs_table_prints_ratios_to_the_c_loop():
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--quick", "--envs", "none", "--c-envs", "64",
-         "--c-methods", "c-loop,segvec-c-serial,segvec-c-sync,segvec-c-async", "--seconds", "0.1", "--warmup", "0.05"],
+         "--c-methods", "c-loop,segvec-c-serial,segvec-c-sync,segvec-c-async", "--seconds", "0.1", "--warmup", "0.05",
+         "--multiagent", "0"],
         cwd=ROOT, capture_output=True, text=True, timeout=180,
     )
     assert result.returncode == 0, result.stderr
@@ -45,6 +48,22 @@ def test_throughput_c_envs_table_prints_ratios_to_the_c_loop():
                   "segvec mp async (n/2) + segments"):
         row = next(line for line in out.splitlines() if line.strip().startswith(label))
         assert re.search(r"[\d,]+\s+\d+%\s+[\d.]+x", row), row
+
+
+def test_throughput_multiagent_table_prints_agent_steps():
+    pytest.importorskip("pettingzoo")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--quick", "--envs", "none", "--c-envs", "0",
+         "--engines", "none", "--multiagent", "2", "--seconds", "0.1", "--warmup", "0.05"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "knights_archers_zombies_v11" in out and "agent steps/s" in out
+    for label in ("raw single ParallelEnv", "segvec make_multiagent sync", "segvec make_multiagent async"):
+        row = next(line for line in out.splitlines() if line.strip().startswith(label))
+        assert re.search(r"[\d,]+\s+\d+%\s+[\d.]+x", row), row
+    assert ">= 2 x SuperSuit" in out
 
 
 def test_handoff_quick_prints_every_line():

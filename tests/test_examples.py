@@ -1,4 +1,4 @@
-"""Smoke tests of examples/ppo.py and examples/ppo_atari.py: a few updates in a subprocess, as a user would run
+"""Smoke tests of examples/ppo.py, examples/ppo_atari.py and examples/ppo_multiagent.py: a few updates in a subprocess, as a user would run
 them, and their command lines (``--help``, errors)."""
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ pytest.importorskip("matplotlib")
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PPO = ROOT / "examples" / "ppo.py"
 PPO_ATARI = ROOT / "examples" / "ppo_atari.py"
+PPO_MULTIAGENT = ROOT / "examples" / "ppo_multiagent.py"
 LOSSES = ("losses/value_loss", "losses/policy_loss", "losses/entropy", "losses/approx_kl", "losses/clipfrac")
 
 
@@ -240,3 +241,22 @@ def test_impala_on_a_local_ray_cluster_runs(tmp_path, monkeypatch):
     metrics = printed_metrics(out.stdout)
     for name in ("losses/value_loss", "losses/policy_loss", "losses/entropy", "charts/SPS"):
         assert math.isfinite(metrics[name]), out.stdout
+
+
+def test_ppo_multiagent_runs(tmp_path):
+    pytest.importorskip("pettingzoo")
+    plot = tmp_path / "kaz.png"
+    out = run_example(tmp_path, PPO_MULTIAGENT, "--total-timesteps", "512", "--num-envs", "2", "--horizon", "32",
+                      "--num-minibatches", "2", "--update-epochs", "1", "--backend", "serial", "--max-cycles", "40",
+                      "--plot-path", str(plot))
+    assert "knights_archers_zombies_v11: mean game return" in out.stdout, out.stdout
+    metrics = printed_metrics(out.stdout)
+    assert all(math.isfinite(metrics[name]) for name in LOSSES), out.stdout
+    assert metrics["charts/episodes"] > 0
+    assert plot.exists() and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ppo_multiagent_num_minibatches_error(tmp_path):
+    pytest.importorskip("pettingzoo")
+    out = run_example(tmp_path, PPO_MULTIAGENT, "--num-envs", "2", "--num-minibatches", "3", expect_rc=2)
+    assert "error: --num-minibatches 3 must divide the 8 rows of an update" in out.stderr, out.stderr

@@ -488,6 +488,28 @@ def test_a_restart_in_place_truncates_the_transition_before_it():
     assert s.truncation_value[row, 1] == 12.0, "a second restart at the same slot keeps the first cut"
 
 
+def test_a_skipped_step_writes_nothing_and_reports_no_outcome():
+    """segvec_skip_steps (an agent slot that sits out): the cursor and rows stay as they are, the previous
+    outcome reads 0 / not ended, and sends after it overwrite the same slot without reserving a second spare."""
+    c = Core(E=2, W=1, T=2)
+    assert c.call(lib.segvec_publish, [0, 1]) == 0 and c.pop(2) == [0, 1]
+    s = c.storage
+    assert c.call(lib.segvec_skip_steps, [0]) == lib.SEGVEC_ERR_NOT_HELD, "only an env in flight can sit out"
+    assert c.send([0], [1.0])[0] == 0
+    c.commit([0], terminated=True)  # slot 0 ends the agent's episode; the cursor is at the row's last slot
+    assert c.call(lib.segvec_publish, [0]) == 0 and c.pop(1) == [0]
+    row, steps, free = int(s.env_row[0]), s.stats()["steps"], []
+    for value in (2.0, 3.0):
+        assert c.send([0], [value])[0] == 0
+        free.append(s.stats()["free_rows"])
+        assert c.call(lib.segvec_skip_steps, [0]) == 0
+        assert (int(s.env_row[0]), int(s.env_step[0])) == (row, 1), "the cursor stays"
+        assert not s.env_last_terminated[0] and s.env_last_reward[0] == 0.0 and s.env_last_slot[0] == -1
+        assert c.call(lib.segvec_publish, [0]) == 0 and c.pop(1) == [0]
+    assert s.value[row, 1] == 3.0 and not s.mask[row, 1], "the last send's value, no transition"
+    assert s.stats()["steps"] == steps and free[0] == free[1], "one spare row, however many sends"
+
+
 @settings(max_examples=60, deadline=None)
 @given(T=st.integers(1, 3), steps=st.integers(0, 6), stage=st.sampled_from(["queued", "committed", "published",
                                                                               "half_published", "resetting"]))
