@@ -41,6 +41,19 @@ def max_concurrency(limit, num_envs: int, num_workers, backend: str):
     return max(w for w in range(1, cap + 1) if num_envs % w == 0)
 
 
+def learner_share(share, backend: str) -> dict:
+    """The backend keyword of ``learner_share`` (only the multiprocessing backend takes it)."""
+    if not isinstance(share, (bool, np.bool_)):
+        raise ValueError(f"`learner_share` must be True or False, got {share!r}")
+    if not share:
+        return {}
+    if backend != "multiprocessing":
+        raise ValueError(f"learner_share=True steps worker 0's envs in this process beside worker processes: it "
+                         f"needs backend='multiprocessing', got backend={backend!r} (the {backend!r} backend "
+                         f"steps {'every env in this process already' if backend != 'engine' else 'its engine'})")
+    return {"learner_share": True}
+
+
 def autoreset_mode(mode) -> AutoresetMode:
     """Accepts an AutoresetMode, its value ("NextStep") or its name in any case ("next_step")."""
     if isinstance(mode, AutoresetMode):

@@ -207,6 +207,11 @@ class SegmentVecEnv(VectorEnv):
             may differ in bounds but share shapes and dtypes; ``observation_space`` batches them), or a tuple
             ``(observation_space, single_observation_space)`` to set both.
         max_concurrency: at most this many envs step at once (multiprocessing: caps ``num_workers``).
+        learner_share: multiprocessing only (else ValueError): worker 0's envs ``[0, num_envs // num_workers)``
+            are built and stepped in this process, after each dispatch has woken the worker processes
+            1..``num_workers - 1``, which step theirs meanwhile; ``num_workers`` counts this process (W=2: one
+            worker process).  For machines with few cores, where the learner would mostly wait.  Everything
+            else (faces, seeds, infos, errors, restarts, calls) behaves as with worker processes only.
         restart_failed_envs: rebuild (with its factory) and reset an env that raises in ``step`` instead of
             raising EnvError, and replace a worker that dies.  The new episode starts at the same slot of the
             same row: the transition before it becomes truncated, bootstrapped by the value already sent for
@@ -269,6 +274,7 @@ class SegmentVecEnv(VectorEnv):
         observation_mode: str | tuple = "same",
         max_concurrency: int | None = None,
         episode_capacity: int | None = None,
+        learner_share: bool = False,
     ):
         self.closed = True  # until construction succeeds: close() is safe at any point
         self._backend = None
@@ -294,7 +300,7 @@ class SegmentVecEnv(VectorEnv):
         self.policy_version = 0
 
         self._backend = backend_type(env_fns, self.autoreset_mode, self.num_workers, context, restart_failed_envs,
-                                     daemon=daemon)
+                                     daemon=daemon, **checks.learner_share(learner_share, backend))
         try:
             env_spaces = self._backend.create_envs()
             self._set_spaces(env_spaces, observation_mode)

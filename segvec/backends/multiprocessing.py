@@ -3,6 +3,10 @@
 Worker w owns envs ``[w * k, (w + 1) * k)`` (``k = num_envs // num_workers``); its code is in
 ``worker.py``.  This module is the learner's side: starting, watching and replacing workers, waiting on
 the core, and the pipes that carry commands, infos and errors.
+
+With ``learner_share=True`` worker 0 is the learner itself: its envs are built and stepped in this process
+by `LocalEnvs` (``local.py``, the serial backend's code), after each dispatch has woken the worker processes
+1..W-1, so they step in parallel with it.  ``processes[0]`` and ``pipes[0]`` are then None.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import numpy as np
 
 from segvec._core import EnvState, Geometry, MemoryBlock, Storage, Wait
 from segvec.backends.base import Backend
+from segvec.backends.local import LocalEnvs
 from segvec.backends.worker import Command, Reply, env_error_from, worker_main
 from segvec.errors import WorkerDied, warn
 
@@ -29,7 +34,10 @@ LIVENESS_CHECK_S = 0.2  # how often a learner that never waits still checks that
 
 
 class MultiprocessingBackend(Backend):
-    """Runs envs in `num_workers` processes; worker w owns envs [w * k, (w + 1) * k)."""
+    """Runs envs in `num_workers` processes; worker w owns envs [w * k, (w + 1) * k).
+
+    With `learner_share`, worker 0 is the learner's process (`local`) and workers 1..W-1 are processes.
+    """
 
     @staticmethod
     def resolve_num_workers(num_envs: int, num_workers: int | None) -> int:
@@ -54,7 +62,7 @@ class MultiprocessingBackend(Backend):
         return int(num_workers)
 
     def __init__(self, env_fns: list[Callable], autoreset_mode, num_workers: int, context=None,
-                 restart_failed_envs: bool = False, daemon: bool = True):
+                 restart_failed_envs: bool = False, daemon: bool = True, learner_share: bool = False):
         super().__init__()
         self.daemon = daemon  # daemon workers end with the learner but cannot start processes of their own
         self.env_fns = env_fns
@@ -69,6 +77,10 @@ class MultiprocessingBackend(Backend):
         self._pollers: dict[int, tuple] = {}  # worker -> (pipe fd, poll object), see _readable
         self.num_workers = num_workers
         self.envs_per_worker = len(env_fns) // num_workers
+        self.local: LocalEnvs | None = None  # worker 0's envs when the learner steps them (learner_share)
+        if learner_share:
+            self.local = LocalEnvs(self, env_fns[:self.envs_per_worker], 0, 0, autoreset_mode, restart_failed_envs)
+        self._remote = range(1 if learner_share else 0, num_workers)  # the workers that are processes
         if context is None or isinstance(context, str):
             context = multiprocessing.get_context(context)
         self.context = context
@@ -84,6 +96,11 @@ class MultiprocessingBackend(Backend):
         start_method = self.context.get_start_method()
         try:
             for w in range(self.num_workers):
+                if w not in self._remote:  # the learner's share
+                    self._payloads.append(None)
+                    self.processes.append(None)
+                    self.pipes.append(None)
+                    continue
                 fns = self.env_fns[w * k:(w + 1) * k]
                 try:  # a forked worker inherits the factories as they are: closures need no pickling there
                     self._payloads.append(list(fns) if start_method == "fork" else cloudpickle.dumps(fns))
@@ -95,8 +112,8 @@ class MultiprocessingBackend(Backend):
                 process, pipe = self._start_worker(w)
                 self.processes.append(process)
                 self.pipes.append(pipe)
-            spaces = []
-            for w in range(self.num_workers):
+            spaces = [] if self.local is None else self.local.create()  # (while the workers build theirs)
+            for w in self._remote:
                 kind, body = self._recv_startup(w)
                 if kind == Reply.ERROR:
                     raise env_error_from(body)
@@ -171,9 +188,11 @@ class MultiprocessingBackend(Backend):
             nbytes = Storage.plan(geometry)[1]
             self.block = MemoryBlock(nbytes, shared=True)
             self.storage = Storage(geometry, block=self.block)
-            for pipe in self.pipes:
-                pipe.send((Command.ATTACH, geometry, self.block.name, nbytes))
-            for w in range(self.num_workers):
+            for w in self._remote:
+                self.pipes[w].send((Command.ATTACH, geometry, self.block.name, nbytes))
+            if self.local is not None:
+                self.local.attach(self.storage)
+            for w in self._remote:
                 kind, body = self._recv_startup(w)
                 if kind == Reply.ERROR:
                     raise env_error_from(body)
@@ -185,7 +204,8 @@ class MultiprocessingBackend(Backend):
 
     # ---- hot path -------------------------------------------------------------------------------
     def after_dispatch(self) -> None:
-        pass
+        if self.local is not None:  # the dispatch woke the worker processes: they step meanwhile
+            self.local.step()
 
     def send_object_actions(self, actions: dict) -> None:
         k = self.envs_per_worker
@@ -193,6 +213,9 @@ class MultiprocessingBackend(Backend):
         for env_index, values in actions.items():
             by_worker.setdefault(env_index // k, {})[env_index] = values
         for w, mine in by_worker.items():
+            if w not in self._remote:
+                self.local.put_object_actions(mine)
+                continue
             self._send(w, (Command.ACTIONS, mine))  # (the dispatch that follows wakes the worker)
 
     def reset(self, env_ids: np.ndarray, seeds: list, options) -> None:
@@ -201,11 +224,17 @@ class MultiprocessingBackend(Backend):
         self._reset_seeds.update(zip(env_ids.tolist(), seeds))
         self._reset_options = options
         for w in np.unique(workers):
+            if w not in self._remote:
+                continue
             mine = env_ids[workers == w]
             self._command(int(w), (Command.RESET, mine, [seeds[i] for i in np.nonzero(workers == w)[0]], options))
+        if self.local is not None and (workers == 0).any():  # after the workers were asked: in parallel
+            self.local.reset(env_ids[workers == 0], [seeds[i] for i in np.nonzero(workers == 0)[0]], options)
 
     def wait(self, min_count: int, deadline: float | None) -> None:
         core = self.storage.core
+        if self.local is not None and self._errors:  # an env of the learner's share failed (it never publishes): its error comes first
+            self.raise_errors()
         while True:
             slice_ms = WAIT_SLICE_MS
             if deadline is not None:
@@ -226,7 +255,8 @@ class MultiprocessingBackend(Backend):
                 raise multiprocessing.TimeoutError(f"timed out waiting for {min_count} envs ({ready} ready)")
 
     def _check_alive(self) -> None:
-        for w, process in enumerate(self.processes):
+        for w in self._remote:
+            process = self.processes[w]
             if not process.is_alive():
                 self._drain([w])
                 self.raise_errors()  # an error it sent before dying explains more than its death
@@ -257,7 +287,7 @@ class MultiprocessingBackend(Backend):
     def _drain(self, workers=None) -> None:
         """Reads every message waiting on the pipes of `workers` (default all): infos are kept, env errors
         queued, replies to calls that gave up (timed out) dropped."""
-        for w in range(len(self.pipes)) if workers is None else workers:
+        for w in self._remote if workers is None else workers:
             pipe = self.pipes[w]
             try:
                 while self._readable(w):
@@ -281,7 +311,7 @@ class MultiprocessingBackend(Backend):
         wanted = [int(e) for e in env_ids[flags[env_ids] != 0]]
         for e in wanted:
             w = e // self.envs_per_worker
-            while e not in self._infos and e not in self._final_infos:
+            while w in self._remote and e not in self._infos and e not in self._final_infos:
                 self._handle(w, self._recv(w, deadline))
         return ({e: self._infos.pop(e) for e in wanted if e in self._infos},
                 {e: self._final_infos.pop(e) for e in wanted if e in self._final_infos})
@@ -324,7 +354,7 @@ class MultiprocessingBackend(Backend):
         """The reply of each worker asked to call `call_id`.  Reads every worker's reply before raising the
         first error; replies to older calls (that timed out) are dropped."""
         out, first_error = [], None
-        for w in range(self.num_workers) if workers is None else workers:
+        for w in self._remote if workers is None else workers:
             try:
                 while w not in self._replies:
                     self._handle(w, self._recv(w, deadline))
@@ -345,29 +375,60 @@ class MultiprocessingBackend(Backend):
         self._replies.clear()
         return self._call_id
 
+    def _gather_with_local(self, call_id: int, deadline, workers: list, local_work) -> list:
+        """The chunks of results of `workers` (asked to call `call_id`), in worker order, with the learner's
+        share's chunk (``local_work()``, run while the workers work) first when worker 0 is among them.
+        Every reply is read before the first error is raised, the learner's share's first."""
+        local, local_error = [], None
+        if workers and workers[0] not in self._remote:
+            try:
+                local = [local_work()]
+            except Exception as error:  # noqa: BLE001 - raised below, once the workers answered
+                local_error = error
+            workers = workers[1:]
+        try:
+            remote = self._gather_results(call_id, deadline, workers)
+        except Exception:
+            if local_error is None:
+                raise
+            remote = []
+        if local_error is not None:
+            raise local_error
+        return local + remote
+
     def call(self, name, args, kwargs, env_ids=None, timeout: float | None = None) -> list:
         k = self.envs_per_worker
         deadline = None if timeout is None else time.monotonic() + timeout
         call_id = self._next_call_id()
+        local = self.local
         if env_ids is None:
-            for w in range(self.num_workers):
+            for w in self._remote:
                 self._command(w, (Command.CALL, call_id, name, args, kwargs, None))
-            return [value for chunk in self._gather_results(call_id, deadline) for value in chunk]
+            chunks = self._gather_with_local(call_id, deadline, list(range(self.num_workers)),
+                                             lambda: local.call(name, args, kwargs))
+            return [value for chunk in chunks for value in chunk]
         env_ids = [int(e) for e in env_ids]
         workers = sorted({e // k for e in env_ids})
         for w in workers:
-            self._command(w, (Command.CALL, call_id, name, args, kwargs, [e - w * k for e in env_ids if e // k == w]))
-        chunks = {w: iter(chunk) for w, chunk in zip(workers, self._gather_results(call_id, deadline, workers))}
+            if w in self._remote:
+                self._command(w, (Command.CALL, call_id, name, args, kwargs,
+                                  [e - w * k for e in env_ids if e // k == w]))
+        chunks = self._gather_with_local(call_id, deadline, workers,
+                                         lambda: local.call(name, args, kwargs, [e for e in env_ids if e < k]))
+        chunks = {w: iter(chunk) for w, chunk in zip(workers, chunks)}
         return [next(chunks[e // k]) for e in env_ids]  # back in the order asked
 
     def set_attr(self, name: str, values: list, timeout: float | None = None) -> None:
         k = self.envs_per_worker
         call_id = self._next_call_id()
-        for w in range(self.num_workers):
+        for w in self._remote:
             self._command(w, (Command.SET_ATTR, call_id, name, values[w * k:(w + 1) * k]))
-        self._gather_results(call_id, None if timeout is None else time.monotonic() + timeout)
+        self._gather_with_local(call_id, None if timeout is None else time.monotonic() + timeout,
+                                list(range(self.num_workers)), lambda: self.local.set_attr(name, values[:k]))
 
     def env_metadata(self) -> dict:
+        if self.local is not None:
+            return self.local.metadata()
         call_id = self._next_call_id()
         self._command(0, (Command.METADATA, call_id))
         return self._gather_results(call_id, None, [0])[0][0]
@@ -390,20 +451,27 @@ class MultiprocessingBackend(Backend):
         try:
             if self.storage is not None:
                 self.storage.core.shutdown()
-            for pipe in self.pipes:
+            for pipe in self._live(self.pipes):
                 try:
                     pipe.send((Command.CLOSE,))
                 except Exception:  # noqa: BLE001 - a dead worker's pipe
                     pass
             deadline = time.monotonic() + (0.0 if terminate else 2.0)
-            for process in self.processes:
+            for process in self._live(self.processes):
                 process.join(max(0.0, deadline - time.monotonic()))
         finally:
+            if self.local is not None:
+                self.local.close()
             self._stop_by_force()
+
+    @staticmethod
+    def _live(items: list) -> list:
+        """The processes (or pipes) of the workers that are processes (not the learner's share)."""
+        return [item for item in items if item is not None]
 
     def _stop_by_force(self) -> None:
         """SIGTERM (then SIGKILL) every live worker, then closes the pipes and the block."""
-        alive = [process for process in self.processes if process.is_alive()]
+        alive = [process for process in self._live(self.processes) if process.is_alive()]
         for process in alive:
             process.terminate()
             try:  # a stopped (SIGSTOP) worker acts on SIGTERM only once it runs again
@@ -417,7 +485,7 @@ class MultiprocessingBackend(Backend):
             if process.is_alive():
                 process.kill()
                 process.join(1.0)
-        for pipe in self.pipes:
+        for pipe in self._live(self.pipes):
             try:
                 pipe.close()
             except Exception:  # noqa: BLE001

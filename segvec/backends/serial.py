@@ -1,20 +1,20 @@
 """The serial backend: every env runs in the learner's process and steps as soon as its action is sent.
 
-The same runner as a worker process's (`make_runner`) drives the envs, over a block in plain memory.  Env
+The same runner as a worker process's (`make_runner`) drives the envs, over a block in plain memory, through
+`LocalEnvs` (``local.py``), which also steps the learner's share of the multiprocessing backend.  Env
 errors are kept and raised by the next `wait`, as the multiprocessing backend raises them, so the faces see
 the same thing from both.
 """
 from __future__ import annotations
 
-import traceback
 from typing import Callable
 
 import numpy as np
 
 from segvec._core import Geometry, Storage
-from segvec.backends.base import Backend, call_env, env_metadata, set_env_attr
-from segvec.errors import SegvecError, make_env_error
-from segvec.runner import BatchResult, make_runner
+from segvec.backends.base import Backend
+from segvec.backends.local import LocalEnvs
+from segvec.errors import SegvecError
 
 
 class SerialBackend(Backend):
@@ -31,50 +31,37 @@ class SerialBackend(Backend):
     def __init__(self, env_fns: list[Callable], autoreset_mode, num_workers: int = 1, context=None,
                  restart_failed_envs: bool = False, daemon: bool = True):
         super().__init__()
-        self.env_fns = env_fns
-        self.autoreset_mode = autoreset_mode
-        self.restart_failed_envs = restart_failed_envs
-        self.envs: list = []
+        self.local = LocalEnvs(self, env_fns, 0, 0, autoreset_mode, restart_failed_envs)
+
+    @property
+    def envs(self) -> list:
+        """The env objects, in env order."""
+        return self.local.envs
+
+    @property
+    def runner(self):
+        """The runner that steps every env (`make_runner`)."""
+        return self.local.runner
 
     def create_envs(self) -> list[tuple]:
-        for index, fn in enumerate(self.env_fns):
-            try:
-                self.envs.append(fn())
-            except Exception as error:
-                self.close()
-                raise make_env_error(error, index, "__init__", traceback.format_exc()) from error
-        return [(env.observation_space, env.action_space) for env in self.envs]
+        return self.local.create()
 
     def attach(self, geometry: Geometry) -> Storage:
         self.storage = Storage(geometry, shared=False)
-        self.runner = make_runner(self.envs, 0, self.storage, self.autoreset_mode,
-                                  self.env_fns if self.restart_failed_envs else None)
+        self.local.attach(self.storage)
         return self.storage
 
     def env_metadata(self) -> dict:
-        return env_metadata(self.envs[0])
-
-    def _take(self, result: BatchResult) -> None:
-        """Keeps a batch's infos and errors, publishes its finished envs, re-raises an interrupt."""
-        self._infos.update(result.infos)
-        self._final_infos.update(result.final_infos)
-        self.runner.publish(result.finished)
-        for failure in result.failures:
-            if failure.error is not result.interrupt:
-                error = make_env_error(failure.error, failure.env_index, failure.action, failure.worker_traceback)
-                error.__cause__ = failure.error
-                self._errors.append(error)
-        if result.interrupt is not None:
-            raise result.interrupt
+        return self.local.metadata()
 
     def send_object_actions(self, actions: dict) -> None:
-        self.runner.put_object_actions(actions)
+        self.local.put_object_actions(actions)
 
     def after_dispatch(self) -> None:
-        self._take(self.runner.step(self.storage.core.worker_pop(0)))
+        self.local.step()
 
     def reset(self, env_ids: np.ndarray, seeds: list, options) -> None:
-        self._take(self.runner.reset(env_ids, seeds, options))
+        self.local.reset(env_ids, seeds, options)
 
     def wait(self, min_count: int, deadline: float | None) -> None:
         """Envs step at dispatch here: raises the oldest env error not raised yet, else returns."""
@@ -89,27 +76,12 @@ class SerialBackend(Backend):
                 {e: self._final_infos.pop(e) for e in wanted if e in self._final_infos})
 
     def call(self, name, args, kwargs, env_ids=None, timeout: float | None = None) -> list:
-        results = []
-        for index in range(len(self.envs)) if env_ids is None else env_ids:
-            try:
-                results.append(call_env(self.envs[index], name, args, kwargs))
-            except Exception as error:
-                raise make_env_error(error, index, f"call({name!r})", traceback.format_exc()) from error
-        return results
+        return self.local.call(name, args, kwargs, env_ids)
 
     def set_attr(self, name: str, values: list, timeout: float | None = None) -> None:
-        for index, (env, value) in enumerate(zip(self.envs, values)):
-            try:
-                set_env_attr(env, name, value)
-            except Exception as error:
-                raise make_env_error(error, index, f"set_attr({name!r})", traceback.format_exc()) from error
+        self.local.set_attr(name, values)
 
     def close(self, terminate: bool = False) -> None:
         if self.storage is not None:
             self.storage.close()
-        for env in self.envs:
-            try:
-                env.close()
-            except Exception:  # noqa: BLE001 - close every env whatever one of them does
-                pass
-        self.envs = []
+        self.local.close()
