@@ -14,10 +14,12 @@ BACKENDS = ("serial", "multiprocessing")
 
 
 def backend_options(backend: str, num_envs: int) -> dict:
-    """Options for `backend`: two workers for multiprocessing where `num_envs` allows, else one."""
+    """Options for `backend`: two workers for multiprocessing where `num_envs` allows, else one.  ``"share"``
+    is the multiprocessing backend with ``learner_share=True`` (worker 0 is this process)."""
     if backend == "serial":
         return {"backend": "serial"}
-    return {"backend": "multiprocessing", "num_workers": 2 if num_envs % 2 == 0 else 1}
+    share = {"learner_share": True} if backend == "share" else {}
+    return {"backend": "multiprocessing", "num_workers": 2 if num_envs % 2 == 0 else 1, **share}
 
 
 @pytest.fixture(params=BACKENDS)
