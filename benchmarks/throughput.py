@@ -18,6 +18,8 @@ Methods:
     segvec-sync    segvec, multiprocessing backend, ``--workers`` workers, ``batch_size = num_envs``
     segvec-async   segvec, multiprocessing backend, ``--workers`` workers, ``batch_size = num_envs / 2``,
                    ``recv``/``send`` loop
+    segvec-share   segvec-sync with ``learner_share=True``: ``--workers`` counts the learner, which steps
+                   worker 0's envs itself (``--workers`` - 1 worker processes)
 
 C envs (``segvec/CartPole-c``, gymnasium's CartPole-v1 in C) at scale, ``--c-envs`` envs (default 4096), in a
 second table whose ratios are to a plain C loop (the ceiling: no Python, no segments):
@@ -220,6 +222,10 @@ def setup_segvec_serial(env_id: str, n: int, workers: int):
 
 def setup_segvec_sync(env_id: str, n: int, workers: int):
     return _segvec_vector(env_id, n, backend="multiprocessing", num_workers=workers)
+
+
+def setup_segvec_share(env_id: str, n: int, workers: int):
+    return _segvec_vector(env_id, n, backend="multiprocessing", num_workers=workers, learner_share=True)
 
 
 def setup_segvec_async(env_id: str, n: int, workers: int):
@@ -451,6 +457,7 @@ METHODS: dict[str, tuple[str, Callable, str | None]] = {
     "segvec-serial": ("segvec serial", setup_segvec_serial, None),
     "segvec-sync": ("segvec multiprocessing sync", setup_segvec_sync, None),
     "segvec-async": ("segvec multiprocessing async (n/2)", setup_segvec_async, None),
+    "segvec-share": ("segvec multiprocessing sync, learner share", setup_segvec_share, None),
 }
 
 
