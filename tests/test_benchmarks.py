@@ -15,7 +15,7 @@ def test_throughput_quick_prints_a_table():
     ale = importlib.util.find_spec("ale_py") is not None
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--quick", "--envs", "cartpole,light",
-         "--num-envs", "2", "--methods", "raw,gym-sync,segvec-serial,segvec-sync,segvec-async",
+         "--num-envs", "2", "--methods", "raw,gym-sync,segvec-serial,segvec-sync,segvec-async,segvec-share",
          "--seconds", "0.1", "--warmup", "0.05", "--c-envs", "0", "--engines", "ale" if ale else "none", "--multiagent", "0"],
         cwd=ROOT, capture_output=True, text=True, timeout=180,
     )
@@ -23,7 +23,8 @@ def test_throughput_quick_prints_a_table():
     out = result.stdout
     assert "machine:" in out
     assert "CartPole-v1" in out and "segvec/SyntheticAtari-v0" in out
-    labels = ["gymnasium SyncVectorEnv", "segvec serial", "segvec multiprocessing sync", "segvec multiprocessing async"]
+    labels = ["gymnasium SyncVectorEnv", "segvec serial", "segvec multiprocessing sync", "segvec multiprocessing async",
+              "segvec multiprocessing sync, learner share"]
     if ale:
         assert "Pong on ale" in out
         labels += ["ale-py AtariVectorEnv", "segvec over AtariVectorEnv"]
