@@ -139,6 +139,37 @@ def test_same_batches_as_the_serial_and_multiprocessing_backends(face):
 
 
 @pytest.mark.parametrize("mode", [AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP], ids=lambda m: m.name)
+def test_infos_and_final_infos_are_the_serial_backends(mode):
+    """Every step's infos (SAME_STEP: final_obs and final_info of the envs whose episode ended) are the serial
+    backend's, key for key and env for env, local envs and remote ones alike."""
+    fns = fault_fns(NUM_ENVS, infos=True, episode_length=3)
+    serial = segvec.SegmentVecEnv(fns, backend="serial", autoreset_mode=mode, horizon=4)
+    share = make(fns, autoreset_mode=mode, horizon=4)
+    try:
+        got, want = share.reset(seed=2)[1], serial.reset(seed=2)[1]
+        finals = 0
+        for t in range(10):
+            actions = np.array([(t + e) % 2 for e in range(NUM_ENVS)], np.int64)
+            *outcome, got = share.step(actions)
+            *expected, want = serial.step(actions)
+            for a, b in zip(outcome, expected):
+                np.testing.assert_array_equal(a, b)
+            assert got.keys() == want.keys(), t
+            for key in want:
+                if key == "final_info":
+                    assert got[key].keys() == want[key].keys()
+                    for inner in want[key]:
+                        np.testing.assert_array_equal(got[key][inner], want[key][inner])
+                else:
+                    np.testing.assert_array_equal(np.stack(got[key]), np.stack(want[key]), err_msg=f"{key}, step {t}")
+            finals += int(want.get("_final_obs", np.zeros(1, bool)).sum())
+        assert finals == (12 if mode == AutoresetMode.SAME_STEP else 0), "every env ends episodes of 3 steps"
+    finally:
+        share.close()
+        serial.close()
+
+
+@pytest.mark.parametrize("mode", [AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP], ids=lambda m: m.name)
 def test_c_envs_are_gymnasiums_cartpole(mode):
     theirs = gymnasium.vector.SyncVectorEnv([lambda: gymnasium.make("CartPole-v1")] * NUM_ENVS,
                                             autoreset_mode=mode)
