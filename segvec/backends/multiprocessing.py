@@ -233,7 +233,7 @@ class MultiprocessingBackend(Backend):
 
     def wait(self, min_count: int, deadline: float | None) -> None:
         core = self.storage.core
-        if self.local is not None and self._errors:  # an env of the learner's share failed (it never publishes): its error comes first
+        if self.local is not None and self._errors:  # a local env failed (it never publishes): its error first
             self.raise_errors()
         while True:
             slice_ms = WAIT_SLICE_MS
