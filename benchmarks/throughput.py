@@ -457,7 +457,7 @@ METHODS: dict[str, tuple[str, Callable, str | None]] = {
     "segvec-serial": ("segvec serial", setup_segvec_serial, None),
     "segvec-sync": ("segvec multiprocessing sync", setup_segvec_sync, None),
     "segvec-async": ("segvec multiprocessing async (n/2)", setup_segvec_async, None),
-    "segvec-share": ("segvec multiprocessing sync, learner share", setup_segvec_share, None),
+    "segvec-share": ("segvec mp sync + learner share", setup_segvec_share, None),
 }
 
 
