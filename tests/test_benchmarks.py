@@ -24,7 +24,7 @@ def test_throughput_quick_prints_a_table():
     assert "machine:" in out
     assert "CartPole-v1" in out and "segvec/SyntheticAtari-v0" in out
     labels = ["gymnasium SyncVectorEnv", "segvec serial", "segvec multiprocessing sync", "segvec multiprocessing async",
-              "segvec multiprocessing sync, learner share"]
+              "segvec mp sync + learner share"]
     if ale:
         assert "Pong on ale" in out
         labels += ["ale-py AtariVectorEnv", "segvec over AtariVectorEnv"]
