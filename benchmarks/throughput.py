@@ -959,7 +959,7 @@ def main(argv: list[str] | None = None) -> int:
         for n in counts:
             raw = raw_rates.get((env_id, n))
             where = f"{env_id} n={n}"
-            for key in ("segvec-sync", "segvec-async"):
+            for key in ("segvec-sync", "segvec-async", "segvec-share"):
                 if key not in methods:
                     continue
                 label = f"{where}: {key}"
