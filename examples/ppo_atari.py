@@ -319,7 +319,7 @@ if __name__ == "__main__":
           f"{np.mean(recent) if recent else float('nan'):.1f}; {global_step} steps, {len(episode_returns)} games, "
           f"{elapsed:.1f} s ({global_step / elapsed:.0f} steps/s) on {device}")
     if args.plot_path:
-        source = "segvec over ale-py's AtariVectorEnv" if args.engine else "segvec"
+        source = "segvec over AtariVectorEnv" if args.engine else "segvec"
         title = f"{args.exp_name} on {args.env_id} ({source}, {args.num_envs} envs, {device})"
         plot_learning_curve(args.plot_path, episode_steps, episode_returns, args.return_window, title)
         print(f"learning curve: {os.path.abspath(args.plot_path)}")
