@@ -24,23 +24,59 @@ import segvec
 ArgsT = typing.TypeVar("ArgsT")
 
 
+@dataclasses.dataclass
+class PPOArgs:
+    """The PPO update's hyperparameters (CleanRL's names and meanings).  A trainer's ``Args`` inherits them and
+    redeclares a field to change its default or its description; its own flags come first in ``--help``."""
+
+    learning_rate: float = 2.5e-4
+    """Adam learning rate"""
+    anneal_lr: bool = True
+    """decay the learning rate linearly to 0 over `total_timesteps`"""
+    gamma: float = 0.99
+    """discount factor"""
+    gae_lambda: float = 0.95
+    """GAE lambda"""
+    num_minibatches: int = 4
+    """minibatches per epoch; each holds num_envs / num_minibatches whole rows, so it must divide num_envs"""
+    update_epochs: int = 4
+    """epochs over each batch"""
+    norm_adv: bool = True
+    """normalize advantages per minibatch"""
+    clip_coef: float = 0.2
+    """PPO surrogate clipping"""
+    clip_vloss: bool = True
+    """clip the value loss too"""
+    ent_coef: float = 0.01
+    """entropy bonus coefficient"""
+    vf_coef: float = 0.5
+    """value loss coefficient"""
+    max_grad_norm: float = 0.5
+    """gradient norm clip"""
+    target_kl: float = 0.0
+    """stop an update's epochs early past this approximate KL (0: off)"""
+
+
 def field_docs(args_class: type) -> dict[str, str]:
-    """The docstring written under each field of the class `args_class` (``{}`` when its source is not at hand)."""
-    try:
-        source = inspect.getsource(args_class)
-    except (OSError, TypeError):
-        return {}
-    tree = ast.parse(textwrap.dedent(source))
-    classes = [node for node in tree.body if isinstance(node, ast.ClassDef)]
-    if not classes:
-        return {}
-    docs, body = {}, classes[0].body
-    for statement, following in zip(body, body[1:]):
-        if (isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name)
-                and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
-                and isinstance(following.value.value, str)):
-            text = " ".join(following.value.value.split())  # one paragraph: argparse rewraps it
-            docs[statement.target.id] = text.replace("%", "%%")  # argparse formats help strings
+    """The docstring written under each field of `args_class` or of a base class it inherits the field from
+    (the most derived one wins; ``{}`` for a class whose source is not at hand)."""
+    docs: dict[str, str] = {}
+    for cls in reversed(args_class.__mro__):
+        try:
+            source = inspect.getsource(cls)
+        except (OSError, TypeError):
+            continue
+        tree = ast.parse(textwrap.dedent(source))
+        classes = [node for node in tree.body if isinstance(node, ast.ClassDef)]
+        if not classes:
+            continue
+        body = classes[0].body
+        for statement, following in zip(body, body[1:]):
+            if (isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name)
+                    and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+                    and isinstance(following.value.value, str)):
+                text = " ".join(following.value.value.split())  # one paragraph: argparse rewraps it
+                docs[statement.target.id] = text.replace("%", "%%")  # argparse formats help strings
     return docs
 
 
@@ -50,7 +86,10 @@ def build_parser(args_class: type, add_help: bool = True) -> argparse.ArgumentPa
     parser = argparse.ArgumentParser(description=(module_doc.strip().splitlines() or [""])[0], add_help=add_help,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     types_, docs = typing.get_type_hints(args_class), field_docs(args_class)
-    for field in dataclasses.fields(args_class):
+    fields = dataclasses.fields(args_class)
+    inherited = {f.name for base in args_class.__mro__[1:] if dataclasses.is_dataclass(base)
+                 for f in dataclasses.fields(base)}
+    for field in [f for f in fields if f.name not in inherited] + [f for f in fields if f.name in inherited]:
         flag, kind = "--" + field.name.replace("_", "-"), types_[field.name]
         help_text = docs.get(field.name, " ")  # never None: the formatter appends the default to help text only
         if kind is bool:

@@ -49,11 +49,11 @@ from tqdm import tqdm
 
 import segvec
 
-from common import gae_with_rewards, parse_args, plot_learning_curve  # examples/common.py
+from common import PPOArgs, gae_with_rewards, parse_args, plot_learning_curve  # examples/common.py
 
 
 @dataclasses.dataclass
-class Args:
+class Args(PPOArgs):
     exp_name: str = "ppo"
     """name of this experiment (used in the plot's title)"""
     seed: int = 1
@@ -91,31 +91,13 @@ class Args:
     # given on the command line: `--env-id ENV --help` shows the defaults of ENV)
     learning_rate: float = 2.5e-3
     """Adam learning rate (Box action spaces: 1e-3)"""
-    anneal_lr: bool = True
-    """decay the learning rate linearly to 0 over `total_timesteps`"""
-    gamma: float = 0.99
-    """discount factor"""
-    gae_lambda: float = 0.95
-    """GAE lambda"""
     num_minibatches: int = 4
     """minibatches per epoch; each holds num_envs / num_minibatches whole rows, so it must divide num_envs
     (Box action spaces: 8)"""
     update_epochs: int = 4
     """epochs over each batch (Box action spaces: 10)"""
-    norm_adv: bool = True
-    """normalize advantages per minibatch"""
-    clip_coef: float = 0.2
-    """PPO surrogate clipping"""
-    clip_vloss: bool = True
-    """clip the value loss too"""
     ent_coef: float = 0.0
     """entropy bonus coefficient"""
-    vf_coef: float = 0.5
-    """value loss coefficient"""
-    max_grad_norm: float = 0.5
-    """gradient norm clip"""
-    target_kl: float = 0.0
-    """stop an update's epochs early past this approximate KL (0: off)"""
     norm_obs: bool = False
     """feed the policy observations normalized by their running mean and std, updated after each update
     (Box action spaces: on)"""

@@ -32,14 +32,14 @@ from tqdm import tqdm
 
 import segvec
 
-from common import gae_with_rewards, parse_args, plot_learning_curve  # examples/common.py
+from common import PPOArgs, gae_with_rewards, parse_args, plot_learning_curve  # examples/common.py
 from ppo import BatchRows, CategoricalHead, check_args, layer_init, ppo_update  # examples/ppo.py: the same update
 
 gym.register_envs(ale_py)
 
 
 @dataclasses.dataclass
-class Args:
+class Args(PPOArgs):
     exp_name: str = "ppo_atari"
     """name of this experiment (used in the plot's title)"""
     seed: int = 1
@@ -82,32 +82,8 @@ class Args:
     """games in the mean return reported"""
 
     # Algorithm (CleanRL's ppo_atari)
-    learning_rate: float = 2.5e-4
-    """Adam learning rate"""
-    anneal_lr: bool = True
-    """decay the learning rate linearly to 0 over `total_timesteps`"""
-    gamma: float = 0.99
-    """discount factor"""
-    gae_lambda: float = 0.95
-    """GAE lambda"""
-    num_minibatches: int = 4
-    """minibatches per epoch; each holds num_envs / num_minibatches whole rows, so it must divide num_envs"""
-    update_epochs: int = 4
-    """epochs over each batch"""
-    norm_adv: bool = True
-    """normalize advantages per minibatch"""
     clip_coef: float = 0.1
     """PPO surrogate clipping"""
-    clip_vloss: bool = True
-    """clip the value loss too"""
-    ent_coef: float = 0.01
-    """entropy bonus coefficient"""
-    vf_coef: float = 0.5
-    """value loss coefficient"""
-    max_grad_norm: float = 0.5
-    """gradient norm clip"""
-    target_kl: float = 0.0
-    """stop an update's epochs early past this approximate KL (0: off)"""
 
 
 class Game(gym.Wrapper):

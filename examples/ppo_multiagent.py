@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 import segvec
 
-from common import parse_args, plot_learning_curve  # examples/common.py
+from common import PPOArgs, parse_args, plot_learning_curve  # examples/common.py
 from ppo import Agent as MLPAgent  # examples/ppo.py: the same agent and update
 from ppo import Rows, ppo_update
 
@@ -37,7 +37,7 @@ AGENTS_PER_ENV = 4  # Knights-Archers-Zombies' default: 2 archers, 2 knights
 
 
 @dataclasses.dataclass
-class Args:
+class Args(PPOArgs):
     exp_name: str = "ppo_multiagent"
     """name of this experiment (used in the plot's title)"""
     seed: int = 1
@@ -69,30 +69,8 @@ class Args:
     # Algorithm
     learning_rate: float = 3e-4
     """Adam learning rate"""
-    anneal_lr: bool = True
-    """decay the learning rate linearly to 0 over `total_timesteps`"""
-    gamma: float = 0.99
-    """discount factor"""
-    gae_lambda: float = 0.95
-    """GAE lambda"""
     num_minibatches: int = 4
     """minibatches per epoch; each holds whole rows, so it must divide the 4 * num_envs rows"""
-    update_epochs: int = 4
-    """epochs over each batch"""
-    norm_adv: bool = True
-    """normalize advantages per minibatch"""
-    clip_coef: float = 0.2
-    """PPO surrogate clipping"""
-    clip_vloss: bool = True
-    """clip the value loss too"""
-    ent_coef: float = 0.01
-    """entropy bonus coefficient"""
-    vf_coef: float = 0.5
-    """value loss coefficient"""
-    max_grad_norm: float = 0.5
-    """gradient norm clip"""
-    target_kl: float = 0.0
-    """stop an update's epochs early past this approximate KL (0: off)"""
 
 
 def check_args(args: Args) -> str | None:
