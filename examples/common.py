@@ -13,6 +13,7 @@ import dataclasses
 import inspect
 import sys
 import textwrap
+import time
 import types
 import typing
 from typing import Callable
@@ -132,6 +133,25 @@ def gae_with_rewards(batch, rewards: np.ndarray, gamma: float, lam: float, **vtr
     fields = {name: getattr(batch, name) for name in ("value", "next_value", "terminated", "truncated", "mask",
                                                       "length", "logprob")}
     return segvec.gae(types.SimpleNamespace(reward=rewards, **fields), gamma, lam, **vtrace)
+
+
+def update_metrics(rows, returns: np.ndarray, losses: dict, optimizer, recent, episodes: int, global_step: int,
+                   start_time: float) -> dict:
+    """An update's numbers under CleanRL's names: the learning rate, the mean of the `recent` episode returns,
+    the episode count, env steps per second since `start_time`, the update's `losses` and the critic's
+    explained variance over the real steps of `rows` (its ``value`` and ``mask`` against `returns`)."""
+    real = rows.mask
+    values, targets = rows.value[real], returns[real]
+    var_y = np.var(targets)
+    explained_var = np.nan if var_y == 0 else 1 - np.var(targets - values) / var_y
+    return {
+        "charts/learning_rate": optimizer.param_groups[0]["lr"],
+        "charts/episodic_return": float(np.mean(recent)) if recent else float("nan"),
+        "charts/episodes": episodes,
+        "charts/SPS": int(global_step / (time.time() - start_time)),
+        **losses,
+        "losses/explained_variance": float(explained_var),
+    }
 
 
 def plot_learning_curve(path: str, steps, returns, window: int, title: str, xlabel: str = "env steps") -> None:

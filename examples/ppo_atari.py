@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 import segvec
 
-from common import PPOArgs, gae_with_rewards, parse_args, plot_learning_curve  # examples/common.py
+from common import PPOArgs, gae_with_rewards, parse_args, plot_learning_curve, update_metrics  # examples/common.py
 from ppo import BatchRows, CategoricalHead, check_args, layer_init, ppo_update  # examples/ppo.py: the same update
 
 gym.register_envs(ale_py)
@@ -268,20 +268,10 @@ if __name__ == "__main__":
             # ---- Update: PPO epochs over minibatches of whole rows, each gathered from the block ---
             losses = ppo_update(agent, optimizer, BatchRows(batch, advantages, returns, device), args)
 
-            real = batch.mask
-            values_np, returns_np = batch.value[real], returns[real]
-            var_y = np.var(returns_np)
-            explained_var = np.nan if var_y == 0 else 1 - np.var(returns_np - values_np) / var_y
-        sps = int(global_step / (time.time() - start_time))
-        metrics = {
-            "charts/learning_rate": optimizer.param_groups[0]["lr"],
-            "charts/episodic_return": float(np.mean(recent)) if recent else float("nan"),
-            "charts/episodes": len(episode_returns),
-            "charts/SPS": sps,
-            **losses,
-            "losses/explained_variance": float(explained_var),
-        }
-        progress.set_postfix(ret=f"{metrics['charts/episodic_return']:.1f}", sps=sps, refresh=False)
+            metrics = update_metrics(batch, returns, losses, optimizer, recent, len(episode_returns), global_step,
+                                     start_time)
+        progress.set_postfix(ret=f"{metrics['charts/episodic_return']:.1f}", sps=metrics["charts/SPS"],
+                             refresh=False)
 
     # ---- Done: final numbers and the learning curve --------------------------------------------------
     progress.close()
