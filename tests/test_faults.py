@@ -69,10 +69,11 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _wakeups(pid: int) -> int:
-    """Times the threads of process `pid` went to sleep and woke again (their voluntary context switches)."""
+def _wakeups(pid: int, thread: int | None = None) -> int:
+    """Times the threads of process `pid` (or its thread `thread` alone) went to sleep and woke again (their
+    voluntary context switches)."""
     total = 0
-    for status in pathlib.Path(f"/proc/{pid}/task").glob("*/status"):
+    for status in pathlib.Path(f"/proc/{pid}/task").glob(f"{'*' if thread is None else thread}/status"):
         try:
             text = status.read_text()
         except OSError:  # a thread that ended meanwhile
@@ -524,23 +525,28 @@ def test_waiting_burns_no_cpu():
     of them together use < 10% of one core.  The wake-ups are what tells a waiter that polls every few
     milliseconds from one that sleeps (a 2 ms poll loop wakes 2,000 times); the CPU bound leaves room for
     virtual machines that charge each wake-up of a long-idle process milliseconds of CPU time (on one, this
-    test measured 2-5% of a core with 8-10 wake-ups per process)."""
+    test measured 2-5% of a core with 8-10 wake-ups per process).  In the learner's process only its own
+    thread is watched (other tests may leave threads behind, Ray's for one): segvec starts none there."""
+    threads_before = set(os.listdir("/proc/self/task"))
     envs = make(fault_fns(NUM_ENVS, "hang_step", target=0), "multiprocessing")
     envs.async_reset(seed=0)
     *_, infos = envs.recv(timeout=5)
     envs.send(zeros(), infos["env_id"])  # worker 0 sleeps in env 0's step, worker 1 idles in its wait
     time.sleep(0.2)
+    assert set(os.listdir("/proc/self/task")) <= threads_before, "segvec started a thread in the learner"
+    me = threading.get_native_id()
     pids = [os.getpid()] + [p.pid for p in envs._backend.processes]
-    wakeups_before = [_wakeups(pid) for pid in pids]
+    watched = [(os.getpid(), me)] + [(pid, None) for pid in pids[1:]]
+    wakeups_before = [_wakeups(pid, thread) for pid, thread in watched]
     workers_before = [_cpu_seconds(pid) for pid in pids[1:]]
-    learner_before = time.process_time()
+    learner_before = time.thread_time()
     wall = time.monotonic()
     with pytest.raises(multiprocessing.TimeoutError):
         envs.recv(timeout=4)
     wall = time.monotonic() - wall
-    learner = time.process_time() - learner_before
+    learner = time.thread_time() - learner_before
     workers = [_cpu_seconds(pid) - before for pid, before in zip(pids[1:], workers_before)]
-    wakeups = [_wakeups(pid) - before for pid, before in zip(pids, wakeups_before)]
+    wakeups = [_wakeups(pid, thread) - before for (pid, thread), before in zip(watched, wakeups_before)]
     envs.close(terminate=True)
     used = (learner + sum(workers)) / wall
     print(f"idle for {wall:.2f} s: learner {learner * 1e3:.1f} ms, workers {[round(w * 1e3, 1) for w in workers]} ms "
