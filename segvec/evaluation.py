@@ -16,6 +16,7 @@ import numpy as np
 from gymnasium.vector.utils import batch_space, concatenate, create_empty_array, iterate
 
 from segvec.errors import make_env_error
+from segvec.runner import close_envs
 
 
 class Evaluator:
@@ -106,8 +107,4 @@ class Evaluator:
     def close(self) -> None:
         """Closes the evaluation envs (idempotent)."""
         envs, self._envs, self.num_envs = self._envs, [], 0
-        for env in envs:
-            try:
-                env.close()
-            except Exception:  # noqa: BLE001 - closing is best effort, as gymnasium's vector envs do
-                pass
+        close_envs(envs)

@@ -477,11 +477,16 @@ class EnvRunner:
 
     def close(self) -> None:
         """Closes every env, ignoring errors of individual envs' close()."""
-        for env in self.envs:
-            try:
-                env.close()
-            except Exception:  # noqa: BLE001 - closing must go on for the other envs
-                pass
+        close_envs(self.envs)
+
+
+def close_envs(envs) -> None:
+    """Closes every env of `envs`, whatever one of them raises: the others are closed all the same."""
+    for env in envs:
+        try:
+            env.close()
+        except Exception:  # noqa: BLE001 - closing must go on for the other envs
+            pass
 
 
 def make_runner(envs: list, first_env: int, storage: Storage, autoreset_mode: AutoresetMode,

@@ -16,7 +16,7 @@ import numpy as np
 from segvec._core import Storage
 from segvec.backends.base import Backend, call_env, env_metadata, set_env_attr
 from segvec.errors import make_env_error
-from segvec.runner import BatchResult, EnvRunner, make_runner
+from segvec.runner import BatchResult, EnvRunner, close_envs, make_runner
 
 
 class LocalEnvs:
@@ -129,9 +129,5 @@ class LocalEnvs:
 
     def close(self) -> None:
         """Closes every env (whatever one of them raises); idempotent."""
-        for env in self.envs:
-            try:
-                env.close()
-            except Exception:  # noqa: BLE001 - close every env whatever one of them does
-                pass
+        close_envs(self.envs)
         self.envs = []

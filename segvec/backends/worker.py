@@ -22,7 +22,7 @@ import cloudpickle
 from segvec._core import MemoryBlock, Storage, Wait
 from segvec.backends.base import call_env, env_metadata, set_env_attr
 from segvec.errors import SegvecError, make_env_error
-from segvec.runner import BatchResult, EnvRunner, make_runner
+from segvec.runner import BatchResult, EnvRunner, close_envs, make_runner
 
 IDLE_WAIT_MS = 1000  # a worker with nothing to do looks at its parent this often
 
@@ -112,11 +112,7 @@ def worker_main(worker_index: int, first_env: int, payload, conn, autoreset_mode
         except Exception:  # noqa: BLE001
             pass
     finally:
-        for env in envs:
-            try:
-                env.close()
-            except Exception:  # noqa: BLE001
-                pass
+        close_envs(envs)
 
 
 def _exit_with_parent(parent: int) -> None:
